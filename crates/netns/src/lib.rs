@@ -1,0 +1,196 @@
+//! Network namespaces as scoped resources.
+//!
+//! A [`NetNs`] is an open file descriptor known to refer to a network namespace, identified by
+//! the (device, inode) pair of that descriptor ([`NetNsId`]). [`NetNs::run`] enters it on the
+//! calling thread, runs a synchronous closure, and restores the thread's home namespace; if the
+//! restore fails the process aborts, because a thread left in a pod's namespace would open the
+//! proxy's next socket in the wrong place. Sockets created inside the closure stay bound to the
+//! namespace they were created in and can be used from any thread afterwards.
+//!
+//! This crate must not hold async code or do I/O inside a namespace beyond what the closure
+//! does: callers create sockets there, nothing more.
+
+#![forbid(unsafe_code)]
+
+use std::cell::OnceCell;
+use std::fmt;
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
+use std::path::Path;
+
+use nix::fcntl::{OFlag, open};
+use nix::sched::{CloneFlags, setns};
+use nix::sys::stat::{Mode, fstat};
+use nix::sys::statfs::{NSFS_MAGIC, fstatfs};
+
+/// Why a file descriptor or path could not be used as a network namespace.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("cannot open {path}: {source}")]
+    Open { path: String, source: nix::Error },
+    #[error("cannot inspect the namespace descriptor: {0}")]
+    Inspect(nix::Error),
+    #[error("not a network namespace: {0}")]
+    NotNetNs(String),
+    #[error("cannot enter the network namespace {id}: {source}")]
+    Enter { id: NetNsId, source: nix::Error },
+}
+
+/// The identity of a network namespace: (st_dev, st_ino) of a descriptor that refers to it.
+/// Two descriptors refer to the same namespace exactly when their ids are equal.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct NetNsId {
+    pub dev: u64,
+    pub ino: u64,
+}
+
+impl fmt::Display for NetNsId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "net:[{}:{}]", self.dev, self.ino)
+    }
+}
+
+/// An open network namespace.
+#[derive(Debug)]
+pub struct NetNs {
+    fd: OwnedFd,
+    id: NetNsId,
+}
+
+impl NetNs {
+    /// Opens the namespace at `path` (e.g. `/run/netns/foo` or `/proc/<pid>/ns/net`).
+    pub fn open(path: impl AsRef<Path>) -> Result<Self, Error> {
+        let path = path.as_ref();
+        let fd = open(path, OFlag::O_RDONLY | OFlag::O_CLOEXEC, Mode::empty()).map_err(|source| {
+            Error::Open {
+                path: path.display().to_string(),
+                source,
+            }
+        })?;
+        Self::from_fd(fd)
+    }
+
+    /// The namespace the calling thread is in now.
+    pub fn current() -> Result<Self, Error> {
+        Self::open("/proc/thread-self/ns/net")
+    }
+
+    /// Takes ownership of `fd` after checking that it refers to a network namespace.
+    pub fn from_fd(fd: OwnedFd) -> Result<Self, Error> {
+        let fs = fstatfs(&fd).map_err(Error::Inspect)?;
+        if fs.filesystem_type() != NSFS_MAGIC {
+            return Err(Error::NotNetNs(format!(
+                "descriptor is on filesystem {:#x}, not nsfs",
+                fs.filesystem_type().0
+            )));
+        }
+        // nsfs names each namespace "<type>:[<inode>]"; the link is the only safe way to learn
+        // the type without an ioctl.
+        let link = std::fs::read_link(format!("/proc/self/fd/{}", fd.as_raw_fd()))
+            .map_err(|e| Error::NotNetNs(format!("cannot read descriptor link: {e}")))?;
+        let link = link.to_string_lossy();
+        if !link.starts_with("net:[") {
+            return Err(Error::NotNetNs(format!("descriptor refers to {link}")));
+        }
+        let st = fstat(&fd).map_err(Error::Inspect)?;
+        let id = NetNsId {
+            dev: st.st_dev,
+            ino: st.st_ino,
+        };
+        Ok(Self { fd, id })
+    }
+
+    /// The namespace's identity.
+    pub fn id(&self) -> NetNsId {
+        self.id
+    }
+
+    /// A second descriptor for the same namespace.
+    pub fn try_clone(&self) -> Result<Self, Error> {
+        let fd = self.fd.try_clone().map_err(|e| Error::Inspect(io_to_nix(e)))?;
+        Ok(Self { fd, id: self.id })
+    }
+
+    /// Runs `f` with the calling thread inside this namespace, then returns the thread to its
+    /// home namespace (the one it was in the first time it called `run`).
+    ///
+    /// `f` must not block on async work or move the thread elsewhere: it should create sockets
+    /// and return. If the thread cannot be returned home the process aborts.
+    pub fn run<T>(&self, f: impl FnOnce() -> T) -> Result<T, Error> {
+        HOME.with(|home| {
+            let home = match home.get() {
+                Some(home) => home,
+                None => {
+                    let current = Self::current()?;
+                    home.get_or_init(|| current)
+                }
+            };
+            if home.id == self.id {
+                return Ok(f());
+            }
+            setns(self.fd.as_fd(), CloneFlags::CLONE_NEWNET).map_err(|source| Error::Enter {
+                id: self.id,
+                source,
+            })?;
+            let _restore = Restore(home);
+            Ok(f())
+        })
+    }
+}
+
+impl AsFd for NetNs {
+    fn as_fd(&self) -> BorrowedFd<'_> {
+        self.fd.as_fd()
+    }
+}
+
+impl From<NetNs> for OwnedFd {
+    fn from(ns: NetNs) -> OwnedFd {
+        ns.fd
+    }
+}
+
+thread_local! {
+    static HOME: OnceCell<NetNs> = const { OnceCell::new() };
+}
+
+/// Returns the thread to its home namespace when dropped, even if the closure panicked.
+struct Restore<'a>(&'a NetNs);
+
+impl Drop for Restore<'_> {
+    fn drop(&mut self) {
+        if let Err(e) = setns(self.0.fd.as_fd(), CloneFlags::CLONE_NEWNET) {
+            // Carrying on would open the next socket inside a pod's namespace.
+            eprintln!("fatal: cannot return thread to its network namespace: {e}");
+            std::process::abort();
+        }
+    }
+}
+
+fn io_to_nix(e: std::io::Error) -> nix::Error {
+    e.raw_os_error()
+        .map(nix::Error::from_raw)
+        .unwrap_or(nix::Error::EIO)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rejects_files_that_are_not_namespaces() {
+        for path in ["/proc/self/status", "/dev/null", "/proc/self/ns/uts"] {
+            let err = NetNs::open(path).unwrap_err();
+            assert!(matches!(err, Error::NotNetNs(_)), "{path}: {err}");
+        }
+        assert!(matches!(NetNs::open("/nonexistent/ns"), Err(Error::Open { .. })));
+    }
+
+    #[test]
+    fn current_namespace_has_stable_identity_and_run_at_home_is_direct() {
+        let a = NetNs::current().unwrap();
+        let b = NetNs::open("/proc/self/ns/net").unwrap();
+        assert_eq!(a.id(), b.id());
+        assert_eq!(a.try_clone().unwrap().id(), a.id());
+        assert_eq!(a.run(|| 7).unwrap(), 7);
+    }
+}
