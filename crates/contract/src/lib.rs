@@ -52,8 +52,9 @@ pub mod marks {
 /// bypass the proxy.
 pub const PROBE_SNAT_V4: Ipv4Addr = Ipv4Addr::new(169, 254, 7, 127);
 /// IPv6 form of [`PROBE_SNAT_V4`].
-pub const PROBE_SNAT_V6: Ipv6Addr =
-    Ipv6Addr::new(0xfd16, 0x9254, 0x7127, 0x1337, 0xffff, 0xffff, 0xffff, 0xffff);
+pub const PROBE_SNAT_V6: Ipv6Addr = Ipv6Addr::new(
+    0xfd16, 0x9254, 0x7127, 0x1337, 0xffff, 0xffff, 0xffff, 0xffff,
+);
 
 /// Default filesystem locations (all configurable).
 pub mod paths {

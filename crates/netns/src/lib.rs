@@ -60,12 +60,13 @@ impl NetNs {
     /// Opens the namespace at `path` (e.g. `/run/netns/foo` or `/proc/<pid>/ns/net`).
     pub fn open(path: impl AsRef<Path>) -> Result<Self, Error> {
         let path = path.as_ref();
-        let fd = open(path, OFlag::O_RDONLY | OFlag::O_CLOEXEC, Mode::empty()).map_err(|source| {
-            Error::Open {
-                path: path.display().to_string(),
-                source,
-            }
-        })?;
+        let fd =
+            open(path, OFlag::O_RDONLY | OFlag::O_CLOEXEC, Mode::empty()).map_err(|source| {
+                Error::Open {
+                    path: path.display().to_string(),
+                    source,
+                }
+            })?;
         Self::from_fd(fd)
     }
 
@@ -106,7 +107,10 @@ impl NetNs {
 
     /// A second descriptor for the same namespace.
     pub fn try_clone(&self) -> Result<Self, Error> {
-        let fd = self.fd.try_clone().map_err(|e| Error::Inspect(io_to_nix(e)))?;
+        let fd = self
+            .fd
+            .try_clone()
+            .map_err(|e| Error::Inspect(io_to_nix(e)))?;
         Ok(Self { fd, id: self.id })
     }
 
@@ -166,7 +170,7 @@ impl Drop for Restore<'_> {
     }
 }
 
-fn io_to_nix(e: std::io::Error) -> nix::Error {
+fn io_to_nix(e: &std::io::Error) -> nix::Error {
     e.raw_os_error()
         .map(nix::Error::from_raw)
         .unwrap_or(nix::Error::EIO)
@@ -182,7 +186,10 @@ mod tests {
             let err = NetNs::open(path).unwrap_err();
             assert!(matches!(err, Error::NotNetNs(_)), "{path}: {err}");
         }
-        assert!(matches!(NetNs::open("/nonexistent/ns"), Err(Error::Open { .. })));
+        assert!(matches!(
+            NetNs::open("/nonexistent/ns"),
+            Err(Error::Open { .. })
+        ));
     }
 
     #[test]

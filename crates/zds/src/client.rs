@@ -79,7 +79,11 @@ impl ClientSession {
 
     /// Validates one request datagram and says what to do. Descriptors that do not belong to a
     /// valid add are dropped (closed) here.
-    pub fn on_request(&mut self, data: &[u8], mut fds: Vec<OwnedFd>) -> Result<Command, ProtocolError> {
+    pub fn on_request(
+        &mut self,
+        data: &[u8],
+        mut fds: Vec<OwnedFd>,
+    ) -> Result<Command, ProtocolError> {
         let req = proto::WorkloadRequest::decode(data)
             .map_err(|e| ProtocolError::Decode(e.to_string()))?;
         let payload = req.payload.ok_or(ProtocolError::EmptyPayload)?;
@@ -203,10 +207,21 @@ mod tests {
     #[test]
     fn snapshot_collects_adds_and_keeps_then_goes_live() {
         let mut s = ClientSession::new();
-        assert!(matches!(s.on_request(&add("a"), vec![fd()]), Ok(Command::Add { ref uid, .. }) if uid == "a"));
-        assert!(matches!(s.on_request(&keep("b"), vec![]), Ok(Command::Keep { .. })));
-        assert!(matches!(s.on_request(&add("c"), vec![fd()]), Ok(Command::Add { .. })));
-        assert!(matches!(s.on_request(&del("c"), vec![]), Ok(Command::Del { .. })));
+        assert!(
+            matches!(s.on_request(&add("a"), vec![fd()]), Ok(Command::Add { ref uid, .. }) if uid == "a")
+        );
+        assert!(matches!(
+            s.on_request(&keep("b"), vec![]),
+            Ok(Command::Keep { .. })
+        ));
+        assert!(matches!(
+            s.on_request(&add("c"), vec![fd()]),
+            Ok(Command::Add { .. })
+        ));
+        assert!(matches!(
+            s.on_request(&del("c"), vec![]),
+            Ok(Command::Del { .. })
+        ));
         match s.on_request(&snap(), vec![]) {
             Ok(Command::Reconcile { keep }) => {
                 assert_eq!(keep, HashSet::from(["a".to_string(), "b".to_string()]));
@@ -214,31 +229,94 @@ mod tests {
             other => panic!("{other:?}"),
         }
         assert!(s.snapshot_done());
-        assert!(matches!(s.on_request(&add("d"), vec![fd()]), Ok(Command::Add { .. })));
+        assert!(matches!(
+            s.on_request(&add("d"), vec![fd()]),
+            Ok(Command::Add { .. })
+        ));
     }
 
     #[test]
     fn malformed_requests_are_named_errors() {
         let cases: Vec<(&str, Vec<u8>, usize, ProtocolError)> = vec![
-            ("garbage", vec![0xff, 0xff, 0xff], 0, ProtocolError::Decode(String::new())),
+            (
+                "garbage",
+                vec![0xff, 0xff, 0xff],
+                0,
+                ProtocolError::Decode(String::new()),
+            ),
             ("empty", vec![], 0, ProtocolError::EmptyPayload),
-            ("add without fd", add("a"), 0, ProtocolError::FdCount { kind: "add", got: 0 }),
-            ("add with two fds", add("a"), 2, ProtocolError::FdCount { kind: "add", got: 2 }),
-            ("del with fd", del("a"), 1, ProtocolError::FdCount { kind: "del", got: 1 }),
-            ("keep with fd", keep("a"), 1, ProtocolError::FdCount { kind: "keep", got: 1 }),
-            ("snapshot with fd", snap(), 1, ProtocolError::FdCount { kind: "snapshot_sent", got: 1 }),
-            ("add without uid", add(""), 1, ProtocolError::MissingUid("add")),
-            ("del without uid", del(""), 0, ProtocolError::MissingUid("del")),
+            (
+                "add without fd",
+                add("a"),
+                0,
+                ProtocolError::FdCount {
+                    kind: "add",
+                    got: 0,
+                },
+            ),
+            (
+                "add with two fds",
+                add("a"),
+                2,
+                ProtocolError::FdCount {
+                    kind: "add",
+                    got: 2,
+                },
+            ),
+            (
+                "del with fd",
+                del("a"),
+                1,
+                ProtocolError::FdCount {
+                    kind: "del",
+                    got: 1,
+                },
+            ),
+            (
+                "keep with fd",
+                keep("a"),
+                1,
+                ProtocolError::FdCount {
+                    kind: "keep",
+                    got: 1,
+                },
+            ),
+            (
+                "snapshot with fd",
+                snap(),
+                1,
+                ProtocolError::FdCount {
+                    kind: "snapshot_sent",
+                    got: 1,
+                },
+            ),
+            (
+                "add without uid",
+                add(""),
+                1,
+                ProtocolError::MissingUid("add"),
+            ),
+            (
+                "del without uid",
+                del(""),
+                0,
+                ProtocolError::MissingUid("del"),
+            ),
             (
                 "add without info",
-                enc(Payload::Add(AddWorkload { uid: "x".into(), workload_info: None })),
+                enc(Payload::Add(AddWorkload {
+                    uid: "x".into(),
+                    workload_info: None,
+                })),
                 1,
                 ProtocolError::MissingWorkloadInfo("x".into()),
             ),
         ];
         for (name, data, nfds, want) in cases {
             let mut s = ClientSession::new();
-            let got = s.on_request(&data, (0..nfds).map(|_| fd()).collect()).unwrap_err();
+            let got = s
+                .on_request(&data, (0..nfds).map(|_| fd()).collect())
+                .unwrap_err();
             match (&got, &want) {
                 (ProtocolError::Decode(_), ProtocolError::Decode(_)) => {}
                 _ => assert_eq!(got, want, "{name}"),
@@ -256,7 +334,10 @@ mod tests {
             s.on_request(&keep("a"), vec![]).unwrap_err(),
             ProtocolError::KeepAfterSnapshot("a".into())
         );
-        assert_eq!(s.on_request(&snap(), vec![]).unwrap_err(), ProtocolError::DuplicateSnapshot);
+        assert_eq!(
+            s.on_request(&snap(), vec![]).unwrap_err(),
+            ProtocolError::DuplicateSnapshot
+        );
     }
 
     #[test]

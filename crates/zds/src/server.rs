@@ -133,7 +133,9 @@ impl ServerSession {
     /// `Ok(Err(reason))` a NACK.
     pub fn on_response(&mut self, data: &[u8]) -> Result<Result<(), String>, ProtocolError> {
         if self.in_flight.take().is_none() {
-            return Err(ProtocolError::Unexpected("response with no request in flight"));
+            return Err(ProtocolError::Unexpected(
+                "response with no request in flight",
+            ));
         }
         let resp = proto::WorkloadResponse::decode(data)
             .map_err(|e| ProtocolError::Decode(e.to_string()))?;
@@ -213,10 +215,12 @@ impl Connection {
             }
             .into());
         }
-        self.session.on_response(&resp.data)?.map_err(|reason| RequestError::Nack {
-            kind: req.kind(),
-            reason,
-        })
+        self.session
+            .on_response(&resp.data)?
+            .map_err(|reason| RequestError::Nack {
+                kind: req.kind(),
+                reason,
+            })
     }
 
     /// Waits until ztunnel closes the connection (any datagram it sends unprompted is a
@@ -250,19 +254,31 @@ mod tests {
         assert_eq!(s.start(&add("b")), Err(UsageError::InFlight("add")));
         assert_eq!(s.on_response(&client::ack(Ok(()))), Ok(Ok(())));
         s.start(&Request::Keep { uid: "k".into() }).unwrap();
-        assert_eq!(s.on_response(&client::ack(Err("no".into()))), Ok(Err("no".into())));
+        assert_eq!(
+            s.on_response(&client::ack(Err("no".into()))),
+            Ok(Err("no".into()))
+        );
         s.start(&Request::SnapshotSent).unwrap();
-        s.on_response(&client::ack(Ok(()))).unwrap();
+        s.on_response(&client::ack(Ok(()))).unwrap().unwrap();
         assert!(s.live());
-        assert_eq!(s.start(&Request::Keep { uid: "k".into() }), Err(UsageError::KeepAfterSnapshot));
-        assert_eq!(s.start(&Request::SnapshotSent), Err(UsageError::SnapshotAgain));
+        assert_eq!(
+            s.start(&Request::Keep { uid: "k".into() }),
+            Err(UsageError::KeepAfterSnapshot)
+        );
+        assert_eq!(
+            s.start(&Request::SnapshotSent),
+            Err(UsageError::SnapshotAgain)
+        );
         assert!(s.on_response(&client::ack(Ok(()))).is_err());
     }
 
     #[test]
     fn bad_hellos_are_rejected() {
         let mut s = ServerSession::new();
-        assert!(matches!(s.on_hello(&[0xff, 0x01]), Err(ProtocolError::Decode(_))));
+        assert!(matches!(
+            s.on_hello(&[0xff, 0x01]),
+            Err(ProtocolError::Decode(_))
+        ));
         let v0 = proto::ZdsHello { version: 0 }.encode_to_vec();
         assert_eq!(s.on_hello(&v0), Err(ProtocolError::Version(0)));
     }
@@ -293,6 +309,8 @@ mod tests {
         }
         server.on_response(&client::ack(Ok(()))).unwrap().unwrap();
         let data = server.start(&Request::Del { uid: "u1".into() }).unwrap();
-        assert!(matches!(client.on_request(&data, vec![]), Ok(Command::Del { uid }) if uid == "u1"));
+        assert!(
+            matches!(client.on_request(&data, vec![]), Ok(Command::Del { uid }) if uid == "u1")
+        );
     }
 }

@@ -78,9 +78,7 @@ impl SeqPacket {
             }
             Err(e) => return Err(e.into()),
         }
-        Ok(Self {
-            fd: register(fd)?,
-        })
+        Ok(Self { fd: register(fd)? })
     }
 
     /// A connected pair, for tests.
@@ -91,14 +89,7 @@ impl SeqPacket {
             None,
             SockFlag::SOCK_NONBLOCK | SockFlag::SOCK_CLOEXEC,
         )?;
-        Ok((
-            Self {
-                fd: register(a)?,
-            },
-            Self {
-                fd: register(b)?,
-            },
-        ))
+        Ok((Self { fd: register(a)? }, Self { fd: register(b)? }))
     }
 
     /// Sends one datagram with `fds` attached.
@@ -155,13 +146,9 @@ fn recv_once(fd: RawFd) -> Result<Datagram, RecvError> {
     let mut cmsg = nix::cmsg_space!([RawFd; MAX_FDS]);
     let (len, flags, raw_fds) = {
         let mut iov = [IoSliceMut::new(&mut buf)];
-        let msg = socket::recvmsg::<UnixAddr>(
-            fd,
-            &mut iov,
-            Some(&mut cmsg),
-            MsgFlags::MSG_CMSG_CLOEXEC,
-        )
-        .map_err(io::Error::from)?;
+        let msg =
+            socket::recvmsg::<UnixAddr>(fd, &mut iov, Some(&mut cmsg), MsgFlags::MSG_CMSG_CLOEXEC)
+                .map_err(io::Error::from)?;
         let mut raw_fds = Vec::new();
         for c in msg.cmsgs().map_err(io::Error::from)? {
             if let ControlMessageOwned::ScmRights(fds) = c {
@@ -202,9 +189,7 @@ impl SeqPacketListener {
         let fd = new_socket()?;
         socket::bind(fd.as_raw_fd(), &UnixAddr::new(path)?)?;
         socket::listen(&fd, Backlog::new(64).map_err(io::Error::from)?)?;
-        Ok(Self {
-            fd: register(fd)?,
-        })
+        Ok(Self { fd: register(fd)? })
     }
 
     /// Accepts one connection.
@@ -222,9 +207,7 @@ impl SeqPacketListener {
                     let raw = result?;
                     // SAFETY: accept4 returned a fresh descriptor that only we hold.
                     let fd = unsafe { OwnedFd::from_raw_fd(raw) };
-                    return Ok(SeqPacket {
-                        fd: register(fd)?,
-                    });
+                    return Ok(SeqPacket { fd: register(fd)? });
                 }
                 Err(_would_block) => continue,
             }

@@ -1,0 +1,156 @@
+//! Process wiring for `ztunnel run`: startup checks, runtimes, and orderly shutdown.
+//!
+//! The control runtime (the main thread) runs ZDS, certificate renewal and config reloads;
+//! the data plane runs on [`crate::proxy::worker`] threads. Startup fails fast, with the fix in
+//! the message, for anything that would otherwise fail per connection later: missing
+//! capabilities, an unreadable CA, a bad config file, a ZDS socket path that cannot exist.
+
+use std::sync::Arc;
+
+use anyhow::{Context, bail};
+
+use crate::config::Config;
+use crate::drain::Drain;
+use crate::identity::Identity;
+use crate::identity::ca::LocalCa;
+use crate::identity::manager::CertManager;
+use crate::inpod::client::{self, ZdsStatus};
+use crate::inpod::manager::PodManager;
+use crate::proxy::ProxyInputs;
+use crate::proxy::worker::Workers;
+use crate::state::{State, StateHandle, local};
+use crate::tls::{self, TlsContext};
+
+/// Linux capabilities the data path needs, with what each is for.
+const REQUIRED_CAPS: [(u32, &str, &str); 2] = [
+    (
+        12,
+        "CAP_NET_ADMIN",
+        "SO_MARK and IP_TRANSPARENT on pod sockets",
+    ),
+    (21, "CAP_SYS_ADMIN", "entering pod network namespaces"),
+];
+
+fn effective_caps() -> anyhow::Result<u64> {
+    let status =
+        std::fs::read_to_string("/proc/self/status").context("reading /proc/self/status")?;
+    let line = status
+        .lines()
+        .find_map(|l| l.strip_prefix("CapEff:"))
+        .context("no CapEff in /proc/self/status")?;
+    u64::from_str_radix(line.trim(), 16).context("parsing CapEff")
+}
+
+fn check_capabilities() -> anyhow::Result<()> {
+    let caps = effective_caps()?;
+    let missing: Vec<String> = REQUIRED_CAPS
+        .iter()
+        .filter(|(bit, _, _)| caps & (1 << bit) == 0)
+        .map(|(_, name, why)| format!("{name} ({why})"))
+        .collect();
+    if !missing.is_empty() {
+        bail!(
+            "missing capabilities: {}; run as root or grant them to the container",
+            missing.join(", ")
+        );
+    }
+    Ok(())
+}
+
+/// Runs ztunnel until SIGTERM/SIGINT, then drains.
+pub fn run(config: Config) -> anyhow::Result<()> {
+    check_capabilities()?;
+    Identity::new(&config.trust_domain, "probe", "probe")
+        .with_context(|| format!("invalid --trust-domain {:?}", config.trust_domain))?;
+    let ca = LocalCa::load_dir(&config.ca_dir).with_context(|| {
+        format!(
+            "loading the local CA from {} (create one with `ztunnel generate-ca --dir {}`)",
+            config.ca_dir.display(),
+            config.ca_dir.display()
+        )
+    })?;
+    let initial = match &config.local_config {
+        Some(file) => local::load(file, &config.trust_domain)
+            .with_context(|| format!("local config {}", file.display()))?,
+        None => State::default(),
+    };
+    match config.zds_socket.parent() {
+        Some(dir) if dir.as_os_str().is_empty() || dir.is_dir() => {}
+        Some(dir) => bail!(
+            "the ZDS socket directory {} does not exist (is the node agent's run dir mounted?)",
+            dir.display()
+        ),
+        None => bail!(
+            "--zds-socket {} is not a file path",
+            config.zds_socket.display()
+        ),
+    }
+
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("building the control runtime")?;
+    rt.block_on(serve(Arc::new(config), ca, initial))
+}
+
+async fn serve(config: Arc<Config>, ca: LocalCa, initial: State) -> anyhow::Result<()> {
+    let certs = Arc::new(CertManager::new(
+        Arc::new(ca),
+        config.cert_lifetime,
+        tls::provider(),
+        tokio::runtime::Handle::current(),
+    ));
+    let tls = TlsContext::new(certs.roots(), &config.trust_domain)?;
+    let state = StateHandle::new(initial);
+    if let Some(file) = &config.local_config {
+        tokio::spawn(local::watch(
+            file.clone(),
+            config.trust_domain.clone(),
+            state.clone(),
+            config.config_poll,
+        ));
+    }
+    let inputs = Arc::new(ProxyInputs {
+        config: config.clone(),
+        state,
+        certs,
+        tls,
+    });
+    let workers = Arc::new(
+        Workers::start(config.worker_count(), inputs.clone()).context("starting workers")?,
+    );
+    let drain = Drain::new();
+    let pods = PodManager::new(inputs.clone(), workers.clone(), drain.clone());
+    let status = Arc::new(ZdsStatus::default());
+    let zds = tokio::spawn(client::run(
+        config.zds_socket.clone(),
+        pods.clone(),
+        drain.clone(),
+        status,
+    ));
+    tracing::info!(
+        version = env!("CARGO_PKG_VERSION"),
+        workers = workers.len(),
+        zds = %config.zds_socket.display(),
+        trust_domain = %config.trust_domain,
+        "ztunnel started"
+    );
+
+    wait_for_signal().await?;
+    tracing::info!(deadline = ?config.drain_timeout, "draining");
+    let cut = pods.drain_all(config.drain_timeout).await;
+    zds.abort();
+    tracing::info!(connections_cut = cut, "drained; exiting");
+    Ok(())
+}
+
+async fn wait_for_signal() -> anyhow::Result<()> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate()).context("installing SIGTERM handler")?;
+    let mut int = signal(SignalKind::interrupt()).context("installing SIGINT handler")?;
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = int.recv() => {}
+    }
+    Ok(())
+}

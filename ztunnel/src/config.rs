@@ -1,0 +1,84 @@
+//! ztunnel's configuration, parsed once from flags and environment into typed values.
+//!
+//! Everything the process reads from outside at startup is here; nothing else reads the
+//! environment. Tests construct [`Config`] values directly.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use mesh_contract::{DEFAULT_TRUST_DOMAIN, paths};
+
+/// Log line format.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+/// Settings for `ztunnel run`.
+#[derive(Clone, Debug, clap::Args)]
+pub struct Config {
+    /// The node agent's ZDS socket (SOCK_SEQPACKET).
+    #[arg(long, env = "ZTUNNEL_ZDS_SOCKET", default_value = paths::ZDS_SOCKET)]
+    pub zds_socket: PathBuf,
+
+    /// Workloads, services and policies in Istio's local-config YAML; reloaded on change.
+    /// Without it every destination is unknown (passthrough, or refused in registry-only mode).
+    #[arg(long, env = "ZTUNNEL_LOCAL_CONFIG")]
+    pub local_config: Option<PathBuf>,
+
+    /// Directory holding the local CA (`ca-cert.pem`, `ca-key.pem`); create one with
+    /// `ztunnel generate-ca`.
+    #[arg(long, env = "ZTUNNEL_CA_DIR")]
+    pub ca_dir: PathBuf,
+
+    /// SPIFFE trust domain of this mesh.
+    #[arg(long, env = "ZTUNNEL_TRUST_DOMAIN", default_value = DEFAULT_TRUST_DOMAIN)]
+    pub trust_domain: String,
+
+    /// Lifetime of workload certificates; they are renewed at half-life.
+    #[arg(long, env = "ZTUNNEL_CERT_LIFETIME", default_value = "24h", value_parser = humantime::parse_duration)]
+    pub cert_lifetime: Duration,
+
+    /// Data-plane worker threads (default: one per CPU).
+    #[arg(long, env = "ZTUNNEL_WORKERS")]
+    pub workers: Option<usize>,
+
+    /// Refuse connections to destinations that are not known workloads or services, instead
+    /// of passing them through as plain TCP.
+    #[arg(long, env = "ZTUNNEL_REGISTRY_ONLY")]
+    pub registry_only: bool,
+
+    /// On SIGTERM (or a pod's removal), how long in-flight connections may run on.
+    #[arg(long, env = "ZTUNNEL_DRAIN_TIMEOUT", default_value = "30s", value_parser = humantime::parse_duration)]
+    pub drain_timeout: Duration,
+
+    /// How often the local config file is checked for changes.
+    #[arg(long, default_value = "1s", value_parser = humantime::parse_duration)]
+    pub config_poll: Duration,
+
+    /// Pooled HBONE connections with no streams are closed after this long.
+    #[arg(long, default_value = "5m", value_parser = humantime::parse_duration)]
+    pub pool_idle_timeout: Duration,
+
+    /// Most concurrent streams on one pooled HBONE connection before another is opened.
+    #[arg(long, default_value_t = 100, value_parser = clap::value_parser!(u32).range(1..=10_000))]
+    pub pool_max_streams: u32,
+
+    /// Log format.
+    #[arg(long, env = "ZTUNNEL_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
+
+    /// Log filter, e.g. `info` or `info,access=off,ztunnel::proxy=debug`.
+    #[arg(long, env = "ZTUNNEL_LOG", default_value = "info")]
+    pub log: String,
+}
+
+impl Config {
+    /// Worker threads to run.
+    pub fn worker_count(&self) -> usize {
+        self.workers
+            .unwrap_or_else(|| std::thread::available_parallelism().map_or(2, |n| n.get()))
+            .max(1)
+    }
+}

@@ -1,0 +1,142 @@
+//! Moving bytes between an app socket and its tunnel, with correct half-close.
+//!
+//! Both directions run inside the connection's own task (joined futures, no extra task and no
+//! channel), reading the app in large chunks that become HTTP/2 DATA frames without another
+//! copy. End of stream is carried both ways: app FIN → `END_STREAM`, `END_STREAM` → FIN to
+//! the app. An error on either side aborts both: a reset tunnel resets the app connection and
+//! a failed app socket resets the stream.
+
+use std::future::poll_fn;
+use std::io;
+
+use bytes::{Bytes, BytesMut};
+use h2::{RecvStream, SendStream};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+use super::socket;
+
+/// Bytes read from the app per DATA frame, at most. Large reads mean few syscalls and few
+/// frames; h2 splits them further only if the peer's max frame size is smaller.
+pub const READ_CHUNK: usize = 256 * 1024;
+
+/// Byte counts of one finished connection, from the local app's point of view.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Transferred {
+    /// App → peer.
+    pub sent: u64,
+    /// Peer → app.
+    pub received: u64,
+}
+
+/// Why a copy stopped early.
+#[derive(Debug, thiserror::Error)]
+pub enum CopyError {
+    #[error("reading from the app: {0}")]
+    AppRead(#[source] io::Error),
+    #[error("writing to the app: {0}")]
+    AppWrite(#[source] io::Error),
+    #[error("tunnel stream: {0}")]
+    Stream(#[source] h2::Error),
+    #[error("tunnel stream closed by the peer")]
+    StreamGone,
+    #[error("upstream: {0}")]
+    Upstream(#[source] io::Error),
+}
+
+/// One HTTP/2 stream, both halves.
+#[derive(Debug)]
+pub struct H2Stream {
+    pub send: SendStream<Bytes>,
+    pub recv: RecvStream,
+}
+
+/// Copies between `app` and an HBONE stream until both directions end.
+pub async fn hbone(app: TcpStream, mut stream: H2Stream) -> (Transferred, Result<(), CopyError>) {
+    let mut app = app;
+    let mut sent = 0u64;
+    let mut received = 0u64;
+    let result = {
+        let (mut rd, mut wr) = app.split();
+        let up = app_to_stream(&mut rd, &mut stream.send, &mut sent);
+        let down = stream_to_app(&mut stream.recv, &mut wr, &mut received);
+        tokio::try_join!(up, down).map(|_| ())
+    };
+    let transferred = Transferred { sent, received };
+    match &result {
+        Ok(()) => {}
+        Err(CopyError::AppRead(_) | CopyError::AppWrite(_)) => {
+            stream.send.send_reset(h2::Reason::CANCEL);
+        }
+        Err(_) => {
+            stream.send.send_reset(h2::Reason::CANCEL);
+            socket::reset(app);
+        }
+    }
+    (transferred, result)
+}
+
+async fn app_to_stream<R: AsyncRead + Unpin>(
+    app: &mut R,
+    send: &mut SendStream<Bytes>,
+    count: &mut u64,
+) -> Result<(), CopyError> {
+    loop {
+        let mut buf = BytesMut::with_capacity(READ_CHUNK);
+        let n = app.read_buf(&mut buf).await.map_err(CopyError::AppRead)?;
+        if n == 0 {
+            send.send_data(Bytes::new(), true)
+                .map_err(CopyError::Stream)?;
+            return Ok(());
+        }
+        *count += n as u64;
+        let mut data = buf.freeze();
+        while !data.is_empty() {
+            send.reserve_capacity(data.len());
+            let granted = match poll_fn(|cx| send.poll_capacity(cx)).await {
+                Some(Ok(n)) => n,
+                Some(Err(e)) => return Err(CopyError::Stream(e)),
+                None => return Err(CopyError::StreamGone),
+            };
+            if granted == 0 {
+                continue;
+            }
+            let chunk = data.split_to(granted.min(data.len()));
+            send.send_data(chunk, false).map_err(CopyError::Stream)?;
+        }
+    }
+}
+
+async fn stream_to_app<W: AsyncWrite + Unpin>(
+    recv: &mut RecvStream,
+    app: &mut W,
+    count: &mut u64,
+) -> Result<(), CopyError> {
+    while let Some(chunk) = recv.data().await {
+        let chunk = chunk.map_err(CopyError::Stream)?;
+        let n = chunk.len();
+        app.write_all(&chunk).await.map_err(CopyError::AppWrite)?;
+        *count += n as u64;
+        // Give the window back only once the app has taken the bytes: backpressure reaches
+        // the sender instead of piling up here.
+        let _ = recv.flow_control().release_capacity(n);
+    }
+    app.shutdown().await.map_err(CopyError::AppWrite)?;
+    Ok(())
+}
+
+/// Copies between two TCP sockets until both directions end, resetting both on error.
+pub async fn tcp(
+    mut app: TcpStream,
+    mut upstream: TcpStream,
+) -> (Transferred, Result<(), CopyError>) {
+    const BUF: usize = 64 * 1024;
+    match tokio::io::copy_bidirectional_with_sizes(&mut app, &mut upstream, BUF, BUF).await {
+        Ok((sent, received)) => (Transferred { sent, received }, Ok(())),
+        Err(e) => {
+            socket::reset(app);
+            socket::reset(upstream);
+            (Transferred::default(), Err(CopyError::Upstream(e)))
+        }
+    }
+}

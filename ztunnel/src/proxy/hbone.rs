@@ -1,0 +1,184 @@
+//! HBONE requests without IO: building the client's CONNECT and validating it on the server.
+
+use std::net::{IpAddr, SocketAddr};
+
+use http::{HeaderValue, Method, Request, StatusCode};
+use mesh_contract::ports;
+
+use crate::identity::Identity;
+
+/// Headers Istio sends on CONNECT (SPEC §5).
+pub const FORWARDED: &str = "forwarded";
+pub const BAGGAGE: &str = "baggage";
+pub const TRACEPARENT: &str = "traceparent";
+
+/// Who is connecting, for the informational headers.
+#[derive(Debug, Clone, Copy)]
+pub struct Source<'a> {
+    pub addr: SocketAddr,
+    pub identity: &'a Identity,
+    pub pod_name: &'a str,
+}
+
+fn authority(addr: SocketAddr) -> String {
+    // SocketAddr's Display already brackets IPv6: "[fd00::1]:80".
+    addr.to_string()
+}
+
+/// The CONNECT request for one tunnelled connection to `target`.
+pub fn connect_request(target: SocketAddr, src: Source<'_>) -> Request<()> {
+    let trace_id: u128 = rand::random::<u128>() | 1;
+    let span_id: u64 = rand::random::<u64>() | 1;
+    let mut req = Request::builder()
+        .method(Method::CONNECT)
+        .uri(authority(target))
+        .body(())
+        .expect("an IP:port authority is a valid URI");
+    let headers = req.headers_mut();
+    let forwarded = format!("for=\"{}\"", src.addr);
+    let baggage = format!(
+        "k8s.namespace.name={},k8s.pod.name={},service.name={}",
+        src.identity.namespace(),
+        src.pod_name,
+        src.identity.service_account()
+    );
+    let traceparent = format!("00-{trace_id:032x}-{span_id:016x}-00");
+    for (name, value) in [
+        (FORWARDED, forwarded),
+        (BAGGAGE, baggage),
+        (TRACEPARENT, traceparent),
+    ] {
+        if let Ok(v) = HeaderValue::from_str(&value) {
+            headers.insert(name, v);
+        }
+    }
+    req
+}
+
+/// Why a CONNECT was refused, with the status to answer.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{status}: {reason}")]
+pub struct Rejection {
+    pub status: StatusCode,
+    pub reason: String,
+}
+
+fn bad_request(reason: impl Into<String>) -> Rejection {
+    Rejection {
+        status: StatusCode::BAD_REQUEST,
+        reason: reason.into(),
+    }
+}
+
+/// Validates a CONNECT that arrived on a connection to `local` (this pod's address). Returns
+/// the app address to connect to.
+pub fn validate_connect<B>(req: &Request<B>, local: IpAddr) -> Result<SocketAddr, Rejection> {
+    if req.method() != Method::CONNECT {
+        return Err(Rejection {
+            status: StatusCode::METHOD_NOT_ALLOWED,
+            reason: format!("method {} (only CONNECT)", req.method()),
+        });
+    }
+    let authority = req
+        .uri()
+        .authority()
+        .ok_or_else(|| bad_request("CONNECT without an authority"))?;
+    let target: SocketAddr = authority
+        .as_str()
+        .parse()
+        .map_err(|_| bad_request(format!("authority {authority} is not IP:port")))?;
+    if target.port() == 0 {
+        return Err(bad_request("authority port 0"));
+    }
+    if canonical(target.ip()) != canonical(local) {
+        return Err(bad_request(format!(
+            "destination {} does not match this pod's address {local}",
+            target.ip()
+        )));
+    }
+    if ports::LOOP_GUARD.contains(&target.port()) {
+        return Err(bad_request(format!(
+            "destination port {} is a proxy port",
+            target.port()
+        )));
+    }
+    Ok(target)
+}
+
+fn canonical(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(ip, IpAddr::V4),
+        v4 => v4,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn src() -> (Identity, SocketAddr) {
+        (
+            Identity::new("cluster.local", "ns", "sa").unwrap(),
+            "198.18.1.2:40000".parse().unwrap(),
+        )
+    }
+
+    #[test]
+    fn built_requests_validate() {
+        let (id, addr) = src();
+        for target in ["198.18.2.2:8080", "[fd00::2]:8080"] {
+            let target: SocketAddr = target.parse().unwrap();
+            let req = connect_request(
+                target,
+                Source {
+                    addr,
+                    identity: &id,
+                    pod_name: "a1",
+                },
+            );
+            assert_eq!(req.uri().to_string(), target.to_string());
+            assert_eq!(req.headers()[FORWARDED], "for=\"198.18.1.2:40000\"");
+            assert!(
+                req.headers()[BAGGAGE]
+                    .to_str()
+                    .unwrap()
+                    .contains("k8s.namespace.name=ns")
+            );
+            assert_eq!(req.headers()[TRACEPARENT].len(), 55);
+            assert_eq!(validate_connect(&req, target.ip()), Ok(target));
+        }
+    }
+
+    #[test]
+    fn malformed_and_hostile_connects_are_refused() {
+        let local: IpAddr = "198.18.2.2".parse().unwrap();
+        let cases: &[(&str, &str, StatusCode)] = &[
+            ("GET", "198.18.2.2:80", StatusCode::METHOD_NOT_ALLOWED),
+            ("CONNECT", "example.com:80", StatusCode::BAD_REQUEST),
+            ("CONNECT", "198.18.2.2", StatusCode::BAD_REQUEST),
+            ("CONNECT", "198.18.2.2:0", StatusCode::BAD_REQUEST),
+            ("CONNECT", "198.18.2.3:80", StatusCode::BAD_REQUEST),
+            ("CONNECT", "127.0.0.1:80", StatusCode::BAD_REQUEST),
+            ("CONNECT", "198.18.2.2:15008", StatusCode::BAD_REQUEST),
+            ("CONNECT", "198.18.2.2:15001", StatusCode::BAD_REQUEST),
+            ("CONNECT", "198.18.2.2:15006", StatusCode::BAD_REQUEST),
+            ("CONNECT", "[fd00::2]:80", StatusCode::BAD_REQUEST),
+        ];
+        for (method, uri, status) in cases {
+            let req = Request::builder()
+                .method(*method)
+                .uri(*uri)
+                .body(())
+                .unwrap();
+            let got = validate_connect(&req, local).unwrap_err();
+            assert_eq!(got.status, *status, "{method} {uri}: {}", got.reason);
+        }
+        // A v4-mapped local address still matches its v4 authority.
+        let req = Request::builder()
+            .method("CONNECT")
+            .uri("198.18.2.2:80")
+            .body(())
+            .unwrap();
+        assert!(validate_connect(&req, "::ffff:198.18.2.2".parse().unwrap()).is_ok());
+    }
+}

@@ -1,0 +1,132 @@
+//! Port 15001: connections the pod's apps open, captured by the pod's rules.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use mesh_contract::ports;
+use tokio::net::TcpStream;
+
+use super::copy::{self, Transferred};
+use super::hbone::{self, Source};
+use super::pool::{Pool, PoolKey};
+use super::{Pod, ProxyError, ProxyInputs, socket};
+use crate::accesslog::{ConnLog, Direction};
+use crate::state::Upstream;
+
+/// Serves one outbound connection from `app` (whose address is `src`) to completion.
+pub async fn serve(
+    app: TcpStream,
+    src: SocketAddr,
+    pod: &Pod,
+    inputs: &ProxyInputs,
+    pool: &Arc<Pool>,
+) {
+    let dst = match socket::original_dst(&app) {
+        Ok(dst) => dst,
+        Err(e) => {
+            let local = app.local_addr().unwrap_or(src);
+            ConnLog::new(Direction::Outbound, pod.name(), src, local).finish(0, 0, Some(&e));
+            socket::reset(app);
+            return;
+        }
+    };
+    let mut log = ConnLog::new(Direction::Outbound, pod.name(), src, dst);
+    log.src_identity = Some(pod.identity.clone());
+    let (transferred, result) = route(app, src, dst, pod, inputs, pool, &mut log).await;
+    log.finish(
+        transferred.sent,
+        transferred.received,
+        result.as_ref().err().map(|e| e as &dyn std::fmt::Display),
+    );
+}
+
+async fn route(
+    app: TcpStream,
+    src: SocketAddr,
+    dst: SocketAddr,
+    pod: &Pod,
+    inputs: &ProxyInputs,
+    pool: &Arc<Pool>,
+    log: &mut ConnLog,
+) -> (Transferred, Result<(), ProxyError>) {
+    let refuse = |app: TcpStream, e: ProxyError| {
+        socket::reset(app);
+        (Transferred::default(), Err(e))
+    };
+    if ports::LOOP_GUARD.contains(&dst.port()) {
+        return refuse(app, ProxyError::Loop(dst));
+    }
+    let state = inputs.state.load();
+    let upstream = state.resolve(dst, |n| rand::random_range(0..n));
+    drop(state);
+    match upstream {
+        Upstream::Hbone {
+            workload,
+            service,
+            target,
+            identities,
+        } => {
+            let next_hop = SocketAddr::new(target.ip(), ports::HBONE);
+            log.hbone = Some(next_hop);
+            log.dst_workload = Some(format!("{}/{}", workload.namespace, workload.name));
+            log.dst_service = service.map(|s| s.hostname.clone());
+            log.dst_identity = identities.first().cloned();
+            log.security = "mtls";
+            let key = PoolKey::new(pod.identity.clone(), identities, next_hop, src.ip());
+            let name = pod.info.name.clone();
+            let req = hbone::connect_request(
+                target,
+                Source {
+                    addr: src,
+                    identity: &pod.identity,
+                    pod_name: &name,
+                },
+            );
+            match pool.open(&key, pod, req).await {
+                Ok((stream, _lease)) => {
+                    let (t, r) = copy::hbone(app, stream).await;
+                    (t, r.map_err(ProxyError::from))
+                }
+                Err(e) => refuse(app, e),
+            }
+        }
+        Upstream::Tcp {
+            workload,
+            service,
+            target,
+        } => {
+            log.dst_workload = Some(format!("{}/{}", workload.namespace, workload.name));
+            log.dst_service = service.map(|s| s.hostname.clone());
+            plain(app, target, pod).await
+        }
+        Upstream::Passthrough if inputs.config.registry_only => {
+            refuse(app, ProxyError::RegistryOnly(dst))
+        }
+        Upstream::Passthrough => plain(app, dst, pod).await,
+        Upstream::Unroutable { service, reason } => refuse(
+            app,
+            ProxyError::Unroutable {
+                service: service.hostname.clone(),
+                reason,
+            },
+        ),
+    }
+}
+
+/// Plain TCP from the pod's own address (its netns, marked so it is not captured again).
+async fn plain(
+    app: TcpStream,
+    target: SocketAddr,
+    pod: &Pod,
+) -> (Transferred, Result<(), ProxyError>) {
+    match socket::connect(pod, target, None).await {
+        Ok(upstream) => {
+            let (t, r) = copy::tcp(app, upstream).await;
+            (t, r.map_err(ProxyError::from))
+        }
+        Err(e) => {
+            socket::reset(app);
+            (Transferred::default(), Err(e))
+        }
+    }
+}

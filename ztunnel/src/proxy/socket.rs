@@ -1,0 +1,158 @@
+//! Sockets inside a pod's network namespace.
+//!
+//! Each socket is created with the calling thread briefly inside the pod's netns (see
+//! [`mesh_netns::NetNs::run`]) and carries `SO_MARK` 0x539 so the pod's redirection rules let
+//! it through. Connections to a local app can bind the real client address with
+//! `IP_TRANSPARENT` + `IP_FREEBIND`, so the app sees its true peer.
+
+use std::io;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+
+use mesh_contract::{marks, ports};
+use socket2::{Domain, Protocol, SockRef, Socket, Type};
+use tokio::net::{TcpSocket, TcpStream};
+
+use super::{Pod, ProxyError};
+
+/// Which proxy port a listener serves.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ListenerKind {
+    Outbound,
+    InboundPlaintext,
+    Hbone,
+}
+
+impl ListenerKind {
+    pub const ALL: [ListenerKind; 3] = [
+        ListenerKind::Outbound,
+        ListenerKind::InboundPlaintext,
+        ListenerKind::Hbone,
+    ];
+
+    pub fn port(self) -> u16 {
+        match self {
+            ListenerKind::Outbound => ports::OUTBOUND,
+            ListenerKind::InboundPlaintext => ports::INBOUND_PLAINTEXT,
+            ListenerKind::Hbone => ports::HBONE,
+        }
+    }
+}
+
+const BACKLOG: i32 = 1024;
+
+fn listener(addr: SocketAddr) -> io::Result<std::net::TcpListener> {
+    let domain = Domain::for_address(addr);
+    let s = Socket::new(
+        domain,
+        Type::STREAM.nonblocking().cloexec(),
+        Some(Protocol::TCP),
+    )?;
+    s.set_mark(marks::ZTUNNEL)?;
+    s.set_reuse_address(true)?;
+    // Several workers, and an old and a new ztunnel during a rolling update, share the port.
+    s.set_reuse_port(true)?;
+    if addr.is_ipv6() {
+        s.set_only_v6(true)?;
+    }
+    s.set_tcp_nodelay(true)?;
+    s.bind(&addr.into())?;
+    s.listen(BACKLOG)?;
+    Ok(s.into())
+}
+
+/// Listeners for every port, `copies` times each (one set per worker), on the IPv4 wildcard
+/// and, where the namespace has IPv6, the IPv6 wildcard. Must run inside the pod's netns.
+pub fn pod_listeners(copies: usize) -> io::Result<Vec<Vec<(ListenerKind, std::net::TcpListener)>>> {
+    let v6 = ipv6_available();
+    let mut all = Vec::with_capacity(copies);
+    for _ in 0..copies {
+        let mut set = Vec::new();
+        for kind in ListenerKind::ALL {
+            set.push((
+                kind,
+                listener(SocketAddr::new(Ipv4Addr::UNSPECIFIED.into(), kind.port()))?,
+            ));
+            if v6 {
+                set.push((
+                    kind,
+                    listener(SocketAddr::new(Ipv6Addr::UNSPECIFIED.into(), kind.port()))?,
+                ));
+            }
+        }
+        all.push(set);
+    }
+    Ok(all)
+}
+
+/// Whether IPv6 is enabled in the current netns.
+fn ipv6_available() -> bool {
+    Socket::new(Domain::IPV6, Type::STREAM.cloexec(), None)
+        .and_then(|s| s.bind(&SocketAddr::new(Ipv6Addr::LOCALHOST.into(), 0).into()))
+        .is_ok()
+}
+
+/// The destination the app asked for before the pod's rules redirected it here.
+pub fn original_dst(s: &TcpStream) -> Result<SocketAddr, ProxyError> {
+    let sock = SockRef::from(s);
+    let local = s.local_addr().map_err(ProxyError::OriginalDst)?;
+    let addr = if local.is_ipv4() {
+        sock.original_dst_v4()
+    } else {
+        sock.original_dst_v6()
+    }
+    .map_err(ProxyError::OriginalDst)?;
+    addr.as_socket().ok_or_else(|| {
+        ProxyError::OriginalDst(io::Error::other(
+            "original destination is not an IP address",
+        ))
+    })
+}
+
+/// Connects to `dst` from inside `pod`'s netns. With `spoof_src`, the connection's source is
+/// that address (used to reach a local app on behalf of a remote client).
+pub async fn connect(
+    pod: &Pod,
+    dst: SocketAddr,
+    spoof_src: Option<IpAddr>,
+) -> Result<TcpStream, ProxyError> {
+    let sock = pod
+        .netns
+        .run(|| {
+            Socket::new(
+                Domain::for_address(dst),
+                Type::STREAM.nonblocking().cloexec(),
+                Some(Protocol::TCP),
+            )
+        })
+        .map_err(|e| ProxyError::Socket(io::Error::other(e)))?
+        .map_err(ProxyError::Socket)?;
+    let setup = || -> io::Result<()> {
+        sock.set_mark(marks::ZTUNNEL)?;
+        sock.set_tcp_nodelay(true)?;
+        if let Some(src) = spoof_src {
+            match src {
+                IpAddr::V4(_) => {
+                    sock.set_ip_transparent_v4(true)?;
+                    sock.set_freebind_v4(true)?;
+                }
+                IpAddr::V6(_) => {
+                    sock.set_ip_transparent_v6(true)?;
+                    sock.set_freebind_v6(true)?;
+                }
+            }
+            sock.bind(&SocketAddr::new(src, 0).into())?;
+        }
+        Ok(())
+    };
+    setup().map_err(ProxyError::Socket)?;
+    let sock = TcpSocket::from_std_stream(sock.into());
+    sock.connect(dst)
+        .await
+        .map_err(|source| ProxyError::Connect { addr: dst, source })
+}
+
+/// Closes with a TCP reset rather than a FIN, so the peer sees a refusal, not an empty reply.
+pub fn reset(s: TcpStream) {
+    let _ = SockRef::from(&s).set_linger(Some(std::time::Duration::ZERO));
+    drop(s);
+}

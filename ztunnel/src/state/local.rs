@@ -1,0 +1,428 @@
+//! The local config file: workloads, services and policies in the YAML shape Istio's ztunnel
+//! reads from `LOCAL_XDS_PATH`, so existing files work unchanged.
+//!
+//! Parsing is strict where a mistake would be silent (unknown keys anywhere are errors, named
+//! with their path and line) and lenient where Istio is needlessly so (a missing `trustDomain`
+//! takes the configured one, a missing `serviceAccount` is `default`, a missing `uid` is
+//! `<namespace>/<name>`, a VIP may omit its `network/` prefix). [`watch`] re-reads the file when
+//! it changes; a bad file is reported and the previous state stays in force.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::net::IpAddr;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, SystemTime};
+
+use serde::Deserialize;
+
+use super::policy::Authorization;
+use super::{
+    Endpoint, HealthStatus, NetworkAddress, Protocol, Service, State, StateHandle, Workload,
+};
+use crate::identity::Identity;
+
+/// Why a config file was rejected. `path` is the YAML path of the offending field.
+#[derive(Debug, thiserror::Error)]
+pub enum LocalConfigError {
+    #[error("cannot read {file}: {source}")]
+    Read {
+        file: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{path}: {message}")]
+    Invalid { path: String, message: String },
+}
+
+fn invalid(path: impl Into<String>, message: impl Into<String>) -> LocalConfigError {
+    LocalConfigError::Invalid {
+        path: path.into(),
+        message: message.into(),
+    }
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+struct LocalConfig {
+    #[serde(default)]
+    workloads: Vec<LocalWorkload>,
+    #[serde(default)]
+    services: Vec<LocalService>,
+    #[serde(default)]
+    policies: Vec<Authorization>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+struct GatewayAddress {
+    #[allow(dead_code)]
+    destination: String,
+    #[allow(dead_code)]
+    hbone_mtls_port: u16,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Locality {
+    #[serde(default)]
+    #[allow(dead_code)]
+    region: String,
+    #[serde(default)]
+    #[allow(dead_code)]
+    zone: String,
+    #[serde(default)]
+    #[allow(dead_code)]
+    subzone: String,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+struct ApplicationTunnel {
+    #[allow(dead_code)]
+    protocol: String,
+    #[serde(default)]
+    #[allow(dead_code)]
+    port: Option<u16>,
+}
+
+#[derive(Debug, Clone, Copy, Deserialize, Default, PartialEq, Eq)]
+enum NetworkMode {
+    #[default]
+    Standard,
+    HostNetwork,
+}
+
+/// Istio's `LocalWorkload`: a workload plus the services it backs. Fields accepted for
+/// compatibility but not used by an L4 node proxy are parsed (so typos are still caught) and
+/// otherwise ignored.
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+struct LocalWorkload {
+    workload_ips: Vec<IpAddr>,
+    namespace: String,
+    #[serde(default)]
+    services: BTreeMap<String, BTreeMap<u16, u16>>,
+    #[serde(default)]
+    uid: String,
+    #[serde(default)]
+    name: String,
+    #[serde(default = "default_protocol")]
+    protocol: Protocol,
+    #[serde(default)]
+    network_mode: NetworkMode,
+    #[serde(default)]
+    trust_domain: String,
+    #[serde(default)]
+    service_account: String,
+    #[serde(default)]
+    network: String,
+    #[serde(default)]
+    workload_name: String,
+    #[serde(default)]
+    workload_type: String,
+    #[serde(default)]
+    canonical_name: String,
+    #[serde(default)]
+    canonical_revision: String,
+    #[serde(default)]
+    #[allow(dead_code)]
+    hostname: String,
+    #[serde(default)]
+    node: String,
+    #[serde(default)]
+    #[allow(dead_code)]
+    native_tunnel: bool,
+    #[serde(default)]
+    #[allow(dead_code)]
+    application_tunnel: Option<ApplicationTunnel>,
+    #[serde(default)]
+    waypoint: Option<GatewayAddress>,
+    #[serde(default)]
+    network_gateway: Option<GatewayAddress>,
+    #[serde(default)]
+    authorization_policies: Vec<String>,
+    #[serde(default)]
+    status: HealthStatus,
+    #[serde(default)]
+    cluster_id: String,
+    #[serde(default)]
+    #[allow(dead_code)]
+    locality: Option<Locality>,
+    #[serde(default)]
+    #[allow(dead_code)]
+    capacity: Option<u32>,
+}
+
+fn default_protocol() -> Protocol {
+    Protocol::Tcp
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+struct LocalEndpoint {
+    workload_uid: String,
+    #[serde(default)]
+    port: BTreeMap<u16, u16>,
+    #[serde(default)]
+    #[allow(dead_code)]
+    status: HealthStatus,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+struct LoadBalancer {
+    #[serde(default)]
+    #[allow(dead_code)]
+    routing_preferences: Vec<String>,
+    #[serde(default)]
+    #[allow(dead_code)]
+    mode: Option<String>,
+    #[serde(default)]
+    #[allow(dead_code)]
+    health_policy: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+struct LocalService {
+    name: String,
+    namespace: String,
+    hostname: String,
+    #[serde(default)]
+    vips: Vec<String>,
+    #[serde(default)]
+    #[allow(dead_code)]
+    cidr_vips: Vec<String>,
+    #[serde(default)]
+    ports: BTreeMap<u16, u16>,
+    #[serde(default)]
+    endpoints: BTreeMap<String, LocalEndpoint>,
+    #[serde(default)]
+    subject_alt_names: Vec<String>,
+    #[serde(default)]
+    waypoint: Option<GatewayAddress>,
+    #[serde(default)]
+    #[allow(dead_code)]
+    load_balancer: Option<LoadBalancer>,
+    #[serde(default)]
+    #[allow(dead_code)]
+    ip_families: Option<String>,
+    #[serde(default)]
+    #[allow(dead_code)]
+    canonical: bool,
+}
+
+/// Parses a config file's text into a state snapshot. `trust_domain` fills in workloads that
+/// do not name one.
+pub fn parse(text: &str, trust_domain: &str) -> Result<State, LocalConfigError> {
+    let config: LocalConfig = if text.trim().is_empty() {
+        LocalConfig::default()
+    } else {
+        let de = serde_yaml_ng::Deserializer::from_str(text);
+        serde_path_to_error::deserialize(de).map_err(|e| {
+            let path = e.path().to_string();
+            let inner = e.into_inner();
+            let path = if path == "." {
+                "(top level)".to_string()
+            } else {
+                path
+            };
+            invalid(path, inner.to_string())
+        })?
+    };
+    build(config, trust_domain)
+}
+
+fn build(config: LocalConfig, trust_domain: &str) -> Result<State, LocalConfigError> {
+    let mut workloads = Vec::new();
+    let mut uids = HashSet::new();
+    // Endpoints contributed by workloads' `services` maps, by service key.
+    let mut endpoints: HashMap<String, Vec<Endpoint>> = HashMap::new();
+    for (i, w) in config.workloads.into_iter().enumerate() {
+        let at = |field: &str| format!("workloads[{i}].{field}");
+        if w.network_mode == NetworkMode::HostNetwork {
+            tracing::warn!(workload = %w.name, "hostNetwork workloads are not indexed by IP");
+        }
+        if w.waypoint.is_some() || w.network_gateway.is_some() {
+            tracing::warn!(
+                workload = %w.name,
+                "waypoints and network gateways are not supported; traffic goes to the workload directly"
+            );
+        }
+        let uid = match (w.uid.is_empty(), w.name.is_empty()) {
+            (false, _) => w.uid.clone(),
+            (true, false) => format!("{}/{}", w.namespace, w.name),
+            (true, true) => return Err(invalid(at("uid"), "a workload needs a uid or a name")),
+        };
+        if !uids.insert(uid.clone()) {
+            return Err(invalid(
+                at("uid"),
+                format!("duplicate workload uid {uid:?}"),
+            ));
+        }
+        let td = if w.trust_domain.is_empty() {
+            trust_domain.to_string()
+        } else {
+            w.trust_domain.clone()
+        };
+        let sa = if w.service_account.is_empty() {
+            "default".to_string()
+        } else {
+            w.service_account.clone()
+        };
+        let identity = Identity::new(&td, &w.namespace, &sa)
+            .map_err(|e| invalid(at("identity"), e.to_string()))?;
+        for (key, ports) in &w.services {
+            if !key.contains('/') {
+                return Err(invalid(
+                    at(&format!("services.{key}")),
+                    "service keys are \"<namespace>/<hostname>\"",
+                ));
+            }
+            endpoints.entry(key.clone()).or_default().push(Endpoint {
+                workload_uid: uid.clone(),
+                port: ports.clone(),
+            });
+        }
+        let ips = if w.network_mode == NetworkMode::HostNetwork {
+            Vec::new()
+        } else {
+            w.workload_ips
+        };
+        workloads.push(Workload {
+            uid,
+            name: w.name,
+            namespace: w.namespace,
+            service_account: sa,
+            trust_domain: td,
+            workload_ips: ips,
+            protocol: w.protocol,
+            status: w.status,
+            node: w.node,
+            network: w.network,
+            workload_name: w.workload_name,
+            workload_type: w.workload_type,
+            canonical_name: w.canonical_name,
+            canonical_revision: w.canonical_revision,
+            cluster_id: w.cluster_id,
+            authorization_policies: w.authorization_policies,
+            identity,
+        });
+    }
+    let mut services = Vec::new();
+    let mut keys = HashSet::new();
+    for (i, s) in config.services.into_iter().enumerate() {
+        let at = |field: &str| format!("services[{i}].{field}");
+        if s.waypoint.is_some() {
+            tracing::warn!(service = %s.hostname, "service waypoints are not supported");
+        }
+        let key = format!("{}/{}", s.namespace, s.hostname);
+        if !keys.insert(key.clone()) {
+            return Err(invalid(
+                at("hostname"),
+                format!("duplicate service {key:?}"),
+            ));
+        }
+        let mut vips = Vec::new();
+        for (j, vip) in s.vips.iter().enumerate() {
+            let (network, ip) = vip.rsplit_once('/').unwrap_or(("", vip));
+            let address = ip.parse().map_err(|_| {
+                invalid(
+                    at(&format!("vips[{j}]")),
+                    format!("{vip:?} is not \"<network>/<ip>\""),
+                )
+            })?;
+            vips.push(NetworkAddress {
+                network: network.to_string(),
+                address,
+            });
+        }
+        for san in &s.subject_alt_names {
+            if let Err(e) = san.parse::<Identity>() {
+                return Err(invalid(at("subjectAltNames"), e.to_string()));
+            }
+        }
+        let mut eps = endpoints.remove(&key).unwrap_or_default();
+        for (uid, e) in s.endpoints {
+            if uid != e.workload_uid {
+                return Err(invalid(
+                    at(&format!("endpoints.{uid}")),
+                    "endpoint key and workloadUid differ",
+                ));
+            }
+            eps.push(Endpoint {
+                workload_uid: e.workload_uid,
+                port: e.port,
+            });
+        }
+        services.push(Service {
+            name: s.name,
+            namespace: s.namespace,
+            hostname: s.hostname,
+            vips,
+            ports: s.ports,
+            subject_alt_names: s.subject_alt_names,
+            endpoints: eps,
+        });
+    }
+    if let Some(orphan) = endpoints.keys().min() {
+        tracing::warn!(service = %orphan, "workloads name a service that is not defined");
+    }
+    Ok(State::new(workloads, services, config.policies))
+}
+
+/// Reads and parses `file`.
+pub fn load(file: &Path, trust_domain: &str) -> Result<State, LocalConfigError> {
+    let text = std::fs::read_to_string(file).map_err(|source| LocalConfigError::Read {
+        file: file.to_path_buf(),
+        source,
+    })?;
+    parse(&text, trust_domain)
+}
+
+/// What identifies a version of the file on disk (a rename over it changes the inode).
+fn stamp(file: &Path) -> Option<(SystemTime, u64, u64)> {
+    use std::os::unix::fs::MetadataExt;
+    let m = std::fs::metadata(file).ok()?;
+    Some((m.modified().ok()?, m.len(), m.ino()))
+}
+
+/// Polls `file` and publishes a new snapshot whenever it changes and parses. The file's
+/// current version is noted when this is called (not when the future first runs), so a change
+/// made right after loading is not missed. The future never completes.
+pub fn watch(
+    file: PathBuf,
+    trust_domain: String,
+    state: StateHandle,
+    every: Duration,
+) -> impl Future<Output = ()> + Send {
+    let mut last = stamp(&file);
+    async move {
+        loop {
+            tokio::time::sleep(every).await;
+            let now = stamp(&file);
+            if now == last {
+                continue;
+            }
+            last = now;
+            match load(&file, &trust_domain) {
+                Ok(next) => {
+                    tracing::info!(
+                        file = %file.display(),
+                        workloads = next.workloads.len(),
+                        services = next.services.len(),
+                        policies = next.policies.len(),
+                        "local config reloaded"
+                    );
+                    state.store(next);
+                }
+                Err(e) => tracing::error!(
+                    file = %file.display(),
+                    error = %e,
+                    "local config rejected; the previous config stays in force"
+                ),
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;

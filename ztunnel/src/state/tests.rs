@@ -1,0 +1,111 @@
+use super::*;
+
+fn workload(uid: &str, ip: &str, protocol: Protocol, status: HealthStatus) -> Workload {
+    Workload {
+        uid: uid.into(),
+        name: uid.into(),
+        namespace: "ns".into(),
+        service_account: uid.into(),
+        trust_domain: "cluster.local".into(),
+        workload_ips: vec![ip.parse().unwrap()],
+        protocol,
+        status,
+        node: String::new(),
+        network: String::new(),
+        workload_name: String::new(),
+        workload_type: String::new(),
+        canonical_name: String::new(),
+        canonical_revision: String::new(),
+        cluster_id: String::new(),
+        authorization_policies: Vec::new(),
+        identity: Identity::new("cluster.local", "ns", uid).unwrap(),
+    }
+}
+
+fn service(vip: &str, ports: &[(u16, u16)], endpoints: &[(&str, &[(u16, u16)])]) -> Service {
+    Service {
+        name: "svc".into(),
+        namespace: "ns".into(),
+        hostname: "svc.ns".into(),
+        vips: vec![NetworkAddress {
+            network: String::new(),
+            address: vip.parse().unwrap(),
+        }],
+        ports: ports.iter().copied().collect(),
+        subject_alt_names: vec![],
+        endpoints: endpoints
+            .iter()
+            .map(|(uid, p)| Endpoint {
+                workload_uid: uid.to_string(),
+                port: p.iter().copied().collect(),
+            })
+            .collect(),
+    }
+}
+
+fn kind(u: &Upstream) -> String {
+    match u {
+        Upstream::Hbone { target, .. } => format!("hbone {target}"),
+        Upstream::Tcp { target, .. } => format!("tcp {target}"),
+        Upstream::Passthrough => "passthrough".into(),
+        Upstream::Unroutable { reason, .. } => format!("unroutable: {reason}"),
+    }
+}
+
+#[test]
+fn resolution_table() {
+    use HealthStatus::*;
+    use Protocol::*;
+    let state = State::new(
+        vec![
+            workload("mesh", "198.18.1.2", Hbone, Healthy),
+            workload("plain", "198.18.1.3", Tcp, Healthy),
+            workload("sick", "198.18.1.4", Hbone, Unhealthy),
+            // Shares an IP with "mesh" but does not speak HBONE: must not shadow it.
+            workload("shadow", "198.18.1.2", Tcp, Healthy),
+        ],
+        vec![
+            service("198.19.0.10", &[(80, 8080), (81, 0)], &[("mesh", &[])]),
+            service("198.19.0.11", &[(80, 8080)], &[("plain", &[(80, 9090)])]),
+            service(
+                "198.19.0.12",
+                &[(80, 8080)],
+                &[("sick", &[]), ("gone", &[])],
+            ),
+        ],
+        vec![],
+    );
+    let cases = [
+        ("198.18.1.2:5000", "hbone 198.18.1.2:5000"),
+        ("198.18.1.3:5000", "tcp 198.18.1.3:5000"),
+        ("198.18.9.9:5000", "passthrough"),
+        ("198.19.0.10:80", "hbone 198.18.1.2:8080"),
+        ("198.19.0.10:81", "hbone 198.18.1.2:81"),
+        ("198.19.0.10:82", "unroutable: service has no such port"),
+        ("198.19.0.11:80", "tcp 198.18.1.3:9090"),
+        ("198.19.0.12:80", "unroutable: no healthy endpoints"),
+    ];
+    for (dst, want) in cases {
+        let got = kind(&state.resolve(dst.parse().unwrap(), |_| 0));
+        assert_eq!(got, want, "{dst}");
+    }
+}
+
+#[test]
+fn endpoint_choice_uses_the_picker() {
+    let state = State::new(
+        vec![
+            workload("a", "198.18.1.2", Protocol::Hbone, HealthStatus::Healthy),
+            workload("b", "198.18.1.3", Protocol::Hbone, HealthStatus::Healthy),
+        ],
+        vec![service(
+            "198.19.0.10",
+            &[(80, 80)],
+            &[("a", &[]), ("b", &[])],
+        )],
+        vec![],
+    );
+    let dst = "198.19.0.10:80".parse().unwrap();
+    assert_eq!(kind(&state.resolve(dst, |_| 0)), "hbone 198.18.1.2:80");
+    assert_eq!(kind(&state.resolve(dst, |n| n - 1)), "hbone 198.18.1.3:80");
+}
