@@ -110,7 +110,7 @@ impl NetNs {
         let fd = self
             .fd
             .try_clone()
-            .map_err(|e| Error::Inspect(io_to_nix(e)))?;
+            .map_err(|e| Error::Inspect(io_to_nix(&e)))?;
         Ok(Self { fd, id: self.id })
     }
 
