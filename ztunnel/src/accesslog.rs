@@ -75,10 +75,10 @@ impl ConnLog {
     }
 
     /// Emits the access-log event. `error` is `None` for a clean close.
-    pub fn finish(self, sent: u64, received: u64, error: Option<&dyn fmt::Display>) {
+    pub fn finish(self, sent: u64, received: u64, error: Option<&(dyn std::error::Error + 'static)>) {
         let duration_ms = self.start.elapsed().as_secs_f64() * 1000.0;
         let reason = match error {
-            Some(e) => e.to_string(),
+            Some(e) => crate::errors::Chain(e).to_string(),
             None => "closed".to_string(),
         };
         tracing::info!(

@@ -8,7 +8,7 @@
 //! - [`proxy`]: the data path (listeners, HBONE client and server, pool, copy);
 //! - [`identity`], [`tls`]: SPIFFE identities, the local CA, certificates and rustls setup;
 //! - [`state`]: workloads, services and policies, from the local config file;
-//! - [`drain`], [`accesslog`], [`config`], [`app`]: operations and wiring.
+//! - [`drain`], [`accesslog`], [`errors`], [`config`], [`app`]: operations and wiring.
 //!
 //! The library exists so tests and benchmarks can use the same types; the binary is `main.rs`.
 
@@ -18,6 +18,7 @@ pub mod accesslog;
 pub mod app;
 pub mod config;
 pub mod drain;
+pub mod errors;
 pub mod identity;
 pub mod inpod;
 pub mod proxy;

@@ -7,10 +7,13 @@
 //! proxy's next socket in the wrong place. Sockets created inside the closure stay bound to the
 //! namespace they were created in and can be used from any thread afterwards.
 //!
+//! [`NetNs::command`] builds a child process that starts inside the namespace (for `nft`
+//! and `ip`). The `pre_exec` hook and one `ioctl` asking a descriptor its namespace type are
+//! the crate's only `unsafe`.
+//!
 //! This crate must not hold async code or do I/O inside a namespace beyond what the closure
 //! does: callers create sockets there, nothing more.
 
-#![forbid(unsafe_code)]
 
 use std::cell::OnceCell;
 use std::fmt;
@@ -25,13 +28,13 @@ use nix::sys::statfs::{NSFS_MAGIC, fstatfs};
 /// Why a file descriptor or path could not be used as a network namespace.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    #[error("cannot open {path}: {source}")]
+    #[error("cannot open {path}")]
     Open { path: String, source: nix::Error },
     #[error("cannot inspect the namespace descriptor: {0}")]
     Inspect(nix::Error),
     #[error("not a network namespace: {0}")]
     NotNetNs(String),
-    #[error("cannot enter the network namespace {id}: {source}")]
+    #[error("cannot enter the network namespace {id}")]
     Enter { id: NetNsId, source: nix::Error },
 }
 
@@ -84,13 +87,14 @@ impl NetNs {
                 fs.filesystem_type().0
             )));
         }
-        // nsfs names each namespace "<type>:[<inode>]"; the link is the only safe way to learn
-        // the type without an ioctl.
-        let link = std::fs::read_link(format!("/proc/self/fd/{}", fd.as_raw_fd()))
-            .map_err(|e| Error::NotNetNs(format!("cannot read descriptor link: {e}")))?;
-        let link = link.to_string_lossy();
-        if !link.starts_with("net:[") {
-            return Err(Error::NotNetNs(format!("descriptor refers to {link}")));
+        // NS_GET_NSTYPE = _IO(0xb7, 0x3): which kind of namespace an nsfs descriptor is.
+        const NS_GET_NSTYPE: nix::libc::c_ulong = 0xb703;
+        #[allow(unsafe_code)]
+        // SAFETY: NS_GET_NSTYPE takes no argument and only reports the type of the namespace
+        // the (valid, owned) descriptor refers to.
+        let kind = unsafe { nix::libc::ioctl(fd.as_raw_fd(), NS_GET_NSTYPE) };
+        if kind != nix::libc::CLONE_NEWNET {
+            return Err(Error::NotNetNs(format!("namespace type {kind:#x}, not a network namespace")));
         }
         let st = fstat(&fd).map_err(Error::Inspect)?;
         let id = NetNsId {
@@ -138,6 +142,31 @@ impl NetNs {
             let _restore = Restore(home);
             Ok(f())
         })
+    }
+}
+
+impl NetNs {
+    /// A command whose child process runs inside this namespace (entered between fork and
+    /// exec; the parent never moves).
+    #[allow(unsafe_code)]
+    pub fn command(&self, program: impl AsRef<std::ffi::OsStr>) -> std::process::Command {
+        use std::os::unix::process::CommandExt;
+        let mut cmd = std::process::Command::new(program);
+        let fd = self.fd.as_raw_fd();
+        let id = self.id;
+        // SAFETY: the hook runs in the forked child before exec and only calls setns(2), which
+        // is async-signal-safe and allocates nothing. `fd` stays valid in the child: the
+        // Command borrows nothing, but the parent keeps `self` (and so the descriptor) alive
+        // for as long as it holds the Command, and the child has its own copy of the table.
+        unsafe {
+            cmd.pre_exec(move || {
+                let fd = BorrowedFd::borrow_raw(fd);
+                setns(fd, CloneFlags::CLONE_NEWNET).map_err(|e| {
+                    std::io::Error::other(format!("entering {id}: {e}"))
+                })
+            });
+        }
+        cmd
     }
 }
 
@@ -190,6 +219,15 @@ mod tests {
             NetNs::open("/nonexistent/ns"),
             Err(Error::Open { .. })
         ));
+    }
+
+    #[test]
+    fn command_runs_inside_the_namespace() {
+        let ns = NetNs::current().unwrap();
+        let out = ns.command("readlink").arg("/proc/self/ns/net").output().unwrap();
+        assert!(out.status.success());
+        let link = String::from_utf8(out.stdout).unwrap();
+        assert_eq!(link.trim(), format!("net:[{}]", ns.id().ino));
     }
 
     #[test]

@@ -154,11 +154,11 @@ pub enum RequestError {
     Nack { kind: &'static str, reason: String },
     #[error("no answer to {0} within {ACK_DEADLINE:?}")]
     Timeout(&'static str),
-    #[error("ztunnel broke the protocol: {0}")]
+    #[error("ztunnel broke the protocol")]
     Protocol(#[from] ProtocolError),
-    #[error("receive: {0}")]
+    #[error("ZDS receive failed")]
     Recv(#[from] RecvError),
-    #[error("send: {0}")]
+    #[error("ZDS send failed")]
     Send(#[from] std::io::Error),
     #[error(transparent)]
     Usage(#[from] UsageError),
@@ -221,6 +221,27 @@ impl Connection {
                 kind: req.kind(),
                 reason,
             })
+    }
+
+    /// Sends arbitrary bytes and descriptors as if they were a request, bypassing the
+    /// session's checks, and returns ztunnel's answer. For conformance tests that play a
+    /// hostile agent; the product never calls it.
+    pub async fn send_raw(
+        &mut self,
+        data: &[u8],
+        fds: &[BorrowedFd<'_>],
+    ) -> Result<Result<(), String>, RequestError> {
+        self.sock.send(data, fds).await?;
+        let resp = tokio::time::timeout(ACK_DEADLINE, self.sock.recv())
+            .await
+            .map_err(|_| RequestError::Timeout("raw request"))??;
+        let resp = proto::WorkloadResponse::decode(resp.data.as_slice())
+            .map_err(|e| ProtocolError::Decode(e.to_string()))?;
+        match resp.payload {
+            Some(proto::workload_response::Payload::Ack(ack)) if ack.error.is_empty() => Ok(Ok(())),
+            Some(proto::workload_response::Payload::Ack(ack)) => Ok(Err(ack.error)),
+            None => Err(ProtocolError::EmptyPayload.into()),
+        }
     }
 
     /// Waits until ztunnel closes the connection (any datagram it sends unprompted is a

@@ -32,15 +32,15 @@ pub struct Transferred {
 /// Why a copy stopped early.
 #[derive(Debug, thiserror::Error)]
 pub enum CopyError {
-    #[error("reading from the app: {0}")]
+    #[error("reading from the app")]
     AppRead(#[source] io::Error),
-    #[error("writing to the app: {0}")]
+    #[error("writing to the app")]
     AppWrite(#[source] io::Error),
-    #[error("tunnel stream: {0}")]
+    #[error("tunnel stream")]
     Stream(#[source] h2::Error),
     #[error("tunnel stream closed by the peer")]
     StreamGone,
-    #[error("upstream: {0}")]
+    #[error("upstream")]
     Upstream(#[source] io::Error),
 }
 

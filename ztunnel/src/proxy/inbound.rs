@@ -18,6 +18,7 @@ use super::hbone::{self, Rejection};
 use super::pool::{CONNECTION_WINDOW, MAX_FRAME, SEND_BUFFER, STREAM_WINDOW};
 use super::{HANDSHAKE_TIMEOUT, Pod, ProxyError, ProxyInputs, socket};
 use crate::accesslog::{ConnLog, Direction};
+use crate::errors::Chain;
 use crate::identity::Identity;
 use crate::tls;
 
@@ -46,7 +47,7 @@ pub async fn serve(tcp: TcpStream, peer: SocketAddr, pod: Arc<Pod>, inputs: Arc<
     let (mut conn, peer_identity) = match tokio::time::timeout(HANDSHAKE_TIMEOUT, handshake).await {
         Ok(Ok(ok)) => ok,
         Ok(Err(e)) => {
-            tracing::warn!(pod = %pod.name(), %peer, error = %e, "HBONE handshake failed");
+            tracing::warn!(pod = %pod.name(), %peer, error = %Chain(&e), "HBONE handshake failed");
             return;
         }
         Err(_) => {
@@ -72,7 +73,7 @@ pub async fn serve(tcp: TcpStream, peer: SocketAddr, pod: Arc<Pod>, inputs: Arc<
                     });
                 }
                 Some(Err(e)) => {
-                    tracing::debug!(pod = %pod.name(), %peer, error = %e, "HBONE connection error");
+                    tracing::debug!(pod = %pod.name(), %peer, error = %Chain(&e), "HBONE connection error");
                     break;
                 }
                 None => break,
@@ -136,7 +137,7 @@ async fn stream(
     log.finish(
         t.sent,
         t.received,
-        err.as_ref().map(|e| e as &dyn std::fmt::Display),
+        err.as_ref().map(|e| e as &(dyn std::error::Error + 'static)),
     );
 }
 
@@ -146,11 +147,6 @@ fn answer(respond: &mut SendResponse<Bytes>, status: StatusCode) {
     let _ = respond.send_response(resp, true);
 }
 
-#[derive(Debug)]
+#[derive(Debug, thiserror::Error)]
+#[error("CONNECT {1} refused with {0}")]
 struct RejectionWithAuthority(Rejection, String);
-
-impl std::fmt::Display for RejectionWithAuthority {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "CONNECT {} refused with {}", self.1, self.0)
-    }
-}

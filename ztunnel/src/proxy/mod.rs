@@ -85,7 +85,7 @@ pub enum Fault {
 /// Why a proxied connection failed.
 #[derive(Debug, thiserror::Error)]
 pub enum ProxyError {
-    #[error("cannot read the original destination: {0}")]
+    #[error("cannot read the original destination")]
     OriginalDst(#[source] io::Error),
     #[error("destination {0} is a proxy port; refusing the loop")]
     Loop(SocketAddr),
@@ -96,23 +96,23 @@ pub enum ProxyError {
         service: String,
         reason: &'static str,
     },
-    #[error("socket setup in the pod netns: {0}")]
+    #[error("socket setup in the pod netns")]
     Socket(#[source] io::Error),
-    #[error("connect to {addr}: {source}")]
+    #[error("connect to {addr}")]
     Connect {
         addr: SocketAddr,
         #[source]
         source: io::Error,
     },
-    #[error("TLS with {addr}: {source}")]
+    #[error("TLS with {addr}")]
     Tls {
         addr: SocketAddr,
         #[source]
         source: io::Error,
     },
-    #[error("TLS setup: {0}")]
+    #[error("TLS setup")]
     TlsSetup(#[from] crate::tls::TlsSetupError),
-    #[error("HTTP/2: {0}")]
+    #[error("HTTP/2")]
     H2(#[from] h2::Error),
     #[error("HBONE peer answered {0}")]
     Status(http::StatusCode),

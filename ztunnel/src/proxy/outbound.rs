@@ -36,7 +36,7 @@ pub async fn serve(
     log.finish(
         transferred.sent,
         transferred.received,
-        result.as_ref().err().map(|e| e as &dyn std::fmt::Display),
+        result.as_ref().err().map(|e| e as &(dyn std::error::Error + 'static)),
     );
 }
 

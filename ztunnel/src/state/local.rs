@@ -23,7 +23,7 @@ use crate::identity::Identity;
 /// Why a config file was rejected. `path` is the YAML path of the offending field.
 #[derive(Debug, thiserror::Error)]
 pub enum LocalConfigError {
-    #[error("cannot read {file}: {source}")]
+    #[error("cannot read {file}")]
     Read {
         file: PathBuf,
         source: std::io::Error,
@@ -416,7 +416,7 @@ pub fn watch(
                 }
                 Err(e) => tracing::error!(
                     file = %file.display(),
-                    error = %e,
+                    error = %crate::errors::Chain(&e),
                     "local config rejected; the previous config stays in force"
                 ),
             }

@@ -1,0 +1,164 @@
+//! Test apps inside pod namespaces: sockets are created in the pod's netns (so they route
+//! from the pod) and then used from ordinary threads.
+
+use std::io::{self, Read, Write};
+use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use socket2::{Domain, Socket, Type};
+
+use crate::lab::Pod;
+
+/// A listener on `0.0.0.0:port` inside `pod`.
+pub fn listen(pod: &Pod, port: u16) -> TcpListener {
+    let netns = pod.ns.open();
+    netns
+        .run(|| -> io::Result<TcpListener> {
+            let s = Socket::new(Domain::IPV4, Type::STREAM, None)?;
+            s.set_reuse_address(true)?;
+            s.bind(&SocketAddr::from(([0, 0, 0, 0], port)).into())?;
+            s.listen(128)?;
+            Ok(s.into())
+        })
+        .expect("enter pod netns")
+        .unwrap_or_else(|e| panic!("listen on {}:{port}: {e}", pod.name))
+}
+
+/// Connects from `pod` to `dst`.
+pub fn connect(pod: &Pod, dst: SocketAddr, timeout: Duration) -> io::Result<TcpStream> {
+    let netns = pod.ns.open();
+    let sock = netns
+        .run(|| Socket::new(Domain::for_address(dst), Type::STREAM, None))
+        .map_err(io::Error::other)??;
+    sock.connect_timeout(&dst.into(), timeout)?;
+    let stream: TcpStream = sock.into();
+    stream.set_read_timeout(Some(Duration::from_secs(20)))?;
+    stream.set_write_timeout(Some(Duration::from_secs(20)))?;
+    stream.set_nodelay(true)?;
+    Ok(stream)
+}
+
+/// Writes `data`, half-closes, and reads everything until EOF. Proves both directions and
+/// both half-closes work end to end against an [`EchoServer`].
+pub fn echo_roundtrip(mut stream: TcpStream, data: &[u8]) -> io::Result<Vec<u8>> {
+    let mut writer = stream.try_clone()?;
+    let owned = data.to_vec();
+    let send = std::thread::spawn(move || -> io::Result<()> {
+        writer.write_all(&owned)?;
+        writer.shutdown(Shutdown::Write)
+    });
+    let mut got = Vec::with_capacity(data.len());
+    stream.read_to_end(&mut got)?;
+    send.join().expect("sender thread")?;
+    Ok(got)
+}
+
+/// Random bytes with a recognisable marker at the front, for payload checks on the wire.
+pub fn payload(marker: &str, len: usize) -> Vec<u8> {
+    let mut data: Vec<u8> = (0..len).map(|_| rand::random::<u8>()).collect();
+    let m = marker.as_bytes();
+    data[..m.len().min(len)].copy_from_slice(&m[..m.len().min(len)]);
+    data
+}
+
+/// Echoes every connection until the client half-closes, then half-closes back. Records each
+/// client's address as the server saw it.
+#[derive(Debug)]
+pub struct EchoServer {
+    stop: Arc<AtomicBool>,
+    thread: Option<JoinHandle<()>>,
+    peers: Arc<Mutex<Vec<SocketAddr>>>,
+    /// Connections whose echo finished cleanly.
+    completed: Arc<Mutex<usize>>,
+}
+
+impl EchoServer {
+    pub fn start(pod: &Pod, port: u16) -> Self {
+        let listener = listen(pod, port);
+        listener.set_nonblocking(true).expect("nonblocking");
+        let stop = Arc::new(AtomicBool::new(false));
+        let peers = Arc::new(Mutex::new(Vec::new()));
+        let completed = Arc::new(Mutex::new(0));
+        let thread = {
+            let (stop, peers, completed) = (stop.clone(), peers.clone(), completed.clone());
+            std::thread::spawn(move || {
+                while !stop.load(Ordering::Relaxed) {
+                    match listener.accept() {
+                        Ok((conn, peer)) => {
+                            peers.lock().expect("peers").push(peer);
+                            let completed = completed.clone();
+                            std::thread::spawn(move || {
+                                if echo(conn).is_ok() {
+                                    *completed.lock().expect("completed") += 1;
+                                }
+                            });
+                        }
+                        Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                            std::thread::sleep(Duration::from_millis(5));
+                        }
+                        Err(_) => std::thread::sleep(Duration::from_millis(5)),
+                    }
+                }
+            })
+        };
+        Self {
+            stop,
+            thread: Some(thread),
+            peers,
+            completed,
+        }
+    }
+
+    /// Client addresses seen so far.
+    pub fn peers(&self) -> Vec<SocketAddr> {
+        self.peers.lock().expect("peers").clone()
+    }
+
+    pub fn completed(&self) -> usize {
+        *self.completed.lock().expect("completed")
+    }
+}
+
+fn echo(mut conn: TcpStream) -> io::Result<()> {
+    conn.set_nonblocking(false)?;
+    conn.set_nodelay(true)?;
+    let mut buf = vec![0u8; 64 * 1024];
+    loop {
+        let n = conn.read(&mut buf)?;
+        if n == 0 {
+            return conn.shutdown(Shutdown::Write);
+        }
+        conn.write_all(&buf[..n])?;
+    }
+}
+
+impl Drop for EchoServer {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// The TCP ports listening inside `pod`'s netns (from `/proc/net/tcp{,6}` read in the netns).
+pub fn listening_ports(pod: &Pod) -> Vec<u16> {
+    let mut ports = Vec::new();
+    for file in ["/proc/net/tcp", "/proc/net/tcp6"] {
+        let text = pod.ns.exec("cat", &[file]);
+        for line in text.lines().skip(1) {
+            let cols: Vec<&str> = line.split_whitespace().collect();
+            // st 0A = LISTEN; local address is "ADDR:PORT" in hex.
+            if cols.len() > 3 && cols[3] == "0A" {
+                if let Some(port) = cols[1].rsplit(':').next().and_then(|p| u16::from_str_radix(p, 16).ok()) {
+                    ports.push(port);
+                }
+            }
+        }
+    }
+    ports.sort_unstable();
+    ports
+}

@@ -1,0 +1,362 @@
+//! Simulated nodes and pods.
+//!
+//! ```text
+//!   fabric netns: bridge "fabric" ── n<i> ══ eth0 (198.19.0.<i>) node netns
+//!   node netns:   bridge "cbr0" 198.18.<i>.1/24 ── v<k> ══ eth0 (198.18.<i>.<k>) pod netns
+//! ```
+//! Each node routes the other nodes' pod subnets via their fabric address, like a flat
+//! cluster network. Namespace names carry the test process id and a counter, so parallel tests
+//! never collide, and a later run deletes what a killed run left behind.
+
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::Duration;
+
+use mesh_netns::NetNs;
+
+static NEXT_LAB: AtomicU32 = AtomicU32::new(0);
+
+/// Runs a command and panics with its output if it fails.
+pub fn sh(program: &str, args: &[&str]) {
+    let out = Command::new(program)
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {program}: {e}"));
+    assert!(
+        out.status.success(),
+        "{program} {} failed: {}",
+        args.join(" "),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// A network namespace created by a lab.
+#[derive(Debug, Clone)]
+pub struct Ns {
+    pub name: String,
+}
+
+impl Ns {
+    pub fn path(&self) -> PathBuf {
+        Path::new("/run/netns").join(&self.name)
+    }
+
+    pub fn open(&self) -> NetNs {
+        NetNs::open(self.path()).expect("open lab netns")
+    }
+
+    /// `ip -n <ns> <args>`.
+    pub fn ip(&self, args: &[&str]) {
+        let mut full = vec!["-n", &self.name];
+        full.extend_from_slice(args);
+        sh("ip", &full);
+    }
+
+    /// Runs `program` inside the namespace and returns its stdout.
+    pub fn exec(&self, program: &str, args: &[&str]) -> String {
+        let out = self
+            .open()
+            .command(program)
+            .args(args)
+            .output()
+            .unwrap_or_else(|e| panic!("cannot run {program}: {e}"));
+        assert!(
+            out.status.success(),
+            "{program} {} in {} failed: {}",
+            args.join(" "),
+            self.name,
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    fn sysctl(&self, key: &str, value: &str) {
+        self.exec("sysctl", &["-qw", &format!("{key}={value}")]);
+    }
+}
+
+/// A simulated node.
+#[derive(Debug, Clone)]
+pub struct Node {
+    pub name: String,
+    pub index: u8,
+    pub ns: Ns,
+    /// The node's address on the cluster network.
+    pub ip: Ipv4Addr,
+    pods: u8,
+}
+
+/// A simulated pod.
+#[derive(Debug, Clone)]
+pub struct Pod {
+    pub name: String,
+    pub node: String,
+    pub ns: Ns,
+    pub ip: Ipv4Addr,
+}
+
+impl Pod {
+    pub fn addr(&self, port: u16) -> SocketAddr {
+        SocketAddr::new(IpAddr::V4(self.ip), port)
+    }
+}
+
+/// A running process started by the lab; killed on drop.
+#[derive(Debug)]
+pub struct Process {
+    pub name: String,
+    pub child: Child,
+    pub log: PathBuf,
+}
+
+impl Process {
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Sends `signal` (e.g. SIGTERM) to the process.
+    pub fn signal(&self, signal: nix::sys::signal::Signal) {
+        let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(self.child.id() as i32), signal);
+    }
+
+    /// Waits up to `timeout` for the process to exit; returns its status if it did.
+    pub fn wait_timeout(&mut self, timeout: Duration) -> Option<std::process::ExitStatus> {
+        let deadline = std::time::Instant::now() + timeout;
+        loop {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                return Some(status);
+            }
+            if std::time::Instant::now() >= deadline {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for Process {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A set of nodes and pods; everything is removed when it drops.
+#[derive(Debug)]
+pub struct Lab {
+    id: String,
+    dir: tempfile::TempDir,
+    fabric: Ns,
+    namespaces: Vec<Ns>,
+    nodes: Vec<Node>,
+    /// Processes, killed before the namespaces go.
+    pub processes: Vec<Process>,
+}
+
+impl Lab {
+    /// A new lab with an empty cluster network.
+    pub fn new() -> Self {
+        crate::require_root();
+        cleanup_stale();
+        let id = format!(
+            "zt{}x{}",
+            std::process::id(),
+            NEXT_LAB.fetch_add(1, Ordering::Relaxed)
+        );
+        let dir = tempfile::Builder::new()
+            .prefix(&format!("{id}-"))
+            .tempdir()
+            .expect("lab dir");
+        let mut lab = Lab {
+            fabric: Ns {
+                name: format!("{id}-fabric"),
+            },
+            id,
+            dir,
+            namespaces: Vec::new(),
+            nodes: Vec::new(),
+            processes: Vec::new(),
+        };
+        let fabric = lab.fabric.clone();
+        lab.create_ns(&fabric);
+        fabric.ip(&["link", "add", "fabric", "type", "bridge"]);
+        fabric.ip(&["link", "set", "fabric", "up"]);
+        lab
+    }
+
+    /// The lab's scratch directory (configs, sockets, logs).
+    pub fn dir(&self) -> &Path {
+        self.dir.path()
+    }
+
+    pub fn id(&self) -> &str {
+        &self.id
+    }
+
+    /// The namespace holding the cluster network's bridge (`fabric`), where node-to-node
+    /// traffic can be captured.
+    pub fn fabric(&self) -> &Ns {
+        &self.fabric
+    }
+
+    fn create_ns(&mut self, ns: &Ns) {
+        sh("ip", &["netns", "add", &ns.name]);
+        self.namespaces.push(ns.clone());
+        ns.ip(&["link", "set", "lo", "up"]);
+    }
+
+    pub fn node(&self, name: &str) -> &Node {
+        self.nodes
+            .iter()
+            .find(|n| n.name == name)
+            .unwrap_or_else(|| panic!("no node {name}"))
+    }
+
+    pub fn nodes(&self) -> &[Node] {
+        &self.nodes
+    }
+
+    /// Adds a node: its netns, its link to the cluster network, its pod bridge and routes to
+    /// and from every other node.
+    pub fn add_node(&mut self, name: &str) -> Node {
+        let index = u8::try_from(self.nodes.len() + 1).expect("at most 254 nodes");
+        let ns = Ns {
+            name: format!("{}-{name}", self.id),
+        };
+        self.create_ns(&ns);
+        let ip = Ipv4Addr::new(198, 19, 0, index);
+        let port = format!("n{index}");
+        ns.ip(&["link", "add", "eth0", "type", "veth", "peer", "name", &port, "netns", &self.fabric.name]);
+        self.fabric.ip(&["link", "set", &port, "master", "fabric", "up"]);
+        ns.ip(&["addr", "add", &format!("{ip}/24"), "dev", "eth0"]);
+        ns.ip(&["link", "set", "eth0", "up"]);
+        ns.ip(&["link", "add", "cbr0", "type", "bridge"]);
+        ns.ip(&["addr", "add", &format!("198.18.{index}.1/24"), "dev", "cbr0"]);
+        ns.ip(&["link", "set", "cbr0", "up"]);
+        ns.sysctl("net.ipv4.ip_forward", "1");
+        for other in &self.nodes {
+            ns.ip(&["route", "add", &format!("198.18.{}.0/24", other.index), "via", &other.ip.to_string()]);
+            other.ns.ip(&["route", "add", &format!("198.18.{index}.0/24"), "via", &ip.to_string()]);
+        }
+        let node = Node {
+            name: name.to_string(),
+            index,
+            ns,
+            ip,
+            pods: 0,
+        };
+        self.nodes.push(node.clone());
+        node
+    }
+
+    /// Adds a pod on `node`, wired to the node's bridge with a default route through it.
+    pub fn add_pod(&mut self, node: &str, name: &str) -> Pod {
+        let node = self
+            .nodes
+            .iter_mut()
+            .find(|n| n.name == node)
+            .unwrap_or_else(|| panic!("no node {node}"));
+        node.pods += 1;
+        let k = node.pods;
+        assert!(k < 240, "too many pods on {}", node.name);
+        let node = node.clone();
+        let ns = Ns {
+            name: format!("{}-{}-{name}", self.id, node.name),
+        };
+        self.create_ns(&ns);
+        let ip = Ipv4Addr::new(198, 18, node.index, 10 + k);
+        let port = format!("v{k}");
+        ns.ip(&["link", "add", "eth0", "type", "veth", "peer", "name", &port, "netns", &node.ns.name]);
+        node.ns.ip(&["link", "set", &port, "master", "cbr0", "up"]);
+        ns.ip(&["addr", "add", &format!("{ip}/24"), "dev", "eth0"]);
+        ns.ip(&["link", "set", "eth0", "up"]);
+        ns.ip(&["route", "add", "default", "via", &format!("198.18.{}.1", node.index)]);
+        Pod {
+            name: name.to_string(),
+            node: node.name.clone(),
+            ns,
+            ip,
+        }
+    }
+
+    /// Starts `program` inside `ns` with stdout and stderr going to `<dir>/<name>.log`.
+    pub fn spawn(&mut self, name: &str, ns: &Ns, program: &Path, args: &[String], env: &[(&str, &str)]) -> &mut Process {
+        let log = self.dir().join(format!("{name}.log"));
+        let file = std::fs::File::create(&log).expect("log file");
+        let child = ns
+            .open()
+            .command(program)
+            .args(args)
+            .envs(env.iter().copied())
+            .stdin(Stdio::null())
+            .stdout(file.try_clone().expect("dup log"))
+            .stderr(file)
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start {}: {e}", program.display()));
+        self.processes.push(Process {
+            name: name.to_string(),
+            child,
+            log,
+        });
+        self.processes.last_mut().expect("just pushed")
+    }
+
+    pub fn process(&mut self, name: &str) -> &mut Process {
+        self.processes
+            .iter_mut()
+            .find(|p| p.name == name)
+            .unwrap_or_else(|| panic!("no process {name}"))
+    }
+
+    /// Removes a process from the lab (killing it).
+    pub fn stop(&mut self, name: &str) {
+        self.processes.retain(|p| p.name != name);
+    }
+}
+
+impl Default for Lab {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Drop for Lab {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            for p in &self.processes {
+                let text = p.log_text();
+                let tail: Vec<&str> = text.lines().rev().take(40).collect();
+                eprintln!("---- last lines of {} ({}) ----", p.name, p.log.display());
+                for line in tail.into_iter().rev() {
+                    eprintln!("{line}");
+                }
+            }
+        }
+        self.processes.clear();
+        for ns in self.namespaces.iter().rev() {
+            let _ = Command::new("ip").args(["netns", "del", &ns.name]).status();
+        }
+    }
+}
+
+/// Deletes namespaces left by test processes that no longer exist.
+fn cleanup_stale() {
+    let Ok(entries) = std::fs::read_dir("/run/netns") else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let Some(rest) = name.strip_prefix("zt") else { continue };
+        let Some((pid, _)) = rest.split_once('x') else { continue };
+        let Ok(pid) = pid.parse::<u32>() else { continue };
+        if !Path::new(&format!("/proc/{pid}")).exists() {
+            let _ = Command::new("ip").args(["netns", "del", &name]).status();
+        }
+    }
+}

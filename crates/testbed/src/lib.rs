@@ -1,0 +1,52 @@
+//! Test utilities shared by the integration tests, benchmarks and the local mesh.
+//!
+//! - [`lab`]: simulated nodes and pods as network namespaces joined by veth links and
+//!   bridges, every name unique to the test and everything removed on drop (even on panic);
+//! - [`agent`]: a stand-in node agent that speaks ZDS and installs redirection, for tests of
+//!   ztunnel alone;
+//! - [`apps`]: echo servers and clients living in pod namespaces;
+//! - [`capture`]: packet capture on a link and a small pcap reader.
+//!
+//! Everything here needs root; [`require_root`] fails loudly without it.
+
+#![forbid(unsafe_code)]
+
+pub mod agent;
+pub mod apps;
+pub mod capture;
+pub mod lab;
+
+/// Panics with a clear message unless the process can create network namespaces.
+pub fn require_root() {
+    if !nix::unistd::geteuid().is_root() {
+        panic!(
+            "this test needs root (network namespaces, veth links, nftables); \
+             run the suite as root, e.g. `sudo ./x test`"
+        );
+    }
+    for tool in ["ip", "nft"] {
+        let found = std::process::Command::new(tool)
+            .arg("-V")
+            .output()
+            .is_ok_and(|o| o.status.success());
+        assert!(found, "`{tool}` is required: apt-get install iproute2 nftables");
+    }
+}
+
+/// Path of a workspace binary built next to the running test.
+pub fn binary(name: &str) -> std::path::PathBuf {
+    let exe = std::env::current_exe().expect("current exe");
+    // target/<profile>/deps/<test> → target/<profile>/<name>
+    let dir = exe
+        .parent()
+        .and_then(|d| if d.ends_with("deps") { d.parent() } else { Some(d) })
+        .expect("target dir");
+    let path = dir.join(name);
+    assert!(
+        path.exists(),
+        "{} is missing: build the workspace binaries first (`cargo build --workspace --bins`, \
+         or use `./x test`)",
+        path.display()
+    );
+    path
+}
