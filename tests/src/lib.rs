@@ -47,7 +47,7 @@ pub struct Service {
 }
 
 /// Renders the local config for `workloads` and `services` in Istio's format.
-pub fn config_yaml(workloads: &[Workload], services: &[Service]) -> String {
+pub fn config_yaml(workloads: &[&Workload], services: &[Service]) -> String {
     let mut y = String::from("workloads:\n");
     for w in workloads {
         let _ = writeln!(y, "- uid: {}", w.uid());
@@ -60,7 +60,12 @@ pub fn config_yaml(workloads: &[Workload], services: &[Service]) -> String {
         let svcs: Vec<String> = services
             .iter()
             .filter(|s| s.endpoints.contains(&w.pod.name))
-            .map(|s| format!("\"{}/{}.svc\": {{{}: {}}}", s.namespace, s.name, s.port, s.target_port))
+            .map(|s| {
+                format!(
+                    "\"{}/{}.svc\": {{{}: {}}}",
+                    s.namespace, s.name, s.port, s.target_port
+                )
+            })
             .collect();
         let _ = writeln!(y, "  services: {{{}}}", svcs.join(", "));
     }
@@ -104,7 +109,7 @@ impl Mesh {
         }
     }
 
-    pub fn write_config(&self, workloads: &[Workload], services: &[Service]) {
+    pub fn write_config(&self, workloads: &[&Workload], services: &[Service]) {
         let tmp = self.config.with_extension("tmp");
         std::fs::write(&tmp, config_yaml(workloads, services)).expect("write config");
         std::fs::rename(&tmp, &self.config).expect("rename config");
@@ -144,7 +149,8 @@ impl Mesh {
         args.extend(extra.iter().map(|s| s.to_string()));
         let ns = self.lab.node(node).ns.clone();
         let bin = mesh_testbed::binary("ztunnel");
-        self.lab.spawn(&format!("ztunnel-{node}"), &ns, &bin, &args, &[]);
+        self.lab
+            .spawn(&format!("ztunnel-{node}"), &ns, &bin, &args, &[]);
         self.agent(node).accept(Duration::from_secs(20));
     }
 

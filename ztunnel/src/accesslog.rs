@@ -75,7 +75,12 @@ impl ConnLog {
     }
 
     /// Emits the access-log event. `error` is `None` for a clean close.
-    pub fn finish(self, sent: u64, received: u64, error: Option<&(dyn std::error::Error + 'static)>) {
+    pub fn finish(
+        self,
+        sent: u64,
+        received: u64,
+        error: Option<&(dyn std::error::Error + 'static)>,
+    ) {
         let duration_ms = self.start.elapsed().as_secs_f64() * 1000.0;
         let reason = match error {
             Some(e) => crate::errors::Chain(e).to_string(),

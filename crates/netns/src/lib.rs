@@ -14,7 +14,6 @@
 //! This crate must not hold async code or do I/O inside a namespace beyond what the closure
 //! does: callers create sockets there, nothing more.
 
-
 use std::cell::OnceCell;
 use std::fmt;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
@@ -94,7 +93,9 @@ impl NetNs {
         // the (valid, owned) descriptor refers to.
         let kind = unsafe { nix::libc::ioctl(fd.as_raw_fd(), NS_GET_NSTYPE) };
         if kind != nix::libc::CLONE_NEWNET {
-            return Err(Error::NotNetNs(format!("namespace type {kind:#x}, not a network namespace")));
+            return Err(Error::NotNetNs(format!(
+                "namespace type {kind:#x}, not a network namespace"
+            )));
         }
         let st = fstat(&fd).map_err(Error::Inspect)?;
         let id = NetNsId {
@@ -161,9 +162,8 @@ impl NetNs {
         unsafe {
             cmd.pre_exec(move || {
                 let fd = BorrowedFd::borrow_raw(fd);
-                setns(fd, CloneFlags::CLONE_NEWNET).map_err(|e| {
-                    std::io::Error::other(format!("entering {id}: {e}"))
-                })
+                setns(fd, CloneFlags::CLONE_NEWNET)
+                    .map_err(|e| std::io::Error::other(format!("entering {id}: {e}")))
             });
         }
         cmd
@@ -224,7 +224,11 @@ mod tests {
     #[test]
     fn command_runs_inside_the_namespace() {
         let ns = NetNs::current().unwrap();
-        let out = ns.command("readlink").arg("/proc/self/ns/net").output().unwrap();
+        let out = ns
+            .command("readlink")
+            .arg("/proc/self/ns/net")
+            .output()
+            .unwrap();
         assert!(out.status.success());
         let link = String::from_utf8(out.stdout).unwrap();
         assert_eq!(link.trim(), format!("net:[{}]", ns.id().ino));

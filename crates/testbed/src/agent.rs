@@ -58,14 +58,27 @@ impl FakeAgent {
         self.conn = None;
     }
 
-    pub fn request(&mut self, req: Request, netns: Option<BorrowedFd<'_>>) -> Result<(), RequestError> {
+    pub fn request(
+        &mut self,
+        req: &Request,
+        netns: Option<BorrowedFd<'_>>,
+    ) -> Result<(), RequestError> {
         let rt = &self.rt;
-        let conn = self.conn.as_mut().expect("no ztunnel connected; call accept first");
-        rt.block_on(conn.request(&req, netns))
+        let conn = self
+            .conn
+            .as_mut()
+            .expect("no ztunnel connected; call accept first");
+        rt.block_on(conn.request(req, netns))
     }
 
     /// Hands `pod` to ztunnel (no rules installed).
-    pub fn add(&mut self, pod: &Pod, uid: &str, namespace: &str, service_account: &str) -> Result<(), RequestError> {
+    pub fn add(
+        &mut self,
+        pod: &Pod,
+        uid: &str,
+        namespace: &str,
+        service_account: &str,
+    ) -> Result<(), RequestError> {
         let netns = NetNs::open(pod.ns.path()).expect("pod netns");
         let info = WorkloadInfo {
             name: pod.name.clone(),
@@ -73,7 +86,7 @@ impl FakeAgent {
             service_account: service_account.into(),
         };
         self.request(
-            Request::Add {
+            &Request::Add {
                 uid: uid.into(),
                 info,
             },
@@ -89,19 +102,23 @@ impl FakeAgent {
     }
 
     pub fn del(&mut self, uid: &str) -> Result<(), RequestError> {
-        self.request(Request::Del { uid: uid.into() }, None)
+        self.request(&Request::Del { uid: uid.into() }, None)
     }
 
     pub fn keep(&mut self, uid: &str) -> Result<(), RequestError> {
-        self.request(Request::Keep { uid: uid.into() }, None)
+        self.request(&Request::Keep { uid: uid.into() }, None)
     }
 
     pub fn snapshot_sent(&mut self) -> Result<(), RequestError> {
-        self.request(Request::SnapshotSent, None)
+        self.request(&Request::SnapshotSent, None)
     }
 
     /// Sends arbitrary bytes with `fds` and returns ztunnel's answer (ack or NACK reason).
-    pub fn send_raw(&mut self, data: &[u8], fds: &[BorrowedFd<'_>]) -> Result<Result<(), String>, RequestError> {
+    pub fn send_raw(
+        &mut self,
+        data: &[u8],
+        fds: &[BorrowedFd<'_>],
+    ) -> Result<Result<(), String>, RequestError> {
         let rt = &self.rt;
         let conn = self.conn.as_mut().expect("connected");
         rt.block_on(conn.send_raw(data, fds))

@@ -152,10 +152,14 @@ pub fn listening_ports(pod: &Pod) -> Vec<u16> {
         for line in text.lines().skip(1) {
             let cols: Vec<&str> = line.split_whitespace().collect();
             // st 0A = LISTEN; local address is "ADDR:PORT" in hex.
-            if cols.len() > 3 && cols[3] == "0A" {
-                if let Some(port) = cols[1].rsplit(':').next().and_then(|p| u16::from_str_radix(p, 16).ok()) {
-                    ports.push(port);
-                }
+            if cols.len() > 3
+                && cols[3] == "0A"
+                && let Some(port) = cols[1]
+                    .rsplit(':')
+                    .next()
+                    .and_then(|p| u16::from_str_radix(p, 16).ok())
+            {
+                ports.push(port);
             }
         }
     }

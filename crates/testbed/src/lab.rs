@@ -232,17 +232,47 @@ impl Lab {
         self.create_ns(&ns);
         let ip = Ipv4Addr::new(198, 19, 0, index);
         let port = format!("n{index}");
-        ns.ip(&["link", "add", "eth0", "type", "veth", "peer", "name", &port, "netns", &self.fabric.name]);
-        self.fabric.ip(&["link", "set", &port, "master", "fabric", "up"]);
+        ns.ip(&[
+            "link",
+            "add",
+            "eth0",
+            "type",
+            "veth",
+            "peer",
+            "name",
+            &port,
+            "netns",
+            &self.fabric.name,
+        ]);
+        self.fabric
+            .ip(&["link", "set", &port, "master", "fabric", "up"]);
         ns.ip(&["addr", "add", &format!("{ip}/24"), "dev", "eth0"]);
         ns.ip(&["link", "set", "eth0", "up"]);
         ns.ip(&["link", "add", "cbr0", "type", "bridge"]);
-        ns.ip(&["addr", "add", &format!("198.18.{index}.1/24"), "dev", "cbr0"]);
+        ns.ip(&[
+            "addr",
+            "add",
+            &format!("198.18.{index}.1/24"),
+            "dev",
+            "cbr0",
+        ]);
         ns.ip(&["link", "set", "cbr0", "up"]);
         ns.sysctl("net.ipv4.ip_forward", "1");
         for other in &self.nodes {
-            ns.ip(&["route", "add", &format!("198.18.{}.0/24", other.index), "via", &other.ip.to_string()]);
-            other.ns.ip(&["route", "add", &format!("198.18.{index}.0/24"), "via", &ip.to_string()]);
+            ns.ip(&[
+                "route",
+                "add",
+                &format!("198.18.{}.0/24", other.index),
+                "via",
+                &other.ip.to_string(),
+            ]);
+            other.ns.ip(&[
+                "route",
+                "add",
+                &format!("198.18.{index}.0/24"),
+                "via",
+                &ip.to_string(),
+            ]);
         }
         let node = Node {
             name: name.to_string(),
@@ -272,21 +302,45 @@ impl Lab {
         self.create_ns(&ns);
         let ip = Ipv4Addr::new(198, 18, node.index, 10 + k);
         let port = format!("v{k}");
-        ns.ip(&["link", "add", "eth0", "type", "veth", "peer", "name", &port, "netns", &node.ns.name]);
+        ns.ip(&[
+            "link",
+            "add",
+            "eth0",
+            "type",
+            "veth",
+            "peer",
+            "name",
+            &port,
+            "netns",
+            &node.ns.name,
+        ]);
         node.ns.ip(&["link", "set", &port, "master", "cbr0", "up"]);
         ns.ip(&["addr", "add", &format!("{ip}/24"), "dev", "eth0"]);
         ns.ip(&["link", "set", "eth0", "up"]);
-        ns.ip(&["route", "add", "default", "via", &format!("198.18.{}.1", node.index)]);
+        ns.ip(&[
+            "route",
+            "add",
+            "default",
+            "via",
+            &format!("198.18.{}.1", node.index),
+        ]);
         Pod {
             name: name.to_string(),
-            node: node.name.clone(),
+            node: node.name,
             ns,
             ip,
         }
     }
 
     /// Starts `program` inside `ns` with stdout and stderr going to `<dir>/<name>.log`.
-    pub fn spawn(&mut self, name: &str, ns: &Ns, program: &Path, args: &[String], env: &[(&str, &str)]) -> &mut Process {
+    pub fn spawn(
+        &mut self,
+        name: &str,
+        ns: &Ns,
+        program: &Path,
+        args: &[String],
+        env: &[(&str, &str)],
+    ) -> &mut Process {
         let log = self.dir().join(format!("{name}.log"));
         let file = std::fs::File::create(&log).expect("log file");
         let child = ns
@@ -352,9 +406,15 @@ fn cleanup_stale() {
     };
     for entry in entries.flatten() {
         let name = entry.file_name().to_string_lossy().into_owned();
-        let Some(rest) = name.strip_prefix("zt") else { continue };
-        let Some((pid, _)) = rest.split_once('x') else { continue };
-        let Ok(pid) = pid.parse::<u32>() else { continue };
+        let Some(rest) = name.strip_prefix("zt") else {
+            continue;
+        };
+        let Some((pid, _)) = rest.split_once('x') else {
+            continue;
+        };
+        let Ok(pid) = pid.parse::<u32>() else {
+            continue;
+        };
         if !Path::new(&format!("/proc/{pid}")).exists() {
             let _ = Command::new("ip").args(["netns", "del", &name]).status();
         }

@@ -29,7 +29,10 @@ pub fn require_root() {
             .arg("-V")
             .output()
             .is_ok_and(|o| o.status.success());
-        assert!(found, "`{tool}` is required: apt-get install iproute2 nftables");
+        assert!(
+            found,
+            "`{tool}` is required: apt-get install iproute2 nftables"
+        );
     }
 }
 
@@ -39,7 +42,13 @@ pub fn binary(name: &str) -> std::path::PathBuf {
     // target/<profile>/deps/<test> → target/<profile>/<name>
     let dir = exe
         .parent()
-        .and_then(|d| if d.ends_with("deps") { d.parent() } else { Some(d) })
+        .and_then(|d| {
+            if d.ends_with("deps") {
+                d.parent()
+            } else {
+                Some(d)
+            }
+        })
         .expect("target dir");
     let path = dir.join(name);
     assert!(

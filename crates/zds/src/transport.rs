@@ -170,11 +170,22 @@ fn recv_once(fd: RawFd) -> Result<Datagram, RecvError> {
     if flags.contains(MsgFlags::MSG_CTRUNC) {
         return Err(RecvError::ControlTruncated);
     }
-    if len == 0 && fds.is_empty() {
+    if len == 0 && fds.is_empty() && peer_closed(fd) {
         return Err(RecvError::Closed);
     }
     buf.truncate(len);
     Ok(Datagram { data: buf, fds })
+}
+
+/// A zero-byte read is either the peer's close or an empty datagram. End of stream is sticky
+/// (a peek sees it again) while an empty datagram is gone once read.
+fn peer_closed(fd: RawFd) -> bool {
+    let mut probe = [0u8; 1];
+    match socket::recv(fd, &mut probe, MsgFlags::MSG_PEEK | MsgFlags::MSG_DONTWAIT) {
+        Ok(0) => true,
+        Ok(_) | Err(nix::Error::EAGAIN) => false,
+        Err(_) => true,
+    }
 }
 
 /// The listening side (node agent).
@@ -256,6 +267,15 @@ mod tests {
         a.send(b"many", &fds).await.unwrap();
         // The protocol layer rejects the count; the transport must not lose any on the way.
         assert_eq!(b.recv().await.unwrap().fds.len(), 6);
+    }
+
+    #[tokio::test]
+    async fn empty_datagram_is_not_end_of_stream() {
+        let (a, b) = SeqPacket::pair().unwrap();
+        a.send(b"", &[]).await.unwrap();
+        assert!(b.recv().await.unwrap().data.is_empty());
+        a.send(b"after", &[]).await.unwrap();
+        assert_eq!(b.recv().await.unwrap().data, b"after");
     }
 
     #[tokio::test]

@@ -24,13 +24,24 @@ pub enum ApplyError {
     Failed { command: String, stderr: String },
 }
 
-fn run(netns: &NetNs, program: &'static str, args: &[&str], stdin: Option<&str>) -> Result<(), ApplyError> {
+fn run(
+    netns: &NetNs,
+    program: &'static str,
+    args: &[&str],
+    stdin: Option<&str>,
+) -> Result<(), ApplyError> {
     let mut cmd: Command = netns.command(program);
     cmd.args(args)
-        .stdin(if stdin.is_some() { Stdio::piped() } else { Stdio::null() })
+        .stdin(if stdin.is_some() {
+            Stdio::piped()
+        } else {
+            Stdio::null()
+        })
         .stdout(Stdio::null())
         .stderr(Stdio::piped());
-    let mut child = cmd.spawn().map_err(|source| ApplyError::Spawn { program, source })?;
+    let mut child = cmd
+        .spawn()
+        .map_err(|source| ApplyError::Spawn { program, source })?;
     if let Some(input) = stdin {
         let mut pipe = child.stdin.take().expect("piped");
         let _ = pipe.write_all(input.as_bytes());
@@ -53,17 +64,34 @@ pub fn apply(netns: &NetNs, ruleset: &Ruleset) -> Result<(), ApplyError> {
     let fwmark = format!("{:#x}/{:#x}", marks::CONNTRACK_REPLY, marks::MASK);
     let prio = marks::RULE_PRIORITY.to_string();
     let table = marks::ROUTE_TABLE.to_string();
-    for (enabled, family, default) in [(ruleset.ipv4_route, "-4", "0.0.0.0/0"), (ruleset.ipv6_route, "-6", "::/0")] {
+    for (enabled, family, default) in [
+        (ruleset.ipv4_route, "-4", "0.0.0.0/0"),
+        (ruleset.ipv6_route, "-6", "::/0"),
+    ] {
         if !enabled {
             continue;
         }
         // `replace` and a delete-then-add rule keep these idempotent.
-        run(netns, "ip", &[family, "route", "replace", "local", default, "dev", "lo", "table", &table], None)?;
-        let _ = run(netns, "ip", &[family, "rule", "del", "priority", &prio], None);
         run(
             netns,
             "ip",
-            &[family, "rule", "add", "fwmark", &fwmark, "lookup", &table, "priority", &prio],
+            &[
+                family, "route", "replace", "local", default, "dev", "lo", "table", &table,
+            ],
+            None,
+        )?;
+        let _ = run(
+            netns,
+            "ip",
+            &[family, "rule", "del", "priority", &prio],
+            None,
+        );
+        run(
+            netns,
+            "ip",
+            &[
+                family, "rule", "add", "fwmark", &fwmark, "lookup", &table, "priority", &prio,
+            ],
             None,
         )?;
     }
@@ -78,9 +106,18 @@ pub fn remove(netns: &NetNs) -> Result<(), ApplyError> {
     let table = marks::ROUTE_TABLE.to_string();
     for family in ["-4", "-6"] {
         // Both may be absent (already removed, or the family was never enabled).
-        let _ = run(netns, "ip", &[family, "rule", "del", "priority", &prio], None);
-        if let Err(e) = run(netns, "ip", &[family, "route", "flush", "table", &table], None)
-            && first.is_none()
+        let _ = run(
+            netns,
+            "ip",
+            &[family, "rule", "del", "priority", &prio],
+            None,
+        );
+        if let Err(e) = run(
+            netns,
+            "ip",
+            &[family, "route", "flush", "table", &table],
+            None,
+        ) && first.is_none()
             && !matches!(&e, ApplyError::Failed { stderr, .. } if stderr.is_empty() || stderr.contains("No such"))
         {
             first = Some(e);

@@ -100,7 +100,9 @@ pub fn plan(opts: &Options) -> Ruleset {
     chains.push(Chain {
         name: "output-mangle",
         hook: Hook::OutputMangle,
-        rules: vec![format!("ct mark & {mask:#x} == {ct:#x} meta mark set ct mark")],
+        rules: vec![format!(
+            "ct mark & {mask:#x} == {ct:#x} meta mark set ct mark"
+        )],
     });
 
     let mut pre = Vec::new();
@@ -126,7 +128,9 @@ pub fn plan(opts: &Options) -> Ruleset {
     for (fam, _, probe) in &families {
         out.push(format!("meta l4proto tcp {fam} daddr {probe} accept"));
     }
-    out.push(format!("meta l4proto tcp meta mark & {mask:#x} == {ct:#x} accept"));
+    out.push(format!(
+        "meta l4proto tcp meta mark & {mask:#x} == {ct:#x} accept"
+    ));
     for (fam, lo, _) in &families {
         out.push(format!("oifname \"lo\" {fam} daddr != {lo} accept"));
     }
@@ -198,7 +202,10 @@ impl Ruleset {
     /// A script that replaces whatever is installed with this ruleset in one transaction
     /// (create-then-delete makes the delete valid whether or not the table exists).
     pub fn apply_script(&self) -> String {
-        format!("table inet {TABLE} {{}}\ndelete table inet {TABLE}\n{}", self.table())
+        format!(
+            "table inet {TABLE} {{}}\ndelete table inet {TABLE}\n{}",
+            self.table()
+        )
     }
 
     /// A script that removes the ruleset, valid whether or not it is installed.
@@ -216,11 +223,35 @@ mod tests {
     #[test]
     fn rulesets_match_golden_files() {
         let cases = [
-            ("v4", Options { ipv6: false, ..Options::default() }),
-            ("v6", Options { ipv4: false, ..Options::default() }),
+            (
+                "v4",
+                Options {
+                    ipv6: false,
+                    ..Options::default()
+                },
+            ),
+            (
+                "v6",
+                Options {
+                    ipv4: false,
+                    ..Options::default()
+                },
+            ),
             ("dual", Options::default()),
-            ("dual-dns", Options { dns_capture: true, ..Options::default() }),
-            ("dual-inbound-bypass", Options { capture_inbound: false, ..Options::default() }),
+            (
+                "dual-dns",
+                Options {
+                    dns_capture: true,
+                    ..Options::default()
+                },
+            ),
+            (
+                "dual-inbound-bypass",
+                Options {
+                    capture_inbound: false,
+                    ..Options::default()
+                },
+            ),
         ];
         let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("src/redirect/golden");
         let update = std::env::var_os("UPDATE_GOLDEN").is_some();
@@ -239,7 +270,13 @@ mod tests {
 
     #[test]
     fn marked_traffic_is_never_redirected() {
-        for opts in [Options::default(), Options { dns_capture: true, ..Options::default() }] {
+        for opts in [
+            Options::default(),
+            Options {
+                dns_capture: true,
+                ..Options::default()
+            },
+        ] {
             let rs = plan(&opts);
             for chain in &rs.chains {
                 for rule in chain.rules.iter().filter(|r| r.contains("redirect")) {

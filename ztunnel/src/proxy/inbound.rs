@@ -137,7 +137,8 @@ async fn stream(
     log.finish(
         t.sent,
         t.received,
-        err.as_ref().map(|e| e as &(dyn std::error::Error + 'static)),
+        err.as_ref()
+            .map(|e| e as &(dyn std::error::Error + 'static)),
     );
 }
 

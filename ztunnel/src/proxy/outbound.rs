@@ -36,7 +36,10 @@ pub async fn serve(
     log.finish(
         transferred.sent,
         transferred.received,
-        result.as_ref().err().map(|e| e as &(dyn std::error::Error + 'static)),
+        result
+            .as_ref()
+            .err()
+            .map(|e| e as &(dyn std::error::Error + 'static)),
     );
 }
 

@@ -49,6 +49,7 @@ pub async fn serve(tcp: TcpStream, peer: SocketAddr, pod: &Pod) {
     log.finish(
         t.sent,
         t.received,
-        err.as_ref().map(|e| e as &(dyn std::error::Error + 'static)),
+        err.as_ref()
+            .map(|e| e as &(dyn std::error::Error + 'static)),
     );
 }

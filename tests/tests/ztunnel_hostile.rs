@@ -1,0 +1,383 @@
+//! ztunnel against hostile or broken inputs: ZDS datagrams, HBONE requests, TLS peers,
+//! config files. Each must get a clear error while ztunnel keeps serving everyone else.
+
+use std::os::fd::AsFd;
+use std::sync::Arc;
+use std::time::Duration;
+
+use integration_tests::{Mesh, Workload, eventually};
+use mesh_testbed::apps::{EchoServer, connect, echo_roundtrip};
+use mesh_testbed::lab::Pod;
+use mesh_zds::proto::{self, workload_request::Payload};
+use prost::Message;
+use rustls_pki_types::ServerName;
+use ztunnel::identity::Identity;
+use ztunnel::identity::ca::LocalCa;
+use ztunnel::identity::manager::CertManager;
+use ztunnel::tls::TlsContext;
+
+const T: Duration = Duration::from_secs(5);
+
+fn add_request(uid: &str) -> Vec<u8> {
+    proto::WorkloadRequest {
+        payload: Some(Payload::Add(proto::AddWorkload {
+            uid: uid.into(),
+            workload_info: Some(proto::WorkloadInfo {
+                name: "p".into(),
+                namespace: "ns".into(),
+                service_account: "sa".into(),
+            }),
+        })),
+    }
+    .encode_to_vec()
+}
+
+#[test]
+fn malformed_zds_requests_are_nacked_and_the_session_survives() {
+    let mut m = Mesh::new(&["a"]);
+    let a1 = m.lab.add_pod("a", "a1");
+    let wa = Workload::mesh(&a1, "ns-a", "client");
+    m.write_config(&[&wa], &[]);
+    m.start_ztunnel("a", &[]);
+    let null = std::fs::File::open("/dev/null").unwrap();
+    let netns = a1.ns.open();
+    let keep_late = proto::WorkloadRequest {
+        payload: Some(Payload::Keep(proto::KeepWorkload { uid: "x".into() })),
+    }
+    .encode_to_vec();
+    let snapshot = proto::WorkloadRequest {
+        payload: Some(Payload::SnapshotSent(proto::SnapshotSent {})),
+    }
+    .encode_to_vec();
+    let cases: Vec<(&str, Vec<u8>, Vec<std::os::fd::BorrowedFd<'_>>, &str)> = vec![
+        ("garbage", vec![0xff; 16], vec![], "malformed"),
+        ("oversized", vec![0x0a; 4000], vec![], "larger than 1024"),
+        ("empty", vec![], vec![], "no payload"),
+        (
+            "add without fd",
+            add_request("u1"),
+            vec![],
+            "exactly one file descriptor",
+        ),
+        (
+            "add with two fds",
+            add_request("u1"),
+            vec![netns.as_fd(), netns.as_fd()],
+            "exactly one file descriptor",
+        ),
+        (
+            "add with a non-netns fd",
+            add_request("u1"),
+            vec![null.as_fd()],
+            "not a network namespace",
+        ),
+        (
+            "snapshot with an fd",
+            snapshot.clone(),
+            vec![null.as_fd()],
+            "exactly one file descriptor",
+        ),
+    ];
+    let agent = m.agent("a");
+    for (name, data, fds, want) in &cases {
+        match agent.send_raw(data, fds) {
+            Ok(Err(reason)) => assert!(
+                reason.contains(want),
+                "{name}: NACK {reason:?} lacks {want:?}"
+            ),
+            other => panic!("{name}: expected a NACK, got {other:?}"),
+        }
+    }
+    assert_eq!(agent.send_raw(&snapshot, &[]).unwrap(), Ok(()));
+    let reason = agent.send_raw(&keep_late, &[]).unwrap().unwrap_err();
+    assert!(reason.contains("after the snapshot"), "{reason}");
+    assert!(agent.connection_alive(), "ztunnel dropped the session");
+
+    // Still serving: a real enrollment works and carries traffic.
+    m.enroll(&wa);
+    let _server = EchoServer::start(&a1, 8080);
+    let x = m.lab.add_pod("a", "x1");
+    let got = echo_roundtrip(connect(&x, a1.addr(8080), T).unwrap(), b"still alive").unwrap();
+    assert_eq!(got, b"still alive");
+}
+
+/// An HBONE client in the test process, presenting `identity` from the mesh's CA.
+struct Client {
+    rt: tokio::runtime::Runtime,
+    tls: TlsContext,
+    certs: CertManager,
+}
+
+impl Client {
+    fn new(m: &Mesh) -> Self {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let ca = LocalCa::load_dir(&m.ca_dir).unwrap();
+        let certs = rt.block_on(async {
+            CertManager::new(
+                Arc::new(ca),
+                Duration::from_secs(3600),
+                ztunnel::tls::provider(),
+                tokio::runtime::Handle::current(),
+            )
+        });
+        let tls = TlsContext::new(certs.roots(), "cluster.local").unwrap();
+        Self { rt, tls, certs }
+    }
+
+    /// Opens an HBONE connection from `from`'s netns to `to`:15008 and sends a CONNECT for
+    /// each authority; returns each answer's status (or the error).
+    fn connect_statuses(
+        &self,
+        from: &Pod,
+        to: &Pod,
+        authorities: &[&str],
+    ) -> Result<Vec<u16>, String> {
+        let me = Identity::new("cluster.local", "ns-x", "prober").unwrap();
+        let server = Identity::new("cluster.local", "ns-b", "server").unwrap();
+        self.rt.block_on(async {
+            let cert = self.certs.track(&me);
+            assert!(cert.ready(T).await);
+            let config = self
+                .tls
+                .client_config(cert, vec![server])
+                .map_err(|e| e.to_string())?;
+            let tcp = tcp_from(from, to.addr(15008)).await?;
+            let tls = tokio_rustls::TlsConnector::from(config)
+                .connect(ServerName::IpAddress(to.ip.into()), tcp)
+                .await
+                .map_err(|e| format!("tls: {e}"))?;
+            let (sender, conn) = h2::client::handshake(tls)
+                .await
+                .map_err(|e| e.to_string())?;
+            tokio::spawn(conn);
+            let mut out = Vec::new();
+            for authority in authorities {
+                let req = http::Request::builder()
+                    .method("CONNECT")
+                    .uri(*authority)
+                    .body(())
+                    .unwrap();
+                let mut s = sender.clone().ready().await.map_err(|e| e.to_string())?;
+                let (resp, _send) = s.send_request(req, false).map_err(|e| e.to_string())?;
+                let resp = resp.await.map_err(|e| e.to_string())?;
+                out.push(resp.status().as_u16());
+            }
+            Ok(out)
+        })
+    }
+}
+
+async fn tcp_from(pod: &Pod, dst: std::net::SocketAddr) -> Result<tokio::net::TcpStream, String> {
+    let sock = pod
+        .ns
+        .open()
+        .run(|| {
+            socket2::Socket::new(
+                socket2::Domain::IPV4,
+                socket2::Type::STREAM.nonblocking(),
+                None,
+            )
+        })
+        .unwrap()
+        .map_err(|e| e.to_string())?;
+    tokio::net::TcpSocket::from_std_stream(sock.into())
+        .connect(dst)
+        .await
+        .map_err(|e| format!("tcp: {e}"))
+}
+
+#[test]
+fn hostile_connect_requests_get_the_right_status() {
+    let mut m = Mesh::new(&["a", "b"]);
+    let x1 = m.lab.add_pod("a", "x1"); // the prober's pod, outside the mesh
+    let b1 = m.lab.add_pod("b", "b1");
+    let wb = Workload::mesh(&b1, "ns-b", "server");
+    m.write_config(&[&wb], &[]);
+    m.start_ztunnel("b", &[]);
+    m.enroll(&wb);
+    let server = EchoServer::start(&b1, 8080);
+    let client = Client::new(&m);
+    let ok = format!("{}:8080", b1.ip);
+    let wrong_ip = "198.18.2.99:8080".to_string();
+    let loop_port = format!("{}:15008", b1.ip);
+    let port_zero = format!("{}:0", b1.ip);
+    let closed_port = format!("{}:8081", b1.ip);
+    let statuses = client
+        .connect_statuses(
+            &x1,
+            &b1,
+            &[
+                "example.com:80",
+                &wrong_ip,
+                &loop_port,
+                &port_zero,
+                &closed_port,
+                &ok,
+            ],
+        )
+        .unwrap();
+    assert_eq!(statuses, vec![400, 400, 400, 400, 503, 200]);
+    assert!(eventually(T, || server.peers().len() == 1));
+    assert!(eventually(T, || m
+        .ztunnel_log("b")
+        .contains("does not match this pod's address")));
+}
+
+#[derive(Debug)]
+struct AcceptAnything;
+
+impl rustls::client::danger::ServerCertVerifier for AcceptAnything {
+    fn verify_server_cert(
+        &self,
+        _: &rustls_pki_types::CertificateDer<'_>,
+        _: &[rustls_pki_types::CertificateDer<'_>],
+        _: &ServerName<'_>,
+        _: &[u8],
+        _: rustls_pki_types::UnixTime,
+    ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
+        Ok(rustls::client::danger::ServerCertVerified::assertion())
+    }
+    fn verify_tls12_signature(
+        &self,
+        _: &[u8],
+        _: &rustls_pki_types::CertificateDer<'_>,
+        _: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        Ok(rustls::client::danger::HandshakeSignatureValid::assertion())
+    }
+    fn verify_tls13_signature(
+        &self,
+        _: &[u8],
+        _: &rustls_pki_types::CertificateDer<'_>,
+        _: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        Ok(rustls::client::danger::HandshakeSignatureValid::assertion())
+    }
+    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+        ztunnel::tls::provider()
+            .signature_verification_algorithms
+            .supported_schemes()
+    }
+}
+
+#[test]
+fn tls_without_a_client_certificate_is_refused() {
+    let mut m = Mesh::new(&["a", "b"]);
+    let x1 = m.lab.add_pod("a", "x1");
+    let b1 = m.lab.add_pod("b", "b1");
+    let wb = Workload::mesh(&b1, "ns-b", "server");
+    m.write_config(&[&wb], &[]);
+    m.start_ztunnel("b", &[]);
+    m.enroll(&wb);
+    let server = EchoServer::start(&b1, 8080);
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let result: Result<u16, String> = rt.block_on(async {
+        let mut config = rustls::ClientConfig::builder_with_provider(ztunnel::tls::provider())
+            .with_protocol_versions(&[&rustls::version::TLS13])
+            .unwrap()
+            .dangerous()
+            .with_custom_certificate_verifier(Arc::new(AcceptAnything))
+            .with_no_client_auth();
+        config.alpn_protocols = vec![b"h2".to_vec()];
+        let tcp = tcp_from(&x1, b1.addr(15008)).await?;
+        let tls = tokio_rustls::TlsConnector::from(Arc::new(config))
+            .connect(ServerName::IpAddress(b1.ip.into()), tcp)
+            .await
+            .map_err(|e| format!("tls: {e}"))?;
+        // TLS 1.3 clients finish before the server judges their (absent) certificate; the
+        // refusal arrives as an alert on the first read.
+        let (sender, conn) = h2::client::handshake(tls)
+            .await
+            .map_err(|e| e.to_string())?;
+        tokio::spawn(conn);
+        let req = http::Request::builder()
+            .method("CONNECT")
+            .uri(format!("{}:8080", b1.ip))
+            .body(())
+            .unwrap();
+        let mut s = sender.ready().await.map_err(|e| e.to_string())?;
+        let (resp, _send) = s.send_request(req, false).map_err(|e| e.to_string())?;
+        let resp = resp.await.map_err(|e| e.to_string())?;
+        Ok(resp.status().as_u16())
+    });
+    assert!(
+        result.is_err(),
+        "a client without a certificate got {result:?}"
+    );
+    assert!(server.peers().is_empty());
+    assert!(eventually(T, || m
+        .ztunnel_log("b")
+        .contains("HBONE handshake failed")));
+}
+
+#[test]
+fn bad_startup_inputs_fail_with_a_clear_message() {
+    let mut m = Mesh::new(&["a"]);
+    let ns = m.lab.node("a").ns.clone();
+    let bin = mesh_testbed::binary("ztunnel");
+    let bad_config = m.lab.dir().join("bad.yaml");
+    std::fs::write(
+        &bad_config,
+        "workloads:\n- name: w\n  namespace: ns\n  workloadIps: []\n  colour: blue\n",
+    )
+    .unwrap();
+    let sock = m.zds_socket("a").to_string_lossy().into_owned();
+    let ca = m.ca_dir.to_string_lossy().into_owned();
+    let cases: Vec<(&str, Vec<String>, &str)> = vec![
+        (
+            "unknown config field",
+            vec![
+                "--local-config".into(),
+                bad_config.to_string_lossy().into(),
+                "--ca-dir".into(),
+                ca.clone(),
+            ],
+            "workloads[0].colour",
+        ),
+        (
+            "missing CA",
+            vec!["--ca-dir".into(), "/nonexistent/ca".into()],
+            "ztunnel generate-ca",
+        ),
+        (
+            "bad trust domain",
+            vec![
+                "--ca-dir".into(),
+                ca.clone(),
+                "--trust-domain".into(),
+                "Not Valid".into(),
+            ],
+            "invalid --trust-domain",
+        ),
+        (
+            "socket dir missing",
+            vec![
+                "--ca-dir".into(),
+                ca,
+                "--zds-socket".into(),
+                "/nonexistent/dir/z.sock".into(),
+            ],
+            "does not exist",
+        ),
+    ];
+    for (i, (name, extra, want)) in cases.into_iter().enumerate() {
+        let mut args = vec!["run".to_string()];
+        if !extra.iter().any(|a| a == "--zds-socket") {
+            args.extend(["--zds-socket".to_string(), sock.clone()]);
+        }
+        args.extend(extra);
+        let p = m.lab.spawn(&format!("bad-{i}"), &ns, &bin, &args, &[]);
+        let status = p
+            .wait_timeout(T)
+            .unwrap_or_else(|| panic!("{name}: ztunnel did not exit"));
+        assert!(!status.success(), "{name}: exited successfully");
+        let log = p.log_text();
+        assert!(log.contains(want), "{name}: message lacks {want:?}: {log}");
+    }
+}

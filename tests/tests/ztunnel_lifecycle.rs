@@ -1,0 +1,197 @@
+//! ztunnel across changes: agent reconnects and snapshots, re-created sandboxes, config
+//! reloads, and graceful shutdown.
+
+use std::io::{Read, Write};
+use std::time::Duration;
+
+use integration_tests::{Mesh, Workload, eventually};
+use mesh_testbed::apps::{EchoServer, connect, echo_roundtrip, listening_ports};
+
+const T: Duration = Duration::from_secs(5);
+const PROXY_PORTS: [u16; 3] = [15001, 15006, 15008];
+
+fn serving(pod: &mesh_testbed::lab::Pod) -> bool {
+    let ports = listening_ports(pod);
+    PROXY_PORTS.iter().all(|p| ports.contains(p))
+}
+
+fn not_serving(pod: &mesh_testbed::lab::Pod) -> bool {
+    let ports = listening_ports(pod);
+    !PROXY_PORTS.iter().any(|p| ports.contains(p))
+}
+
+#[test]
+fn snapshot_after_reconnect_stops_pods_it_does_not_name() {
+    let mut m = Mesh::new(&["a"]);
+    let a1 = m.lab.add_pod("a", "a1");
+    let a2 = m.lab.add_pod("a", "a2");
+    let w1 = Workload::mesh(&a1, "ns", "one");
+    let w2 = Workload::mesh(&a2, "ns", "two");
+    m.write_config(&[&w1, &w2], &[]);
+    m.start_ztunnel("a", &[]);
+    m.enroll(&w1);
+    m.enroll(&w2);
+    assert!(serving(&a1) && serving(&a2));
+
+    // The agent restarts: ztunnel reconnects and gets a snapshot naming only a1 (re-sent with
+    // the same netns, so its proxy is kept, not restarted) and keeping nothing else.
+    let agent = m.agent("a");
+    agent.disconnect();
+    agent.accept(Duration::from_secs(10));
+    agent
+        .add(&a1, &w1.uid(), &w1.namespace, &w1.service_account)
+        .unwrap();
+    agent.snapshot_sent().unwrap();
+    assert!(serving(&a1), "a1 must keep its proxy");
+    assert!(
+        eventually(T, || not_serving(&a2)),
+        "a2 was not in the snapshot"
+    );
+    let _server = EchoServer::start(&a1, 8080);
+    let x = m.lab.add_pod("a", "x");
+    assert_eq!(
+        echo_roundtrip(connect(&x, a1.addr(8080), T).unwrap(), b"up").unwrap(),
+        b"up"
+    );
+    let log = m.ztunnel_log("a");
+    assert!(log.contains("already served in the same netns"), "{log}");
+}
+
+#[test]
+fn keep_in_a_snapshot_preserves_a_pod() {
+    let mut m = Mesh::new(&["a"]);
+    let a1 = m.lab.add_pod("a", "a1");
+    let w1 = Workload::mesh(&a1, "ns", "one");
+    m.write_config(&[&w1], &[]);
+    m.start_ztunnel("a", &[]);
+    m.enroll(&w1);
+    let agent = m.agent("a");
+    agent.disconnect();
+    agent.accept(Duration::from_secs(10));
+    agent.keep(&w1.uid()).unwrap();
+    agent.snapshot_sent().unwrap();
+    std::thread::sleep(Duration::from_millis(200));
+    assert!(serving(&a1), "a kept pod must keep its proxy");
+}
+
+#[test]
+fn re_added_pod_with_a_new_netns_gets_a_new_proxy() {
+    let mut m = Mesh::new(&["a"]);
+    let old = m.lab.add_pod("a", "old");
+    let new = m.lab.add_pod("a", "new");
+    let w = Workload::mesh(&old, "ns", "sa");
+    m.write_config(&[&w], &[]);
+    m.start_ztunnel("a", &[]);
+    m.enroll(&w);
+    assert!(serving(&old));
+    // Same uid, different sandbox.
+    m.agent("a")
+        .add(&new, &w.uid(), &w.namespace, &w.service_account)
+        .unwrap();
+    assert!(not_serving(&old), "the old sandbox's listeners must close");
+    assert!(serving(&new));
+}
+
+#[test]
+fn config_reload_takes_effect_and_a_bad_file_keeps_the_old_one() {
+    let mut m = Mesh::new(&["a", "b"]);
+    let a1 = m.lab.add_pod("a", "a1");
+    let b1 = m.lab.add_pod("b", "b1");
+    let wa = Workload::mesh(&a1, "ns-a", "client");
+    let wb = Workload::mesh(&b1, "ns-b", "server");
+    // At first only a1 is known: a1 -> b1 is passthrough, arriving at b1 as plaintext.
+    m.write_config(&[&wa], &[]);
+    m.start_ztunnel("a", &[]);
+    m.start_ztunnel("b", &[]);
+    m.enroll(&wa);
+    m.enroll(&wb);
+    let _server = EchoServer::start(&b1, 8080);
+    assert_eq!(
+        echo_roundtrip(connect(&a1, b1.addr(8080), T).unwrap(), b"1").unwrap(),
+        b"1"
+    );
+    assert!(eventually(T, || m
+        .ztunnel_log("b")
+        .contains("direction=inbound-plaintext")));
+
+    // Once b1 is in the registry, the same connection goes over HBONE.
+    m.write_config(&[&wa, &wb], &[]);
+    assert!(eventually(T, || m
+        .ztunnel_log("a")
+        .contains("local config reloaded")));
+    assert_eq!(
+        echo_roundtrip(connect(&a1, b1.addr(8080), T).unwrap(), b"2").unwrap(),
+        b"2"
+    );
+    assert!(eventually(T, || m
+        .ztunnel_log("b")
+        .contains("direction=inbound pod")));
+
+    // A broken file is rejected, naming the field, and HBONE continues.
+    std::fs::write(
+        &m.config,
+        "workloads: [{name: x, namespace: y, workloadIps: [], protocol: HTTP9}]",
+    )
+    .unwrap();
+    assert!(eventually(T, || m
+        .ztunnel_log("a")
+        .contains("workloads[0].protocol")));
+    assert_eq!(
+        echo_roundtrip(connect(&a1, b1.addr(8080), T).unwrap(), b"3").unwrap(),
+        b"3"
+    );
+    let inbound = m.ztunnel_log("b").matches("direction=inbound pod").count();
+    assert_eq!(inbound, 2, "the third connection must still be tunnelled");
+}
+
+#[test]
+fn sigterm_drains_in_flight_connections_then_exits() {
+    let mut m = Mesh::new(&["a", "b"]);
+    let a1 = m.lab.add_pod("a", "a1");
+    let b1 = m.lab.add_pod("b", "b1");
+    let wa = Workload::mesh(&a1, "ns-a", "client");
+    let wb = Workload::mesh(&b1, "ns-b", "server");
+    m.write_config(&[&wa, &wb], &[]);
+    m.start_ztunnel("a", &[]);
+    m.start_ztunnel("b", &[]);
+    m.enroll(&wa);
+    m.enroll(&wb);
+    let _server = EchoServer::start(&b1, 8080);
+    let mut conn = connect(&a1, b1.addr(8080), T).unwrap();
+    let mut buf = [0u8; 3];
+    conn.write_all(b"one").unwrap();
+    conn.read_exact(&mut buf).unwrap();
+
+    let started = std::time::Instant::now();
+    m.lab
+        .process("ztunnel-a")
+        .signal(nix::sys::signal::Signal::SIGTERM);
+    // New connections are refused once the listeners close...
+    assert!(
+        eventually(T, || not_serving(&a1)),
+        "listeners stayed open after SIGTERM"
+    );
+    assert!(
+        connect(&a1, b1.addr(8080), T)
+            .and_then(|s| echo_roundtrip(s, b"new"))
+            .is_err()
+    );
+    // ...while the one in flight keeps working until it ends.
+    conn.write_all(b"two").unwrap();
+    conn.read_exact(&mut buf).unwrap();
+    assert_eq!(&buf, b"two");
+    drop(conn);
+    let status = m
+        .lab
+        .process("ztunnel-a")
+        .wait_timeout(Duration::from_secs(10))
+        .expect("ztunnel did not exit after draining");
+    assert!(status.success(), "exit status {status:?}");
+    // It left as soon as the last connection closed, well before the 5 s deadline.
+    assert!(
+        started.elapsed() < Duration::from_secs(4),
+        "took {:?}",
+        started.elapsed()
+    );
+    assert!(m.ztunnel_log("a").contains("connections_cut=0"));
+}
