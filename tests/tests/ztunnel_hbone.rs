@@ -3,9 +3,9 @@
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use integration_tests::{Mesh, Service, Workload, eventually};
 use mesh_testbed::apps::{EchoServer, connect, echo_roundtrip, listening_ports, payload};
 use mesh_testbed::capture::{Capture, contains};
+use mesh_testbed::mesh::{Mesh, Service, Workload, eventually};
 
 const T: Duration = Duration::from_secs(5);
 
@@ -34,7 +34,7 @@ fn pod_traffic_crosses_nodes_only_inside_hbone() {
     let outside = EchoServer::start(&x1, 9090);
 
     let node_a = m.lab.node("a").clone();
-    let capture = Capture::start(&node_a.ns, "eth0", m.lab.dir());
+    let capture = Capture::start(&node_a.ns, &m.lab.link("a", "b"), m.lab.dir());
 
     // Direct to the pod IP: a megabyte each way, half-closes both ways.
     let data = payload("SECRET-PAYLOAD-DIRECT", 1 << 20);

@@ -5,9 +5,9 @@ use std::os::fd::AsFd;
 use std::sync::Arc;
 use std::time::Duration;
 
-use integration_tests::{Mesh, Workload, eventually};
 use mesh_testbed::apps::{EchoServer, connect, echo_roundtrip};
 use mesh_testbed::lab::Pod;
+use mesh_testbed::mesh::{Mesh, Workload, eventually};
 use mesh_zds::proto::{self, workload_request::Payload};
 use prost::Message;
 use rustls_pki_types::ServerName;

@@ -4,8 +4,8 @@
 use std::io::{Read, Write};
 use std::time::Duration;
 
-use integration_tests::{Mesh, Workload, eventually};
 use mesh_testbed::apps::{EchoServer, connect, echo_roundtrip, listening_ports};
+use mesh_testbed::mesh::{Mesh, Workload, eventually};
 
 const T: Duration = Duration::from_secs(5);
 const PROXY_PORTS: [u16; 3] = [15001, 15006, 15008];

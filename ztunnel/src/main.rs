@@ -10,7 +10,7 @@ use tracing_subscriber::EnvFilter;
 use ztunnel::config::{Config, LogFormat};
 
 #[global_allocator]
-static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+static GLOBAL: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 
 #[derive(Debug, Parser)]
 #[command(

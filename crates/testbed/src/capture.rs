@@ -34,7 +34,7 @@ impl Capture {
             .arg("tcp")
             .stdin(Stdio::null())
             .stdout(Stdio::null())
-            .stderr(Stdio::null())
+            .stderr(std::fs::File::create(file.with_extension("log")).expect("capture log"))
             .spawn()
             .expect("tcpdump (apt-get install tcpdump)");
         // tcpdump writes the file header once it is listening.
@@ -56,7 +56,13 @@ impl Capture {
             nix::sys::signal::Signal::SIGINT,
         );
         let _ = self.child.wait();
-        let data = std::fs::read(&self.file).expect("pcap file");
+        let data = std::fs::read(&self.file).unwrap_or_else(|e| {
+            let log = std::fs::read_to_string(self.file.with_extension("log")).unwrap_or_default();
+            panic!(
+                "no capture in {}: {e}; tcpdump said: {log}",
+                self.file.display()
+            )
+        });
         parse_pcap(&data)
     }
 }

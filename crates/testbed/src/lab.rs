@@ -1,11 +1,14 @@
 //! Simulated nodes and pods.
 //!
 //! ```text
-//!   fabric netns: bridge "fabric" ── n<i> ══ eth0 (198.19.0.<i>) node netns
-//!   node netns:   bridge "cbr0" 198.18.<i>.1/24 ── v<k> ══ eth0 (198.18.<i>.<k>) pod netns
+//!   node i netns: n<j> (198.19.<i>.<j>) ══ n<i> (198.19.<j>.<i>) node j netns   (every pair)
+//!   node netns:   v<k> (198.18.<i>.1, route 198.18.<i>.<k>/32) ══ eth0 (198.18.<i>.<k>/32) pod netns
 //! ```
-//! Each node routes the other nodes' pod subnets via their fabric address, like a flat
-//! cluster network. Namespace names carry the test process id and a counter, so parallel tests
+//! Pods are routed, not bridged, the way Calico- or Cilium-style CNIs wire them: each pod has
+//! a /32 and a default route through its host-side veth. Nodes are joined pairwise by veth
+//! links and route each other's pod subnets (198.18.<j>.0/24) and node address
+//! (198.19.0.<j>) over them, like a flat cluster network with no switch in the way.
+//! Namespace names carry the test process id and a counter, so parallel tests
 //! never collide, and a later run deletes what a killed run left behind.
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
@@ -152,7 +155,6 @@ impl Drop for Process {
 pub struct Lab {
     id: String,
     dir: tempfile::TempDir,
-    fabric: Ns,
     namespaces: Vec<Ns>,
     nodes: Vec<Node>,
     /// Processes, killed before the namespaces go.
@@ -173,21 +175,13 @@ impl Lab {
             .prefix(&format!("{id}-"))
             .tempdir()
             .expect("lab dir");
-        let mut lab = Lab {
-            fabric: Ns {
-                name: format!("{id}-fabric"),
-            },
+        Lab {
             id,
             dir,
             namespaces: Vec::new(),
             nodes: Vec::new(),
             processes: Vec::new(),
-        };
-        let fabric = lab.fabric.clone();
-        lab.create_ns(&fabric);
-        fabric.ip(&["link", "add", "fabric", "type", "bridge"]);
-        fabric.ip(&["link", "set", "fabric", "up"]);
-        lab
+        }
     }
 
     /// The lab's scratch directory (configs, sockets, logs).
@@ -199,10 +193,10 @@ impl Lab {
         &self.id
     }
 
-    /// The namespace holding the cluster network's bridge (`fabric`), where node-to-node
-    /// traffic can be captured.
-    pub fn fabric(&self) -> &Ns {
-        &self.fabric
+    /// The interface in node `from`'s netns that carries its traffic to node `to`.
+    pub fn link(&self, from: &str, to: &str) -> String {
+        let _ = self.node(from);
+        format!("n{}", self.node(to).index)
     }
 
     fn create_ns(&mut self, ns: &Ns) {
@@ -222,8 +216,7 @@ impl Lab {
         &self.nodes
     }
 
-    /// Adds a node: its netns, its link to the cluster network, its pod bridge and routes to
-    /// and from every other node.
+    /// Adds a node: its netns, a link to every existing node, and routes both ways.
     pub fn add_node(&mut self, name: &str) -> Node {
         let index = u8::try_from(self.nodes.len() + 1).expect("at most 254 nodes");
         let ns = Ns {
@@ -231,48 +224,35 @@ impl Lab {
         };
         self.create_ns(&ns);
         let ip = Ipv4Addr::new(198, 19, 0, index);
-        let port = format!("n{index}");
-        ns.ip(&[
-            "link",
-            "add",
-            "eth0",
-            "type",
-            "veth",
-            "peer",
-            "name",
-            &port,
-            "netns",
-            &self.fabric.name,
-        ]);
-        self.fabric
-            .ip(&["link", "set", &port, "master", "fabric", "up"]);
-        ns.ip(&["addr", "add", &format!("{ip}/24"), "dev", "eth0"]);
-        ns.ip(&["link", "set", "eth0", "up"]);
-        ns.ip(&["link", "add", "cbr0", "type", "bridge"]);
-        ns.ip(&[
-            "addr",
-            "add",
-            &format!("198.18.{index}.1/24"),
-            "dev",
-            "cbr0",
-        ]);
-        ns.ip(&["link", "set", "cbr0", "up"]);
+        ns.ip(&["addr", "add", &format!("{ip}/32"), "dev", "lo"]);
         ns.sysctl("net.ipv4.ip_forward", "1");
         for other in &self.nodes {
-            ns.ip(&[
-                "route",
+            let (i, j) = (index, other.index);
+            let (here, there) = (format!("n{j}"), format!("n{i}"));
+            let veth = [
+                "link",
                 "add",
-                &format!("198.18.{}.0/24", other.index),
-                "via",
-                &other.ip.to_string(),
-            ]);
-            other.ns.ip(&[
-                "route",
-                "add",
-                &format!("198.18.{index}.0/24"),
-                "via",
-                &ip.to_string(),
-            ]);
+                &here,
+                "type",
+                "veth",
+                "peer",
+                "name",
+                &there,
+                "netns",
+                &other.ns.name,
+            ];
+            ns.ip(&veth);
+            let (a, b) = (format!("198.19.{i}.{j}"), format!("198.19.{j}.{i}"));
+            ns.ip(&["addr", "add", &a, "peer", &format!("{b}/32"), "dev", &here]);
+            other
+                .ns
+                .ip(&["addr", "add", &b, "peer", &format!("{a}/32"), "dev", &there]);
+            ns.ip(&["link", "set", &here, "up"]);
+            other.ns.ip(&["link", "set", &there, "up"]);
+            for (from, via, subnet, node_ip) in [(&ns, &b, j, other.ip), (&other.ns, &a, i, ip)] {
+                from.ip(&["route", "add", &format!("198.18.{subnet}.0/24"), "via", via]);
+                from.ip(&["route", "add", &format!("{node_ip}/32"), "via", via]);
+            }
         }
         let node = Node {
             name: name.to_string(),
@@ -302,7 +282,8 @@ impl Lab {
         self.create_ns(&ns);
         let ip = Ipv4Addr::new(198, 18, node.index, 10 + k);
         let port = format!("v{k}");
-        ns.ip(&[
+        let gateway = format!("198.18.{}.1", node.index);
+        let veth = [
             "link",
             "add",
             "eth0",
@@ -313,17 +294,17 @@ impl Lab {
             &port,
             "netns",
             &node.ns.name,
-        ]);
-        node.ns.ip(&["link", "set", &port, "master", "cbr0", "up"]);
-        ns.ip(&["addr", "add", &format!("{ip}/24"), "dev", "eth0"]);
+        ];
+        ns.ip(&veth);
+        node.ns
+            .ip(&["addr", "add", &format!("{gateway}/32"), "dev", &port]);
+        node.ns.ip(&["link", "set", &port, "up"]);
+        node.ns
+            .ip(&["route", "add", &format!("{ip}/32"), "dev", &port]);
+        ns.ip(&["addr", "add", &format!("{ip}/32"), "dev", "eth0"]);
         ns.ip(&["link", "set", "eth0", "up"]);
-        ns.ip(&[
-            "route",
-            "add",
-            "default",
-            "via",
-            &format!("198.18.{}.1", node.index),
-        ]);
+        ns.ip(&["route", "add", &gateway, "dev", "eth0", "scope", "link"]);
+        ns.ip(&["route", "add", "default", "via", &gateway, "dev", "eth0"]);
         Pod {
             name: name.to_string(),
             node: node.name,

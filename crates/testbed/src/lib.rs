@@ -5,7 +5,8 @@
 //! - [`agent`]: a stand-in node agent that speaks ZDS and installs redirection, for tests of
 //!   ztunnel alone;
 //! - [`apps`]: echo servers and clients living in pod namespaces;
-//! - [`capture`]: packet capture on a link and a small pcap reader.
+//! - [`capture`]: packet capture on a link and a small pcap reader;
+//! - [`mesh`]: nodes running real ztunnel processes with a CA and a local config.
 //!
 //! Everything here needs root; [`require_root`] fails loudly without it.
 
@@ -15,6 +16,7 @@ pub mod agent;
 pub mod apps;
 pub mod capture;
 pub mod lab;
+pub mod mesh;
 
 /// Panics with a clear message unless the process can create network namespaces.
 pub fn require_root() {

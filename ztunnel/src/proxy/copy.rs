@@ -2,7 +2,9 @@
 //!
 //! Both directions run inside the connection's own task (joined futures, no extra task and no
 //! channel), reading the app in large chunks that become HTTP/2 DATA frames without another
-//! copy. End of stream is carried both ways: app FIN → `END_STREAM`, `END_STREAM` → FIN to
+//! copy. The client side starts sending as soon as its CONNECT is out, without waiting for
+//! the peer's 200 (HTTP/2 allows DATA right after a stream's HEADERS): a client that speaks
+//! first saves a round trip per connection, and a refusal simply discards those bytes. End of stream is carried both ways: app FIN → `END_STREAM`, `END_STREAM` → FIN to
 //! the app. An error on either side aborts both: a reset tunnel resets the app connection and
 //! a failed app socket resets the stream.
 
@@ -40,36 +42,61 @@ pub enum CopyError {
     Stream(#[source] h2::Error),
     #[error("tunnel stream closed by the peer")]
     StreamGone,
+    #[error("HBONE peer answered {0}")]
+    Refused(http::StatusCode),
     #[error("upstream")]
     Upstream(#[source] io::Error),
 }
 
-/// One HTTP/2 stream, both halves.
+/// The receiving half of an HBONE stream: already open (server side) or still waiting for
+/// the peer's answer to our CONNECT (client side).
 #[derive(Debug)]
-pub struct H2Stream {
-    pub send: SendStream<Bytes>,
-    pub recv: RecvStream,
+pub enum Incoming {
+    Open(RecvStream),
+    Pending(h2::client::ResponseFuture),
+}
+
+impl Incoming {
+    async fn open(self) -> Result<RecvStream, CopyError> {
+        match self {
+            Incoming::Open(recv) => Ok(recv),
+            Incoming::Pending(response) => {
+                let response = response.await.map_err(CopyError::Stream)?;
+                if response.status() != http::StatusCode::OK {
+                    return Err(CopyError::Refused(response.status()));
+                }
+                Ok(response.into_body())
+            }
+        }
+    }
 }
 
 /// Copies between `app` and an HBONE stream until both directions end.
-pub async fn hbone(app: TcpStream, mut stream: H2Stream) -> (Transferred, Result<(), CopyError>) {
+pub async fn hbone(
+    app: TcpStream,
+    mut send: SendStream<Bytes>,
+    incoming: Incoming,
+) -> (Transferred, Result<(), CopyError>) {
     let mut app = app;
     let mut sent = 0u64;
     let mut received = 0u64;
     let result = {
         let (mut rd, mut wr) = app.split();
-        let up = app_to_stream(&mut rd, &mut stream.send, &mut sent);
-        let down = stream_to_app(&mut stream.recv, &mut wr, &mut received);
+        let up = app_to_stream(&mut rd, &mut send, &mut sent);
+        let down = async {
+            let mut recv = incoming.open().await?;
+            stream_to_app(&mut recv, &mut wr, &mut received).await
+        };
         tokio::try_join!(up, down).map(|_| ())
     };
     let transferred = Transferred { sent, received };
     match &result {
         Ok(()) => {}
         Err(CopyError::AppRead(_) | CopyError::AppWrite(_)) => {
-            stream.send.send_reset(h2::Reason::CANCEL);
+            send.send_reset(h2::Reason::CANCEL);
         }
         Err(_) => {
-            stream.send.send_reset(h2::Reason::CANCEL);
+            send.send_reset(h2::Reason::CANCEL);
             socket::reset(app);
         }
     }

@@ -13,9 +13,10 @@ use h2::server::SendResponse;
 use http::{Request, Response, StatusCode};
 use tokio::net::TcpStream;
 
-use super::copy::{self, H2Stream};
+use super::copy::{self, Incoming};
 use super::hbone::{self, Rejection};
-use super::pool::{CONNECTION_WINDOW, MAX_FRAME, SEND_BUFFER, STREAM_WINDOW};
+use super::pool::{CONNECTION_WINDOW, MAX_FRAME, SEND_BUFFER, STREAM_WINDOW, TLS_BUFFER};
+use super::readahead::ReadAhead;
 use super::{HANDSHAKE_TIMEOUT, Pod, ProxyError, ProxyInputs, socket};
 use crate::accesslog::{ConnLog, Direction};
 use crate::errors::Chain;
@@ -30,10 +31,11 @@ pub async fn serve(tcp: TcpStream, peer: SocketAddr, pod: Arc<Pod>, inputs: Arc<
     };
     let acceptor = tokio_rustls::TlsAcceptor::from(pod.server_tls.clone());
     let handshake = async {
-        let tls = acceptor
-            .accept(tcp)
+        let mut tls = acceptor
+            .accept(ReadAhead::new(tcp))
             .await
             .map_err(|source| ProxyError::Tls { addr: peer, source })?;
+        tls.get_mut().1.set_buffer_limit(Some(TLS_BUFFER));
         let peer_identity = tls::peer_identity(tls.get_ref().1.peer_certificates());
         let conn = h2::server::Builder::new()
             .initial_window_size(STREAM_WINDOW)
@@ -128,11 +130,7 @@ async fn stream(
             return;
         }
     };
-    let stream = H2Stream {
-        send,
-        recv: req.into_body(),
-    };
-    let (t, r) = copy::hbone(app, stream).await;
+    let (t, r) = copy::hbone(app, send, Incoming::Open(req.into_body())).await;
     let err = r.err().map(ProxyError::from);
     log.finish(
         t.sent,

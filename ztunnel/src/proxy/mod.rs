@@ -12,7 +12,8 @@
 //! - [`plaintext`]: 15006, plain TCP in from peers outside the mesh.
 //! - [`hbone`]: CONNECT request building and validation (sans IO).
 //! - [`copy`]: byte shuttling with half-close, TCP↔HTTP/2 and TCP↔TCP.
-//! - [`socket`]: sockets in a pod's netns (mark 0x539, transparent bind, original dst).
+//! - [`socket`]: sockets in a pod's netns (mark 0x539, transparent bind, original dst);
+//! - [`readahead`]: large socket reads under TLS.
 
 pub mod copy;
 pub mod hbone;
@@ -20,6 +21,7 @@ pub mod inbound;
 pub mod outbound;
 pub mod plaintext;
 pub mod pool;
+pub mod readahead;
 pub mod socket;
 pub mod worker;
 
@@ -114,8 +116,6 @@ pub enum ProxyError {
     TlsSetup(#[from] crate::tls::TlsSetupError),
     #[error("HTTP/2")]
     H2(#[from] h2::Error),
-    #[error("HBONE peer answered {0}")]
-    Status(http::StatusCode),
     #[error("timed out during {0}")]
     Timeout(&'static str),
     #[error(transparent)]
@@ -136,7 +136,6 @@ impl ProxyError {
             ProxyError::Connect { .. }
             | ProxyError::Tls { .. }
             | ProxyError::H2(_)
-            | ProxyError::Status(_)
             | ProxyError::Timeout(_) => Fault::Upstream,
             ProxyError::OriginalDst(_)
             | ProxyError::Socket(_)

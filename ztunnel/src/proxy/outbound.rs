@@ -86,8 +86,8 @@ async fn route(
                 },
             );
             match pool.open(&key, pod, req).await {
-                Ok((stream, _lease)) => {
-                    let (t, r) = copy::hbone(app, stream).await;
+                Ok((send, incoming, _lease)) => {
+                    let (t, r) = copy::hbone(app, send, incoming).await;
                     (t, r.map_err(ProxyError::from))
                 }
                 Err(e) => refuse(app, e),

@@ -17,10 +17,12 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
+use h2::SendStream;
 use h2::client::SendRequest;
 use rustls_pki_types::ServerName;
 
-use super::copy::H2Stream;
+use super::copy::Incoming;
+use super::readahead::ReadAhead;
 use super::{HANDSHAKE_TIMEOUT, Pod, ProxyError, ProxyInputs, socket};
 use crate::identity::Identity;
 
@@ -30,6 +32,9 @@ pub const CONNECTION_WINDOW: u32 = 16 * 1024 * 1024;
 pub const MAX_FRAME: u32 = 1024 * 1024;
 /// Per-stream send buffer h2 may hold before applying backpressure to the app read.
 pub const SEND_BUFFER: usize = 1024 * 1024;
+/// How much encrypted data rustls may queue before the socket must take it; large, so one
+/// `writev` carries many records (rustls' default of 64 KiB means a syscall per 64 KiB).
+pub const TLS_BUFFER: usize = 1024 * 1024;
 pub const PING_INTERVAL: Duration = Duration::from_secs(10);
 pub const PING_TIMEOUT: Duration = Duration::from_secs(20);
 
@@ -157,14 +162,14 @@ impl Pool {
         }
     }
 
-    /// Opens a CONNECT stream for `req` over a pooled (or new) connection and waits for the
-    /// peer's answer. Only a 200 yields a stream.
+    /// Opens a CONNECT stream for `req` over a pooled (or new) connection. The peer's answer
+    /// is left pending in the returned [`Incoming`], so data can flow before it arrives.
     pub async fn open(
         &self,
         key: &PoolKey,
         pod: &Pod,
         req: http::Request<()>,
-    ) -> Result<(H2Stream, Lease), ProxyError> {
+    ) -> Result<(SendStream<Bytes>, Incoming, Lease), ProxyError> {
         let (sender, lease) = match self.checkout(key) {
             Ok(found) => found,
             Err(opening) => {
@@ -188,17 +193,7 @@ impl Pool {
         };
         let mut sender = sender.ready().await?;
         let (response, send) = sender.send_request(req, false)?;
-        let response = response.await?;
-        if response.status() != http::StatusCode::OK {
-            return Err(ProxyError::Status(response.status()));
-        }
-        Ok((
-            H2Stream {
-                send,
-                recv: response.into_body(),
-            },
-            lease,
-        ))
+        Ok((send, Incoming::Pending(response), lease))
     }
 
     async fn connect(&self, key: &PoolKey, pod: &Pod) -> Result<Arc<PooledConn>, ProxyError> {
@@ -209,10 +204,11 @@ impl Pool {
             .client_config(pod.cert.clone(), key.dst_identities.clone())?;
         let handshake = async {
             let tcp = socket::connect(pod, addr, None).await?;
-            let tls = tokio_rustls::TlsConnector::from(config)
-                .connect(ServerName::IpAddress(addr.ip().into()), tcp)
+            let mut tls = tokio_rustls::TlsConnector::from(config)
+                .connect(ServerName::IpAddress(addr.ip().into()), ReadAhead::new(tcp))
                 .await
                 .map_err(|source| ProxyError::Tls { addr, source })?;
+            tls.get_mut().1.set_buffer_limit(Some(TLS_BUFFER));
             let (sender, conn) = h2::client::Builder::new()
                 .initial_window_size(STREAM_WINDOW)
                 .initial_connection_window_size(CONNECTION_WINDOW)

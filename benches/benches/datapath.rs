@@ -1,0 +1,333 @@
+//! The data-path benchmark: tunnelled pod-to-pod traffic between two simulated nodes,
+//! each figure beside the same measurement on the direct path (two pods that are not in the
+//! mesh, same nodes, same links) taken in the same run, interleaved and repeated.
+//!
+//! Throughput is iperf3 (`-P 1` and `-P 4`), latency is sockperf ping-pong with 1 KiB
+//! messages (one-way, half the round trip, as sockperf reports), and the connection rate is
+//! this package's own generator (connect, 1 byte each way, close; 4 client threads).
+//!
+//! Run: `./x bench` (or `cargo build --release --bins && cargo bench -p benches --bench
+//! datapath -- [--reps N] [--seconds S] [--only NAME] [--tunnel-only]`). Prints a table and
+//! writes `target/bench/datapath.json`.
+
+use std::time::Duration;
+
+use benches::{Window, connection_rate, iperf3, median, process_cpu_seconds, sockperf};
+use mesh_testbed::lab::Pod;
+use mesh_testbed::mesh::{Mesh, Workload};
+
+struct Args {
+    reps: usize,
+    seconds: f64,
+    /// Run only figures whose name contains this.
+    only: Option<String>,
+    /// Skip the direct measurements (for profiling the tunnel).
+    tunnel_only: bool,
+    /// Client threads for the connection-rate figure.
+    conn_threads: usize,
+}
+
+fn args() -> Args {
+    let mut a = Args {
+        reps: 3,
+        seconds: 3.0,
+        only: None,
+        tunnel_only: false,
+        conn_threads: 4,
+    };
+    let argv: Vec<String> = std::env::args().collect();
+    let mut i = 1;
+    while i < argv.len() {
+        match argv[i].as_str() {
+            "--reps" => {
+                a.reps = argv
+                    .get(i + 1)
+                    .and_then(|v| v.parse().ok())
+                    .expect("--reps N");
+                i += 1;
+            }
+            "--seconds" => {
+                a.seconds = argv
+                    .get(i + 1)
+                    .and_then(|v| v.parse().ok())
+                    .expect("--seconds S");
+                i += 1;
+            }
+            "--tunnel-only" => a.tunnel_only = true,
+            "--conn-threads" => {
+                a.conn_threads = argv
+                    .get(i + 1)
+                    .and_then(|v| v.parse().ok())
+                    .expect("--conn-threads N");
+                i += 1;
+            }
+            "--only" => {
+                a.only = argv.get(i + 1).cloned();
+                i += 1;
+            }
+            _ => {} // cargo passes --bench
+        }
+        i += 1;
+    }
+    a
+}
+
+fn tune(pod: &Pod) {
+    // Fast connection churn needs ports back quickly.
+    pod.ns.exec(
+        "sysctl",
+        &["-qw", "net.ipv4.ip_local_port_range=1024 65000"],
+    );
+    pod.ns.exec("sysctl", &["-qw", "net.ipv4.tcp_tw_reuse=1"]);
+}
+
+struct Pair<'a> {
+    client: &'a Pod,
+    server: &'a Pod,
+}
+
+fn main() {
+    let args = args();
+    let window = Duration::from_secs_f64(args.seconds);
+    let mut m = Mesh::new(&["a", "b"]);
+    m.log = "info".into();
+    let a1 = m.lab.add_pod("a", "a1");
+    let b1 = m.lab.add_pod("b", "b1");
+    let a2 = m.lab.add_pod("a", "a2");
+    let b2 = m.lab.add_pod("b", "b2");
+    for p in [&a1, &b1, &a2, &b2] {
+        tune(p);
+    }
+    let wa = Workload::mesh(&a1, "bench", "client");
+    let wb = Workload::mesh(&b1, "bench", "server");
+    m.write_config(&[&wa, &wb], &[]);
+    m.start_ztunnel("a", &[]);
+    m.start_ztunnel("b", &[]);
+    m.enroll(&wa);
+    m.enroll(&wb);
+    let pids = [
+        m.lab.process("ztunnel-a").pid(),
+        m.lab.process("ztunnel-b").pid(),
+    ];
+    let cpu = move || pids.iter().map(|p| process_cpu_seconds(*p)).sum::<f64>();
+    let no_cpu = || 0.0;
+    let direct = Pair {
+        client: &a2,
+        server: &b2,
+    };
+    let tunnel = Pair {
+        client: &a1,
+        server: &b1,
+    };
+    let mut port = 20000u16;
+    let mut next_port = || {
+        port += 1;
+        port
+    };
+
+    eprintln!(
+        "benchmark: {} reps x {:.1}s per figure; direct = pods outside the mesh on the same nodes",
+        args.reps, args.seconds
+    );
+    let mut rows: Vec<Row> = Vec::new();
+
+    // Throughput, 1 and 4 streams, and CPU per GiB on the single stream.
+    let wanted = |name: &str| args.only.as_deref().is_none_or(|o| name.contains(o));
+    let mut cpu_per_gib = Vec::new();
+    for streams in [1usize, 4] {
+        if !wanted("throughput") {
+            break;
+        }
+        let (mut d, mut t) = (Vec::new(), Vec::new());
+        for _ in 0..args.reps {
+            if !args.tunnel_only {
+                d.push(
+                    iperf3(
+                        direct.client,
+                        direct.server,
+                        next_port(),
+                        streams,
+                        window,
+                        &no_cpu,
+                    )
+                    .per_second,
+                );
+            }
+            let w: Window = iperf3(
+                tunnel.client,
+                tunnel.server,
+                next_port(),
+                streams,
+                window,
+                &cpu,
+            );
+            t.push(w.per_second);
+            cpu_per_gib.push(w.cpu / (w.units / (1u64 << 30) as f64));
+        }
+        d.sort_by(f64::total_cmp);
+        t.sort_by(f64::total_cmp);
+        rows.push(Row::ratio(
+            &format!(
+                "throughput, {streams} stream{}",
+                if streams > 1 { "s" } else { "" }
+            ),
+            median(&d),
+            median(&t),
+            "GB/s",
+            1e-9,
+            if streams == 1 { 0.33 } else { 0.47 },
+        ));
+    }
+
+    // Added latency on a 1 KiB ping-pong (sockperf: one-way, half the round trip).
+    let (mut d, mut t) = (Vec::new(), Vec::new());
+    let (mut d99, mut t99) = (Vec::new(), Vec::new());
+    for _ in 0..args.reps {
+        if !wanted("latency") {
+            break;
+        }
+        if !args.tunnel_only {
+            let l = sockperf(direct.client, direct.server, next_port(), 1024, window);
+            d.push(l.p50);
+            d99.push(l.p99);
+        }
+        let l = sockperf(tunnel.client, tunnel.server, next_port(), 1024, window);
+        t.push(l.p50);
+        t99.push(l.p99);
+    }
+    for v in [&mut d, &mut t, &mut d99, &mut t99] {
+        v.sort_by(f64::total_cmp);
+    }
+    if wanted("latency") {
+        rows.push(Row::added(
+            "latency p50, 1 KiB ping-pong",
+            median(&d),
+            median(&t),
+            25.0,
+        ));
+        rows.push(Row::added(
+            "latency p99, 1 KiB ping-pong",
+            median(&d99),
+            median(&t99),
+            f64::NAN,
+        ));
+    }
+
+    // New connections per second.
+    let (mut d, mut t) = (Vec::new(), Vec::new());
+    for _ in 0..args.reps {
+        if !wanted("connections") {
+            break;
+        }
+        if !args.tunnel_only {
+            d.push(
+                connection_rate(
+                    direct.client,
+                    direct.server,
+                    next_port(),
+                    args.conn_threads,
+                    window,
+                )
+                .per_second,
+            );
+        }
+        t.push(
+            connection_rate(
+                tunnel.client,
+                tunnel.server,
+                next_port(),
+                args.conn_threads,
+                window,
+            )
+            .per_second,
+        );
+    }
+    d.sort_by(f64::total_cmp);
+    t.sort_by(f64::total_cmp);
+    if wanted("connections") {
+        rows.push(Row::ratio(
+            "new connections",
+            median(&d),
+            median(&t),
+            "conn/s",
+            1.0,
+            0.34,
+        ));
+    }
+
+    cpu_per_gib.sort_by(f64::total_cmp);
+    let cpu_gib = median(&cpu_per_gib);
+
+    println!();
+    println!(
+        "{:<28} {:>14} {:>14} {:>10} {:>10}",
+        "figure", "direct", "tunnel", "result", "bar"
+    );
+    for r in &rows {
+        println!(
+            "{:<28} {:>14} {:>14} {:>10} {:>10}",
+            r.name, r.direct, r.tunnel, r.result, r.bar
+        );
+    }
+    println!(
+        "{:<28} {:>14} {:>14} {:>10} {:>10}",
+        "CPU-s per GiB, both ztunnels",
+        "-",
+        "-",
+        format!("{cpu_gib:.2}"),
+        "<= 1.15"
+    );
+    let json = serde_json::json!({
+        "reps": args.reps,
+        "seconds": args.seconds,
+        "figures": rows.iter().map(|r| serde_json::json!({
+            "name": r.name, "direct": r.raw.0, "tunnel": r.raw.1, "result": r.raw.2,
+        })).collect::<Vec<_>>(),
+        "cpu_seconds_per_gib": cpu_gib,
+    });
+    let out = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/bench");
+    let _ = std::fs::create_dir_all(&out);
+    let _ = std::fs::write(
+        out.join("datapath.json"),
+        serde_json::to_string_pretty(&json).unwrap_or_default(),
+    );
+}
+
+struct Row {
+    name: String,
+    direct: String,
+    tunnel: String,
+    result: String,
+    bar: String,
+    raw: (f64, f64, f64),
+}
+
+impl Row {
+    fn ratio(name: &str, direct: f64, tunnel: f64, unit: &str, scale: f64, bar: f64) -> Self {
+        let r = tunnel / direct;
+        Self {
+            name: name.into(),
+            direct: format!("{:.2} {unit}", direct * scale),
+            tunnel: format!("{:.2} {unit}", tunnel * scale),
+            result: format!("{r:.2}x"),
+            bar: format!(">= {bar:.2}"),
+            raw: (direct, tunnel, r),
+        }
+    }
+
+    fn added(name: &str, direct: f64, tunnel: f64, bar: f64) -> Self {
+        let added = tunnel - direct;
+        Self {
+            name: name.into(),
+            direct: format!("{direct:.1} us"),
+            tunnel: format!("{tunnel:.1} us"),
+            result: format!("+{added:.1} us"),
+            bar: if bar.is_nan() {
+                "-".into()
+            } else {
+                format!("<= +{bar:.0} us")
+            },
+            raw: (direct, tunnel, added),
+        }
+    }
+}

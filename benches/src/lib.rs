@@ -1,0 +1,293 @@
+//! Load generators for the benchmarks: bulk throughput, request/response latency and new
+//! connection rate, each run between two pods with ordinary blocking sockets (like iperf or
+//! netperf would), created inside the pods' network namespaces.
+//!
+//! Nothing here asserts a speed: benchmarks report ratios against a baseline measured in the
+//! same run, because these machines are shared and noisy.
+
+#![forbid(unsafe_code)]
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use mesh_testbed::apps;
+use mesh_testbed::lab::Pod;
+
+fn connect(pod: &Pod, dst: SocketAddr) -> std::io::Result<TcpStream> {
+    apps::connect(pod, dst, Duration::from_secs(5))
+}
+
+/// A measurement window's result: the rate and what the proxies spent during it.
+#[derive(Debug, Clone, Copy)]
+pub struct Window {
+    pub per_second: f64,
+    pub units: f64,
+    pub seconds: f64,
+    /// CPU seconds the probe reported spent during the window.
+    pub cpu: f64,
+}
+
+/// Total CPU seconds used so far by the processes under test (0 when there are none).
+pub type CpuProbe<'a> = &'a (dyn Fn() -> f64 + Sync);
+
+/// A child process that is killed when dropped.
+struct Killed(std::process::Child);
+
+impl Drop for Killed {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn run_json(pod: &Pod, program: &str, args: &[String]) -> serde_json::Value {
+    let out = pod
+        .ns
+        .open()
+        .command(program)
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| panic!("{program}: {e} (apt-get install {program})"));
+    serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+        panic!(
+            "{program} {}: {e}: {}{}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        )
+    })
+}
+
+/// Bulk TCP throughput with iperf3 (`-P streams`, the first second omitted) from `client` to
+/// `server:port`. iperf3 before 3.16 drives all streams from one thread, as the figures this
+/// project is compared against were measured. `per_second` is bytes per second received.
+pub fn iperf3(
+    client: &Pod,
+    server: &Pod,
+    port: u16,
+    streams: usize,
+    window: Duration,
+    cpu: CpuProbe<'_>,
+) -> Window {
+    let _server = Killed(
+        server
+            .ns
+            .open()
+            .command("iperf3")
+            .args([
+                "-s",
+                "-1",
+                "-B",
+                &server.ip.to_string(),
+                "-p",
+                &port.to_string(),
+            ])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("iperf3 (apt-get install iperf3)"),
+    );
+    std::thread::sleep(Duration::from_millis(300));
+    let secs = window.as_secs_f64().ceil().max(1.0) as u64;
+    let args: Vec<String> = [
+        "-c",
+        &server.ip.to_string(),
+        "-p",
+        &port.to_string(),
+        "-P",
+        &streams.to_string(),
+        "-t",
+        &secs.to_string(),
+        "-O",
+        "1",
+        "-J",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    // CPU is sampled from the end of the omitted first second to the end of the run.
+    let start = Instant::now();
+    let sampler = std::thread::scope(|scope| {
+        let handle = scope.spawn(|| {
+            std::thread::sleep(Duration::from_secs(1));
+            (cpu(), Instant::now())
+        });
+        let json = run_json(client, "iperf3", &args);
+        let end = (cpu(), Instant::now());
+        (handle.join().expect("sampler"), end, json)
+    });
+    let ((c0, _), (c1, _), json) = sampler;
+    let _ = start;
+    let received = &json["end"]["sum_received"];
+    let bytes = received["bytes"].as_f64().expect("iperf3 bytes");
+    let seconds = received["seconds"].as_f64().expect("iperf3 seconds");
+    Window {
+        per_second: bytes / seconds,
+        units: bytes,
+        seconds,
+        cpu: c1 - c0,
+    }
+}
+
+/// One-way latency percentiles (microseconds, as sockperf reports: half the round trip) of a
+/// TCP ping-pong with `size`-byte messages.
+#[derive(Debug, Clone, Copy)]
+pub struct Latency {
+    pub p50: f64,
+    pub p99: f64,
+}
+
+pub fn sockperf(client: &Pod, server: &Pod, port: u16, size: usize, window: Duration) -> Latency {
+    let ip = server.ip.to_string();
+    let port = port.to_string();
+    let _server = Killed(
+        server
+            .ns
+            .open()
+            .command("sockperf")
+            .args(["server", "--tcp", "-i", &ip, "-p", &port])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("sockperf (apt-get install sockperf)"),
+    );
+    std::thread::sleep(Duration::from_millis(300));
+    let secs = window.as_secs_f64().ceil().max(1.0).to_string();
+    let out = client
+        .ns
+        .open()
+        .command("sockperf")
+        .args([
+            "ping-pong",
+            "--tcp",
+            "-i",
+            &ip,
+            "-p",
+            &port,
+            "-m",
+            &size.to_string(),
+            "-t",
+            &secs,
+        ])
+        .output()
+        .expect("sockperf");
+    let text =
+        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
+    let pct = |p: &str| {
+        text.lines()
+            .find(|l| l.contains(&format!("percentile {p} =")))
+            .and_then(|l| l.rsplit('=').next())
+            .and_then(|v| v.trim().parse::<f64>().ok())
+            .unwrap_or_else(|| panic!("sockperf printed no {p} percentile:\n{text}"))
+    };
+    Latency {
+        p50: pct("50.000"),
+        p99: pct("99.000"),
+    }
+}
+
+/// New connections per second: each connects, sends one byte, reads one byte back, closes.
+/// `per_second` counts completed exchanges; failures are not counted. The server answers on
+/// many threads so that a slow first byte on one connection never holds up the next accept.
+pub fn connection_rate(
+    client: &Pod,
+    server: &Pod,
+    port: u16,
+    threads: usize,
+    window: Duration,
+) -> Window {
+    const SERVER_THREADS: usize = 16;
+    let listener = apps::listen(server, port);
+    // A receive timeout makes accept return periodically, so server threads notice the stop.
+    socket2::SockRef::from(&listener)
+        .set_read_timeout(Some(Duration::from_millis(100)))
+        .expect("accept timeout");
+    let listener = Arc::new(listener);
+    let stop = Arc::new(AtomicBool::new(false));
+    let servers: Vec<_> = (0..SERVER_THREADS)
+        .map(|_| {
+            let (listener, stop): (Arc<TcpListener>, _) = (listener.clone(), stop.clone());
+            std::thread::spawn(move || {
+                let mut b = [0u8; 1];
+                while !stop.load(Ordering::Relaxed) {
+                    if let Ok((mut conn, _)) = listener.accept() {
+                        let _ = conn.set_read_timeout(Some(Duration::from_secs(2)));
+                        if conn.read_exact(&mut b).is_ok() {
+                            let _ = conn.write_all(&b);
+                        }
+                    }
+                }
+            })
+        })
+        .collect();
+    let done = Arc::new(AtomicU64::new(0));
+    let dst = server.addr(port);
+    let clients: Vec<_> = (0..threads)
+        .map(|_| {
+            let (done, stop, client) = (done.clone(), stop.clone(), client.clone());
+            std::thread::spawn(move || {
+                let mut b = [0u8; 1];
+                while !stop.load(Ordering::Relaxed) {
+                    let Ok(mut conn) = connect(&client, dst) else {
+                        continue;
+                    };
+                    if conn.write_all(b"x").is_ok() && conn.read_exact(&mut b).is_ok() {
+                        done.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+            })
+        })
+        .collect();
+    std::thread::sleep(Duration::from_millis(300));
+    let (n0, t0) = (done.load(Ordering::Relaxed), Instant::now());
+    std::thread::sleep(window);
+    let (n1, seconds) = (done.load(Ordering::Relaxed), t0.elapsed().as_secs_f64());
+    stop.store(true, Ordering::Relaxed);
+    for t in clients.into_iter().chain(servers) {
+        let _ = t.join();
+    }
+    let units = (n1 - n0) as f64;
+    Window {
+        per_second: units / seconds,
+        units,
+        seconds,
+        cpu: 0.0,
+    }
+}
+
+/// CPU seconds (user + system) a process has used, from `/proc/<pid>/stat`.
+pub fn process_cpu_seconds(pid: u32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // Fields after the command name (which may contain spaces) start after the last ')'.
+    let fields: Vec<&str> = stat
+        .rsplit(')')
+        .next()
+        .unwrap_or("")
+        .split_whitespace()
+        .collect();
+    let ticks = |i: usize| {
+        fields
+            .get(i)
+            .and_then(|v| v.parse::<f64>().ok())
+            .unwrap_or(0.0)
+    };
+    // utime and stime are fields 14 and 15 of the line: indexes 11 and 12 after the ')'.
+    // USER_HZ is 100 on every Linux architecture this runs on.
+    (ticks(11) + ticks(12)) / 100.0
+}
+
+/// The median of sorted samples.
+pub fn median(sorted: &[f64]) -> f64 {
+    percentile(sorted, 0.5)
+}
+
+pub fn percentile(sorted: &[f64], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return f64::NAN;
+    }
+    let i = ((sorted.len() - 1) as f64 * p).round() as usize;
+    sorted[i]
+}

@@ -1,0 +1,190 @@
+//! A mesh of simulated nodes, each running a real `ztunnel` process fed by a stand-in node
+//! agent, with a local CA and a local config file. Used by the end-to-end tests and the
+//! benchmarks.
+
+use std::collections::HashMap;
+use std::fmt::Write;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use crate::agent::FakeAgent;
+use crate::lab::{Lab, Pod};
+
+/// How a workload is listed in the local config.
+#[derive(Debug, Clone)]
+pub struct Workload {
+    pub pod: Pod,
+    pub namespace: String,
+    pub service_account: String,
+    pub hbone: bool,
+}
+
+impl Workload {
+    pub fn mesh(pod: &Pod, namespace: &str, service_account: &str) -> Self {
+        Self {
+            pod: pod.clone(),
+            namespace: namespace.into(),
+            service_account: service_account.into(),
+            hbone: true,
+        }
+    }
+
+    pub fn uid(&self) -> String {
+        format!("{}/{}", self.namespace, self.pod.name)
+    }
+}
+
+/// A service in the local config: `vip:port` → `target_port` on `endpoints`.
+#[derive(Debug, Clone)]
+pub struct Service {
+    pub name: String,
+    pub namespace: String,
+    pub vip: String,
+    pub port: u16,
+    pub target_port: u16,
+    pub endpoints: Vec<String>,
+}
+
+/// Renders the local config for `workloads` and `services` in Istio's format.
+pub fn config_yaml(workloads: &[&Workload], services: &[Service]) -> String {
+    let mut y = String::from("workloads:\n");
+    for w in workloads {
+        let _ = writeln!(y, "- uid: {}", w.uid());
+        let _ = writeln!(y, "  name: {}", w.pod.name);
+        let _ = writeln!(y, "  namespace: {}", w.namespace);
+        let _ = writeln!(y, "  serviceAccount: {}", w.service_account);
+        let _ = writeln!(y, "  workloadIps: [\"{}\"]", w.pod.ip);
+        let _ = writeln!(y, "  protocol: {}", if w.hbone { "HBONE" } else { "TCP" });
+        let _ = writeln!(y, "  node: {}", w.pod.node);
+        let svcs: Vec<String> = services
+            .iter()
+            .filter(|s| s.endpoints.contains(&w.pod.name))
+            .map(|s| {
+                format!(
+                    "\"{}/{}.svc\": {{{}: {}}}",
+                    s.namespace, s.name, s.port, s.target_port
+                )
+            })
+            .collect();
+        let _ = writeln!(y, "  services: {{{}}}", svcs.join(", "));
+    }
+    y.push_str("services:\n");
+    for s in services {
+        let _ = writeln!(y, "- name: {}", s.name);
+        let _ = writeln!(y, "  namespace: {}", s.namespace);
+        let _ = writeln!(y, "  hostname: {}.svc", s.name);
+        let _ = writeln!(y, "  vips: [\"/{}\"]", s.vip);
+        let _ = writeln!(y, "  ports: {{{}: {}}}", s.port, s.target_port);
+    }
+    y
+}
+
+/// Simulated nodes, each with a ztunnel and a stand-in agent.
+#[derive(Debug)]
+pub struct Mesh {
+    pub lab: Lab,
+    pub agents: HashMap<String, FakeAgent>,
+    pub ca_dir: PathBuf,
+    pub config: PathBuf,
+    /// ztunnel's `--log` filter.
+    pub log: String,
+}
+
+impl Mesh {
+    /// Nodes named `nodes`, a fresh CA and an empty config. No ztunnel runs yet.
+    pub fn new(nodes: &[&str]) -> Self {
+        let mut lab = Lab::new();
+        for n in nodes {
+            lab.add_node(n);
+        }
+        let ca_dir = lab.dir().join("ca");
+        ztunnel::identity::ca::generate(&ca_dir, "cluster.local", Duration::from_secs(86400))
+            .expect("CA");
+        let config = lab.dir().join("mesh.yaml");
+        std::fs::write(&config, "").expect("config");
+        Self {
+            lab,
+            agents: HashMap::new(),
+            ca_dir,
+            config,
+            log: "info,ztunnel=debug".into(),
+        }
+    }
+
+    pub fn write_config(&self, workloads: &[&Workload], services: &[Service]) {
+        let tmp = self.config.with_extension("tmp");
+        std::fs::write(&tmp, config_yaml(workloads, services)).expect("write config");
+        std::fs::rename(&tmp, &self.config).expect("rename config");
+    }
+
+    pub fn zds_socket(&self, node: &str) -> PathBuf {
+        self.lab.dir().join(format!("{node}-zds.sock"))
+    }
+
+    /// Starts ztunnel on `node` (with `extra` flags) and waits for it to connect to the
+    /// node's stand-in agent.
+    pub fn start_ztunnel(&mut self, node: &str, extra: &[&str]) {
+        let sock = self.zds_socket(node);
+        if !self.agents.contains_key(node) {
+            self.agents.insert(node.to_string(), FakeAgent::bind(&sock));
+        }
+        let mut args: Vec<String> = [
+            "run",
+            "--zds-socket",
+            &sock.to_string_lossy(),
+            "--ca-dir",
+            &self.ca_dir.to_string_lossy(),
+            "--local-config",
+            &self.config.to_string_lossy(),
+            "--workers",
+            "2",
+            "--drain-timeout",
+            "5s",
+            "--config-poll",
+            "100ms",
+            "--log",
+            &self.log,
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        args.extend(extra.iter().map(|s| s.to_string()));
+        let ns = self.lab.node(node).ns.clone();
+        let bin = crate::binary("ztunnel");
+        self.lab
+            .spawn(&format!("ztunnel-{node}"), &ns, &bin, &args, &[]);
+        self.agent(node).accept(Duration::from_secs(20));
+    }
+
+    pub fn agent(&mut self, node: &str) -> &mut FakeAgent {
+        self.agents
+            .get_mut(node)
+            .unwrap_or_else(|| panic!("no agent on {node}"))
+    }
+
+    /// Installs redirection in the workload's pod and hands it to its node's ztunnel.
+    pub fn enroll(&mut self, w: &Workload) {
+        let node = w.pod.node.clone();
+        self.agent(&node)
+            .enroll(&w.pod, &w.uid(), &w.namespace, &w.service_account);
+    }
+
+    /// The ztunnel log of `node` so far.
+    pub fn ztunnel_log(&mut self, node: &str) -> String {
+        self.lab.process(&format!("ztunnel-{node}")).log_text()
+    }
+}
+
+/// Polls `f` until it returns true or `timeout` passes.
+pub fn eventually(timeout: Duration, mut f: impl FnMut() -> bool) -> bool {
+    let deadline = std::time::Instant::now() + timeout;
+    loop {
+        if f() {
+            return true;
+        }
+        if std::time::Instant::now() >= deadline {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
