@@ -61,6 +61,12 @@ pub struct Config {
     #[arg(long, default_value = "5m", value_parser = humantime::parse_duration)]
     pub pool_idle_timeout: Duration,
 
+    /// After traffic, how long a worker keeps polling its sockets instead of sleeping, so a
+    /// quick reply is picked up without a thread wake-up (0 disables). Trades CPU and
+    /// connection rate for round-trip latency; see README, Performance.
+    #[arg(long, env = "ZTUNNEL_BUSY_POLL", default_value = "0s", value_parser = humantime::parse_duration)]
+    pub busy_poll: Duration,
+
     /// Most concurrent streams on one pooled HBONE connection before another is opened.
     #[arg(long, default_value_t = 100, value_parser = clap::value_parser!(u32).range(1..=10_000))]
     pub pool_max_streams: u32,

@@ -111,6 +111,7 @@ async fn app_to_stream<R: AsyncRead + Unpin>(
     loop {
         let mut buf = BytesMut::with_capacity(READ_CHUNK);
         let n = app.read_buf(&mut buf).await.map_err(CopyError::AppRead)?;
+        super::spin::activity();
         if n == 0 {
             send.send_data(Bytes::new(), true)
                 .map_err(CopyError::Stream)?;
@@ -141,6 +142,7 @@ async fn stream_to_app<W: AsyncWrite + Unpin>(
 ) -> Result<(), CopyError> {
     while let Some(chunk) = recv.data().await {
         let chunk = chunk.map_err(CopyError::Stream)?;
+        super::spin::activity();
         let n = chunk.len();
         app.write_all(&chunk).await.map_err(CopyError::AppWrite)?;
         *count += n as u64;

@@ -23,6 +23,7 @@ pub mod plaintext;
 pub mod pool;
 pub mod readahead;
 pub mod socket;
+pub mod spin;
 pub mod worker;
 
 use std::io;

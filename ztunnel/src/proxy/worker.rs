@@ -12,7 +12,7 @@ use tokio::sync::{mpsc, oneshot};
 
 use super::pool::{Pool, PoolEntry};
 use super::socket::ListenerKind;
-use super::{Pod, ProxyInputs, inbound, outbound, plaintext};
+use super::{Pod, ProxyInputs, inbound, outbound, plaintext, spin};
 
 #[derive(Debug)]
 struct Worker {
@@ -46,9 +46,11 @@ pub type PodListeners = Vec<Vec<(ListenerKind, std::net::TcpListener)>>;
 impl Workers {
     pub fn start(count: usize, inputs: Arc<ProxyInputs>) -> io::Result<Self> {
         let mut workers = Vec::with_capacity(count);
+        let busy_poll = inputs.config.busy_poll;
         for i in 0..count {
             let rt = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
+                .on_thread_park(spin::before_park)
                 .build()?;
             let handle = rt.handle().clone();
             let pool = Arc::new(Pool::new(inputs.clone()));
@@ -57,7 +59,9 @@ impl Workers {
             let thread = std::thread::Builder::new()
                 .name(format!("ztunnel-worker-{i}"))
                 .spawn(move || {
+                    spin::configure(busy_poll);
                     rt.block_on(async move {
+                        tokio::spawn(spin::Spinner);
                         tokio::spawn(sweeper.sweep_forever());
                         let _ = stopped.await;
                     });
@@ -148,6 +152,7 @@ async fn accept_loop(
                 }
             },
         };
+        spin::activity();
         let guard = pod.drain.track();
         let pod = pod.clone();
         let inputs = inputs.clone();
