@@ -380,6 +380,39 @@ impl Drop for Lab {
     }
 }
 
+/// Removes everything lab `id` created, from outside the lab's owner (e.g. on Ctrl-C, when
+/// the owner cannot unwind): processes inside its namespaces, the namespaces, its directory.
+pub fn purge(id: &str) {
+    let prefix = format!("{id}-");
+    let Ok(entries) = std::fs::read_dir("/run/netns") else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        if !name.starts_with(&prefix) {
+            continue;
+        }
+        if let Ok(out) = Command::new("ip").args(["netns", "pids", &name]).output() {
+            for pid in String::from_utf8_lossy(&out.stdout).split_whitespace() {
+                if let Ok(pid) = pid.parse::<i32>() {
+                    let _ = nix::sys::signal::kill(
+                        nix::unistd::Pid::from_raw(pid),
+                        nix::sys::signal::Signal::SIGKILL,
+                    );
+                }
+            }
+        }
+        let _ = Command::new("ip").args(["netns", "del", &name]).status();
+    }
+    if let Ok(entries) = std::fs::read_dir(std::env::temp_dir()) {
+        for entry in entries.flatten() {
+            if entry.file_name().to_string_lossy().starts_with(&prefix) {
+                let _ = std::fs::remove_dir_all(entry.path());
+            }
+        }
+    }
+}
+
 /// Deletes namespaces left by test processes that no longer exist.
 fn cleanup_stale() {
     let Ok(entries) = std::fs::read_dir("/run/netns") else {

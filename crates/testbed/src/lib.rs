@@ -18,23 +18,34 @@ pub mod capture;
 pub mod lab;
 pub mod mesh;
 
-/// Panics with a clear message unless the process can create network namespaces.
-pub fn require_root() {
+/// Why this machine cannot host a lab.
+pub fn preflight() -> Result<(), String> {
     if !nix::unistd::geteuid().is_root() {
-        panic!(
-            "this test needs root (network namespaces, veth links, nftables); \
-             run the suite as root, e.g. `sudo ./x test`"
+        return Err(
+            "needs root (network namespaces, veth links, nftables): run it as root, \
+                    e.g. `sudo ./x test`"
+                .into(),
         );
     }
-    for tool in ["ip", "nft"] {
+    for (tool, package) in [("ip", "iproute2"), ("nft", "nftables")] {
         let found = std::process::Command::new(tool)
             .arg("-V")
             .output()
             .is_ok_and(|o| o.status.success());
-        assert!(
-            found,
-            "`{tool}` is required: apt-get install iproute2 nftables"
-        );
+        if !found {
+            return Err(format!("`{tool}` is missing: apt-get install {package}"));
+        }
+    }
+    if !std::path::Path::new("/proc/self/ns/net").exists() {
+        return Err("this kernel has no network namespaces".into());
+    }
+    Ok(())
+}
+
+/// Panics with a clear message unless the process can create network namespaces.
+pub fn require_root() {
+    if let Err(why) = preflight() {
+        panic!("this test {why}");
     }
 }
 
