@@ -41,13 +41,17 @@ fn effective_caps() -> anyhow::Result<u64> {
     u64::from_str_radix(line.trim(), 16).context("parsing CapEff")
 }
 
-fn check_capabilities() -> anyhow::Result<()> {
-    let caps = effective_caps()?;
-    let missing: Vec<String> = REQUIRED_CAPS
+/// The required capabilities absent from an effective set, each with what it is for.
+fn missing_capabilities(effective: u64) -> Vec<String> {
+    REQUIRED_CAPS
         .iter()
-        .filter(|(bit, _, _)| caps & (1 << bit) == 0)
+        .filter(|(bit, _, _)| effective & (1 << bit) == 0)
         .map(|(_, name, why)| format!("{name} ({why})"))
-        .collect();
+        .collect()
+}
+
+fn check_capabilities() -> anyhow::Result<()> {
+    let missing = missing_capabilities(effective_caps()?);
     if !missing.is_empty() {
         bail!(
             "missing capabilities: {}; run as root or grant them to the container",
@@ -142,6 +146,24 @@ async fn serve(config: Arc<Config>, ca: LocalCa, initial: State) -> anyhow::Resu
     zds.abort();
     tracing::info!(connections_cut = cut, "drained; exiting");
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn missing_capabilities_are_named_with_their_purpose() {
+        assert!(missing_capabilities(u64::MAX).is_empty());
+        let none = missing_capabilities(0);
+        assert_eq!(none.len(), 2);
+        assert!(none[0].starts_with("CAP_NET_ADMIN (SO_MARK"));
+        let only_net_admin = missing_capabilities(1 << 12);
+        assert_eq!(
+            only_net_admin,
+            vec!["CAP_SYS_ADMIN (entering pod network namespaces)".to_string()]
+        );
+    }
 }
 
 async fn wait_for_signal() -> anyhow::Result<()> {
