@@ -181,7 +181,7 @@ fn main() {
         },
         Flow {
             label: "to outside the mesh",
-            from: frontend.clone(),
+            from: frontend,
             to: outsider.addr(9090),
             to_name: "outsider".into(),
             log_node: "node-a",
