@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use mesh_testbed::apps::{EchoServer, connect, echo_roundtrip, listening_ports, payload};
 use mesh_testbed::capture::{Capture, contains};
-use mesh_testbed::mesh::{Mesh, Service, Workload, eventually};
+use mesh_testbed::mesh::{Mesh, Scene, Service, Workload, eventually};
 
 const T: Duration = Duration::from_secs(5);
 
@@ -119,11 +119,13 @@ fn pod_traffic_crosses_nodes_only_inside_hbone() {
 
 #[test]
 fn server_with_the_wrong_identity_is_refused() {
-    let mut m = Mesh::new(&["a", "b"]);
-    let a1 = m.lab.add_pod("a", "a1");
-    let b1 = m.lab.add_pod("b", "b1");
-    let wa = Workload::mesh(&a1, "ns-a", "client");
-    let wb = Workload::mesh(&b1, "ns-b", "server");
+    let Scene {
+        mut m,
+        a1,
+        b1,
+        wa,
+        wb,
+    } = Scene::new();
     m.write_config(&[&wa, &wb], &[]);
     m.start_ztunnel("a", &[]);
     m.start_ztunnel("b", &[]);
@@ -171,17 +173,10 @@ fn plaintext_peers_reach_mesh_pods_through_the_inbound_port() {
 
 #[test]
 fn registry_only_refuses_unknown_destinations() {
-    let mut m = Mesh::new(&["a", "b"]);
-    let a1 = m.lab.add_pod("a", "a1");
-    let b1 = m.lab.add_pod("b", "b1");
-    let x1 = m.lab.add_pod("b", "x1");
-    let wa = Workload::mesh(&a1, "ns-a", "client");
-    let wb = Workload::mesh(&b1, "ns-b", "server");
-    m.write_config(&[&wa, &wb], &[]);
-    m.start_ztunnel("a", &["--registry-only"]);
-    m.start_ztunnel("b", &[]);
-    m.enroll(&wa);
-    m.enroll(&wb);
+    let mut s = Scene::new();
+    let x1 = s.m.lab.add_pod("b", "x1");
+    s.run(&["--registry-only"]);
+    let Scene { mut m, a1, b1, .. } = s;
     let _server = EchoServer::start(&b1, 8080);
     let outside = EchoServer::start(&x1, 9090);
     assert_eq!(

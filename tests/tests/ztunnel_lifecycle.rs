@@ -5,7 +5,7 @@ use std::io::{Read, Write};
 use std::time::Duration;
 
 use mesh_testbed::apps::{EchoServer, connect, echo_roundtrip, listening_ports};
-use mesh_testbed::mesh::{Mesh, Workload, eventually};
+use mesh_testbed::mesh::{Mesh, Scene, Workload, eventually};
 
 const T: Duration = Duration::from_secs(5);
 const PROXY_PORTS: [u16; 3] = [15001, 15006, 15008];
@@ -94,11 +94,13 @@ fn re_added_pod_with_a_new_netns_gets_a_new_proxy() {
 
 #[test]
 fn config_reload_takes_effect_and_a_bad_file_keeps_the_old_one() {
-    let mut m = Mesh::new(&["a", "b"]);
-    let a1 = m.lab.add_pod("a", "a1");
-    let b1 = m.lab.add_pod("b", "b1");
-    let wa = Workload::mesh(&a1, "ns-a", "client");
-    let wb = Workload::mesh(&b1, "ns-b", "server");
+    let Scene {
+        mut m,
+        a1,
+        b1,
+        wa,
+        wb,
+    } = Scene::new();
     // At first only a1 is known: a1 -> b1 is passthrough, arriving at b1 as plaintext.
     m.write_config(&[&wa], &[]);
     m.start_ztunnel("a", &[]);
@@ -146,16 +148,9 @@ fn config_reload_takes_effect_and_a_bad_file_keeps_the_old_one() {
 
 #[test]
 fn sigterm_drains_in_flight_connections_then_exits() {
-    let mut m = Mesh::new(&["a", "b"]);
-    let a1 = m.lab.add_pod("a", "a1");
-    let b1 = m.lab.add_pod("b", "b1");
-    let wa = Workload::mesh(&a1, "ns-a", "client");
-    let wb = Workload::mesh(&b1, "ns-b", "server");
-    m.write_config(&[&wa, &wb], &[]);
-    m.start_ztunnel("a", &[]);
-    m.start_ztunnel("b", &[]);
-    m.enroll(&wa);
-    m.enroll(&wb);
+    let mut s = Scene::new();
+    s.run(&[]);
+    let Scene { mut m, a1, b1, .. } = s;
     let _server = EchoServer::start(&b1, 8080);
     let mut conn = connect(&a1, b1.addr(8080), T).unwrap();
     let mut buf = [0u8; 3];

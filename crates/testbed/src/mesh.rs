@@ -188,3 +188,41 @@ pub fn eventually(timeout: Duration, mut f: impl FnMut() -> bool) -> bool {
         std::thread::sleep(Duration::from_millis(20));
     }
 }
+
+/// The usual scene: nodes `a` and `b`, a client pod `a1` (`ns-a/client`) on `a` and a server
+/// pod `b1` (`ns-b/server`) on `b`. Nothing is configured or running until [`Scene::run`].
+#[derive(Debug)]
+pub struct Scene {
+    pub m: Mesh,
+    pub a1: Pod,
+    pub b1: Pod,
+    pub wa: Workload,
+    pub wb: Workload,
+}
+
+impl Scene {
+    pub fn new() -> Self {
+        let mut m = Mesh::new(&["a", "b"]);
+        let a1 = m.lab.add_pod("a", "a1");
+        let b1 = m.lab.add_pod("b", "b1");
+        let wa = Workload::mesh(&a1, "ns-a", "client");
+        let wb = Workload::mesh(&b1, "ns-b", "server");
+        Self { m, a1, b1, wa, wb }
+    }
+
+    /// Lists both pods in the config, starts ztunnel on both nodes (`a_flags` for node `a`)
+    /// and enrolls both pods.
+    pub fn run(&mut self, a_flags: &[&str]) {
+        self.m.write_config(&[&self.wa, &self.wb], &[]);
+        self.m.start_ztunnel("a", a_flags);
+        self.m.start_ztunnel("b", &[]);
+        self.m.enroll(&self.wa);
+        self.m.enroll(&self.wb);
+    }
+}
+
+impl Default for Scene {
+    fn default() -> Self {
+        Self::new()
+    }
+}
