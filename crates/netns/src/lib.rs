@@ -72,6 +72,20 @@ impl NetNs {
         Self::from_fd(fd)
     }
 
+    /// A new, empty network namespace (only a loopback device, down), alive while the
+    /// returned value is. Created on a short-lived thread so no caller's thread moves.
+    pub fn new_isolated() -> Result<Self, Error> {
+        std::thread::spawn(|| {
+            nix::sched::unshare(CloneFlags::CLONE_NEWNET).map_err(|source| Error::Enter {
+                id: NetNsId { dev: 0, ino: 0 },
+                source,
+            })?;
+            Self::current()
+        })
+        .join()
+        .unwrap_or_else(|_| Err(Error::NotNetNs("namespace thread panicked".into())))
+    }
+
     /// The namespace the calling thread is in now.
     pub fn current() -> Result<Self, Error> {
         Self::open("/proc/thread-self/ns/net")
@@ -219,6 +233,17 @@ mod tests {
             NetNs::open("/nonexistent/ns"),
             Err(Error::Open { .. })
         ));
+    }
+
+    #[test]
+    fn isolated_namespaces_are_new_and_distinct() {
+        let home = NetNs::current().unwrap();
+        let a = NetNs::new_isolated().unwrap();
+        let b = NetNs::new_isolated().unwrap();
+        assert_ne!(a.id(), home.id());
+        assert_ne!(a.id(), b.id());
+        // The calling thread never moved.
+        assert_eq!(NetNs::current().unwrap().id(), home.id());
     }
 
     #[test]

@@ -135,9 +135,13 @@ impl FakeAgent {
     }
 }
 
-/// Installs SPEC §3 redirection in the pod's netns, as the node agent does.
+/// Installs SPEC §3 redirection in the pod's netns, with the node agent's own code.
 pub fn install_redirection(pod: &Pod) {
-    let netns = NetNs::open(pod.ns.path()).expect("pod netns");
-    redirect::apply(&netns, &redirect::plan(&redirect::Options::default()))
-        .unwrap_or_else(|e| panic!("redirection for {}: {e}", pod.name));
+    let netns = std::sync::Arc::new(NetNs::open(pod.ns.path()).expect("pod netns"));
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    rt.block_on(redirect::Redirector::new().apply(&netns, redirect::Options::default()))
+        .unwrap_or_else(|e| panic!("redirection for {}: {e:?}", pod.name));
 }

@@ -75,6 +75,37 @@ impl Ns {
         String::from_utf8_lossy(&out.stdout).into_owned()
     }
 
+    /// A minimal HTTP/1.0 GET from inside the namespace: (status, body).
+    pub fn http_get(&self, addr: SocketAddr, path: &str) -> std::io::Result<(u16, String)> {
+        use std::io::{Read, Write};
+        let sock = self
+            .open()
+            .run(|| {
+                socket2::Socket::new(
+                    socket2::Domain::for_address(addr),
+                    socket2::Type::STREAM,
+                    None,
+                )
+            })
+            .map_err(std::io::Error::other)??;
+        sock.connect_timeout(&addr.into(), Duration::from_secs(2))?;
+        let mut stream: std::net::TcpStream = sock.into();
+        stream.set_read_timeout(Some(Duration::from_secs(5)))?;
+        write!(stream, "GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n")?;
+        let mut text = String::new();
+        stream.read_to_string(&mut text)?;
+        let status = text
+            .split_whitespace()
+            .nth(1)
+            .and_then(|s| s.parse().ok())
+            .ok_or_else(|| std::io::Error::other(format!("not HTTP: {text:?}")))?;
+        let body = text
+            .split_once("\r\n\r\n")
+            .map(|(_, b)| b.to_string())
+            .unwrap_or_default();
+        Ok((status, body))
+    }
+
     fn sysctl(&self, key: &str, value: &str) {
         self.exec("sysctl", &["-qw", &format!("{key}={value}")]);
     }

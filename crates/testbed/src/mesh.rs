@@ -88,6 +88,8 @@ pub struct Mesh {
     pub config: PathBuf,
     /// ztunnel's `--log` filter.
     pub log: String,
+    /// Nodes whose pods are enrolled by the real node agent, not the stand-in.
+    pub real_agents: std::collections::BTreeSet<String>,
 }
 
 impl Mesh {
@@ -108,6 +110,7 @@ impl Mesh {
             ca_dir,
             config,
             log: "info,ztunnel=debug".into(),
+            real_agents: Default::default(),
         }
     }
 
@@ -125,7 +128,8 @@ impl Mesh {
     /// node's stand-in agent.
     pub fn start_ztunnel(&mut self, node: &str, extra: &[&str]) {
         let sock = self.zds_socket(node);
-        if !self.agents.contains_key(node) {
+        let real_agent = self.real_agents.contains(node);
+        if !real_agent && !self.agents.contains_key(node) {
             self.agents.insert(node.to_string(), FakeAgent::bind(&sock));
         }
         let mut args: Vec<String> = [
@@ -153,7 +157,111 @@ impl Mesh {
         let bin = crate::binary("ztunnel");
         self.lab
             .spawn(&format!("ztunnel-{node}"), &ns, &bin, &args, &[]);
-        self.agent(node).accept(Duration::from_secs(20));
+        if !real_agent {
+            self.agent(node).accept(Duration::from_secs(20));
+        }
+    }
+
+    /// The pod file the real node agent of `node` reads.
+    pub fn pod_file(&self, node: &str) -> PathBuf {
+        self.lab.dir().join(format!("{node}-pods.yaml"))
+    }
+
+    /// Writes `node`'s pod file: these workloads' pods (their netns by path), each namespace
+    /// labelled for ambient unless listed in `plain_namespaces`.
+    pub fn write_pods(&self, node: &str, workloads: &[&Workload], extra_pod_yaml: &str) {
+        let mut y = String::from("namespaces:\n");
+        let mut seen = std::collections::BTreeSet::new();
+        for w in workloads {
+            if seen.insert(w.namespace.clone()) {
+                let _ = writeln!(
+                    y,
+                    "- name: {}\n  labels: {{istio.io/dataplane-mode: ambient}}",
+                    w.namespace
+                );
+            }
+        }
+        y.push_str("pods:\n");
+        for w in workloads {
+            let _ = writeln!(
+                y,
+                "- {{name: {}, namespace: {}, uid: {}, serviceAccount: {}, ips: [\"{}\"], netns: {}}}",
+                w.pod.name,
+                w.namespace,
+                w.uid(),
+                w.service_account,
+                w.pod.ip,
+                w.pod.ns.path().display()
+            );
+        }
+        y.push_str(extra_pod_yaml);
+        let file = self.pod_file(node);
+        let tmp = file.with_extension("tmp");
+        std::fs::write(&tmp, y).expect("write pod file");
+        std::fs::rename(&tmp, &file).expect("rename pod file");
+    }
+
+    /// Starts the real node agent on `node`, reading [`Mesh::pod_file`], serving ZDS where
+    /// this node's ztunnel connects. Waits until its endpoint answers.
+    pub fn start_agent(&mut self, node: &str, extra: &[&str]) {
+        self.real_agents.insert(node.to_string());
+        let file = self.pod_file(node);
+        if !file.exists() {
+            std::fs::write(&file, "").expect("pod file");
+        }
+        let state = self.lab.dir().join(format!("{node}-agent-state"));
+        let mut args: Vec<String> = [
+            "run",
+            "--pod-file",
+            &file.to_string_lossy(),
+            "--zds-socket",
+            &self.zds_socket(node).to_string_lossy(),
+            "--run-dir",
+            &self.lab.dir().join(format!("{node}-run")).to_string_lossy(),
+            "--state-dir",
+            &state.to_string_lossy(),
+            "--http-addr",
+            "127.0.0.1:8000",
+            "--netns-dir",
+            "/run/netns",
+            "--drift-interval",
+            "1s",
+            "--pod-file-poll",
+            "100ms",
+            "--log",
+            "info,node_agent=debug",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        args.extend(extra.iter().map(|s| s.to_string()));
+        let ns = self.lab.node(node).ns.clone();
+        let bin = crate::binary("node-agent");
+        self.lab
+            .spawn(&format!("agent-{node}"), &ns, &bin, &args, &[]);
+        let up = eventually(Duration::from_secs(20), || {
+            ns.http_get("127.0.0.1:8000".parse().expect("addr"), "/metrics")
+                .is_ok()
+        });
+        assert!(
+            up,
+            "node agent on {node} did not come up: {}",
+            self.lab.process(&format!("agent-{node}")).log_text()
+        );
+    }
+
+    /// `GET path` on `node`'s agent endpoint: (status, body).
+    pub fn agent_get(&self, node: &str, path: &str) -> (u16, String) {
+        self.lab
+            .node(node)
+            .ns
+            .http_get("127.0.0.1:8000".parse().expect("addr"), path)
+            .unwrap_or_else(|e| panic!("agent endpoint on {node}: {e}"))
+    }
+
+    /// The node agent log of `node` so far.
+    pub fn agent_log(&mut self, node: &str) -> String {
+        self.lab.process(&format!("agent-{node}")).log_text()
     }
 
     pub fn agent(&mut self, node: &str) -> &mut FakeAgent {

@@ -1,127 +1,197 @@
-//! Applying a [`Ruleset`] inside a pod's netns.
+//! Applying, checking and removing a pod's redirection inside its netns.
 //!
-//! nftables has no stable netlink library under a permissive license, so rules go through the
-//! `nft` binary (one `nft -f -` transaction, run with the child inside the pod's netns). A
-//! missing `nft` is reported as such. Policy routes use `ip` the same way.
+//! nftables has no netlink library under a permissive license, so the ruleset goes through the
+//! `nft` binary: one `nft -f -` transaction, run with the child inside the pod's netns
+//! ([`mesh_netns::NetNs::command`]). The policy route goes through rtnetlink ([`super::route`]).
+//!
+//! Drift is judged against what `nft` itself lists for our ruleset: the expected listing of
+//! each option set is produced once by applying it in a scratch namespace, so a check compares
+//! two canonical listings rather than re-implementing nft's normal form.
 
+use std::collections::HashMap;
 use std::io::Write;
-use std::process::{Command, Stdio};
+use std::process::Stdio;
+use std::sync::{Arc, Mutex};
 
-use mesh_contract::marks;
 use mesh_netns::NetNs;
 
-use super::Ruleset;
+use super::plan::{Options, Ruleset, TABLE, plan};
+use super::route::{self, RouteError};
 
-/// Why redirection could not be applied or removed.
+/// Why redirection could not be applied, checked or removed.
 #[derive(Debug, thiserror::Error)]
 pub enum ApplyError {
     #[error("cannot run {program} (is it installed?)")]
     Spawn {
         program: &'static str,
+        #[source]
         source: std::io::Error,
     },
     #[error("{command} failed: {stderr}")]
     Failed { command: String, stderr: String },
+    #[error("policy route")]
+    Route(#[from] RouteError),
+    #[error("scratch namespace")]
+    Scratch(#[from] mesh_netns::Error),
 }
 
-fn run(
-    netns: &NetNs,
-    program: &'static str,
-    args: &[&str],
-    stdin: Option<&str>,
-) -> Result<(), ApplyError> {
-    let mut cmd: Command = netns.command(program);
-    cmd.args(args)
+/// The outcome of checking a pod's redirection.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Check {
+    /// Exactly as planned.
+    Intact,
+    /// Nothing installed (a fresh pod, or rules lost with a node reboot).
+    Missing,
+    /// Something changed behind our back.
+    Drifted(String),
+}
+
+fn run_nft(netns: &NetNs, args: &[&str], stdin: Option<&str>) -> Result<String, ApplyError> {
+    let mut child = netns
+        .command("nft")
+        .args(args)
         .stdin(if stdin.is_some() {
             Stdio::piped()
         } else {
             Stdio::null()
         })
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped());
-    let mut child = cmd
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
         .spawn()
-        .map_err(|source| ApplyError::Spawn { program, source })?;
+        .map_err(|source| ApplyError::Spawn {
+            program: "nft",
+            source,
+        })?;
     if let Some(input) = stdin {
         let mut pipe = child.stdin.take().expect("piped");
         let _ = pipe.write_all(input.as_bytes());
     }
     let out = child
         .wait_with_output()
-        .map_err(|source| ApplyError::Spawn { program, source })?;
+        .map_err(|source| ApplyError::Spawn {
+            program: "nft",
+            source,
+        })?;
     if out.status.success() {
-        return Ok(());
+        return Ok(String::from_utf8_lossy(&out.stdout).into_owned());
     }
     Err(ApplyError::Failed {
-        command: format!("{program} {}", args.join(" ")),
+        command: format!("nft {}", args.join(" ")),
         stderr: String::from_utf8_lossy(&out.stderr).trim().to_string(),
     })
 }
 
-/// Installs `ruleset` in `netns`, replacing any previous version atomically. Idempotent.
-pub fn apply(netns: &NetNs, ruleset: &Ruleset) -> Result<(), ApplyError> {
-    run(netns, "nft", &["-f", "-"], Some(&ruleset.apply_script()))?;
-    let fwmark = format!("{:#x}/{:#x}", marks::CONNTRACK_REPLY, marks::MASK);
-    let prio = marks::RULE_PRIORITY.to_string();
-    let table = marks::ROUTE_TABLE.to_string();
-    for (enabled, family, default) in [
-        (ruleset.ipv4_route, "-4", "0.0.0.0/0"),
-        (ruleset.ipv6_route, "-6", "::/0"),
-    ] {
-        if !enabled {
-            continue;
-        }
-        // `replace` and a delete-then-add rule keep these idempotent.
-        run(
-            netns,
-            "ip",
-            &[
-                family, "route", "replace", "local", default, "dev", "lo", "table", &table,
-            ],
-            None,
-        )?;
-        let _ = run(
-            netns,
-            "ip",
-            &[family, "rule", "del", "priority", &prio],
-            None,
-        );
-        run(
-            netns,
-            "ip",
-            &[
-                family, "rule", "add", "fwmark", &fwmark, "lookup", &table, "priority", &prio,
-            ],
-            None,
-        )?;
-    }
-    Ok(())
+/// Runs blocking nft work off the async threads.
+async fn blocking<T: Send + 'static>(
+    netns: &Arc<NetNs>,
+    f: impl FnOnce(&NetNs) -> Result<T, ApplyError> + Send + 'static,
+) -> Result<T, ApplyError> {
+    let netns = netns.clone();
+    tokio::task::spawn_blocking(move || f(&netns))
+        .await
+        .unwrap_or_else(|e| {
+            Err(ApplyError::Failed {
+                command: "nft".into(),
+                stderr: format!("worker thread: {e}"),
+            })
+        })
 }
 
-/// Removes everything [`apply`] installs. Idempotent; removes what it can and reports the
-/// first failure.
-pub fn remove(netns: &NetNs) -> Result<(), ApplyError> {
-    let mut first = run(netns, "nft", &["-f", "-"], Some(&Ruleset::remove_script())).err();
-    let prio = marks::RULE_PRIORITY.to_string();
-    let table = marks::ROUTE_TABLE.to_string();
-    for family in ["-4", "-6"] {
-        // Both may be absent (already removed, or the family was never enabled).
-        let _ = run(
-            netns,
-            "ip",
-            &[family, "rule", "del", "priority", &prio],
-            None,
-        );
-        if let Err(e) = run(
-            netns,
-            "ip",
-            &[family, "route", "flush", "table", &table],
-            None,
-        ) && first.is_none()
-            && !matches!(&e, ApplyError::Failed { stderr, .. } if stderr.is_empty() || stderr.contains("No such"))
-        {
-            first = Some(e);
-        }
+/// The listing of our table, or `None` if it does not exist.
+fn listing(netns: &NetNs) -> Result<Option<String>, ApplyError> {
+    match run_nft(netns, &["list", "table", "inet", TABLE], None) {
+        Ok(text) => Ok(Some(text)),
+        Err(ApplyError::Failed { stderr, .. }) if stderr.contains("No such file") => Ok(None),
+        Err(e) => Err(e),
     }
-    first.map_or(Ok(()), Err)
+}
+
+/// Checks that `nft` runs; a clear error at startup beats one per pod later.
+pub fn check_nft() -> Result<(), ApplyError> {
+    let out = std::process::Command::new("nft")
+        .arg("--version")
+        .output()
+        .map_err(|source| ApplyError::Spawn {
+            program: "nft",
+            source,
+        })?;
+    if out.status.success() {
+        Ok(())
+    } else {
+        Err(ApplyError::Failed {
+            command: "nft --version".into(),
+            stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+        })
+    }
+}
+
+/// Applies, checks and removes rulesets; caches the canonical listing of each option set.
+#[derive(Debug, Default)]
+pub struct Redirector {
+    expected: Mutex<HashMap<Options, String>>,
+}
+
+impl Redirector {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    async fn expected(&self, opts: Options) -> Result<String, ApplyError> {
+        if let Some(l) = self.expected.lock().expect("not poisoned").get(&opts) {
+            return Ok(l.clone());
+        }
+        let scratch = Arc::new(NetNs::new_isolated()?);
+        let ruleset = plan(&opts);
+        let text = blocking(&scratch, move |ns| {
+            run_nft(ns, &["-f", "-"], Some(&ruleset.apply_script()))?;
+            Ok(listing(ns)?.unwrap_or_default())
+        })
+        .await?;
+        self.expected
+            .lock()
+            .expect("not poisoned")
+            .insert(opts, text.clone());
+        Ok(text)
+    }
+
+    /// Installs the ruleset for `opts` in `netns`, replacing any previous version in one
+    /// transaction, and the policy route. Idempotent.
+    pub async fn apply(&self, netns: &Arc<NetNs>, opts: Options) -> Result<(), ApplyError> {
+        let ruleset: Ruleset = plan(&opts);
+        let script = ruleset.apply_script();
+        blocking(netns, move |ns| {
+            run_nft(ns, &["-f", "-"], Some(&script)).map(drop)
+        })
+        .await?;
+        route::ensure(netns, ruleset.ipv4_route, ruleset.ipv6_route).await?;
+        Ok(())
+    }
+
+    /// Compares what is installed in `netns` with the plan for `opts`.
+    pub async fn check(&self, netns: &Arc<NetNs>, opts: Options) -> Result<Check, ApplyError> {
+        let expected = self.expected(opts).await?;
+        let current = blocking(netns, listing).await?;
+        let ruleset = plan(&opts);
+        let routes = route::present(netns, ruleset.ipv4_route, ruleset.ipv6_route).await?;
+        Ok(match current {
+            None if !routes => Check::Missing,
+            None => Check::Drifted("nftables table missing".into()),
+            Some(text) if text != expected => {
+                Check::Drifted("nftables rules differ from the plan".into())
+            }
+            Some(_) if !routes => Check::Drifted("policy route missing".into()),
+            Some(_) => Check::Intact,
+        })
+    }
+
+    /// Removes the ruleset and the policy route. Idempotent; removes what it can and reports
+    /// the first failure.
+    pub async fn remove(&self, netns: &Arc<NetNs>) -> Result<(), ApplyError> {
+        let nft = blocking(netns, |ns| {
+            run_nft(ns, &["-f", "-"], Some(&Ruleset::remove_script())).map(drop)
+        })
+        .await;
+        let routes = route::remove(netns).await;
+        nft.and(routes.map_err(ApplyError::from))
+    }
 }

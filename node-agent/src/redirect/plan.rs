@@ -8,7 +8,7 @@ use mesh_contract::{PROBE_SNAT_V4, PROBE_SNAT_V6, marks, ports};
 pub const TABLE: &str = "ztunnel-redirect";
 
 /// Per-pod choices.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct Options {
     pub ipv4: bool,
     pub ipv6: bool,

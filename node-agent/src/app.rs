@@ -1,0 +1,116 @@
+//! Process wiring for `node-agent run`.
+//!
+//! Startup fails fast on what would otherwise fail per pod (no `nft`, an unreadable pod
+//! file, sockets that cannot be created). Then: the pod source, the enrollment manager's
+//! first pass (each enrolled pod's rules verified or repaired), and only then the ZDS server,
+//! so a ztunnel's snapshot reflects the node as it really is. SIGTERM stops the agent without
+//! touching any pod: an upgrade or restart must not unprotect them.
+
+use std::sync::{Arc, Mutex};
+
+use anyhow::{Context, bail};
+use prometheus_client::registry::Registry;
+use tokio::sync::{mpsc, oneshot};
+
+use crate::config::Config;
+use crate::enroll::{Manager, Marks, NoStatus, Shared};
+use crate::http::{self, Endpoints};
+use crate::metrics::Metrics;
+use crate::netns_find::Finder;
+use crate::pods::{Policy, file};
+use crate::redirect::{self, Redirector};
+use crate::zds::ZdsServer;
+
+pub fn run(config: Config) -> anyhow::Result<()> {
+    redirect::check_nft()
+        .context("the agent writes redirection with the `nft` binary (apt-get install nftables)")?;
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("building the runtime")?;
+    rt.block_on(serve(config))
+}
+
+async fn serve(config: Config) -> anyhow::Result<()> {
+    let Some(pod_file) = config.pod_file.clone() else {
+        bail!("the Kubernetes pod source is not available in this build; pass --pod-file");
+    };
+    let (pods, watcher) = file::watch(pod_file.clone(), config.pod_file_poll)
+        .with_context(|| format!("pod file {}", pod_file.display()))?;
+    tokio::spawn(watcher);
+
+    std::fs::create_dir_all(&config.state_dir).with_context(|| {
+        format!(
+            "creating the state directory {}",
+            config.state_dir.display()
+        )
+    })?;
+    if !config.no_host_probe_rule {
+        redirect::host::install().context("installing the host probe rule")?;
+    }
+    let metrics = Arc::new(Metrics::default());
+    let mut registry = Registry::default();
+    metrics.register(&mut registry);
+    let zds = ZdsServer::new();
+    let shared = Arc::new(Mutex::new(Shared::default()));
+    let mut manager = Manager::new(
+        Policy {
+            excluded_namespaces: config.excluded_namespaces.iter().cloned().collect(),
+            dns_capture: config.dns_capture,
+            ipv4: true,
+            ipv6: !config.no_ipv6,
+        },
+        Arc::new(Redirector::new()),
+        Arc::new(Finder::new(
+            config.proc_dir.clone(),
+            config.netns_dirs.clone(),
+        )),
+        zds.clone(),
+        metrics.clone(),
+        Arc::new(NoStatus),
+        shared.clone(),
+        Marks::load(Some(config.state_dir.join("enrolled.json"))),
+        config.drift_interval,
+    );
+    manager.host_probes = !config.no_host_probe_rule;
+    let listener = http::bind(config.http_addr)
+        .await
+        .with_context(|| format!("binding {}", config.http_addr))?;
+    tokio::spawn(http::serve(
+        listener,
+        Arc::new(Endpoints {
+            shared,
+            zds: zds.clone(),
+            registry,
+        }),
+    ));
+    let (_requests, requests_rx) = mpsc::channel(64);
+    let (first_sync, synced) = oneshot::channel();
+    let manager = tokio::spawn(manager.run(pods, requests_rx, first_sync));
+    let _ = synced.await;
+    let zds_loop = zds
+        .serve(&config.zds_socket)
+        .with_context(|| format!("serving ZDS on {}", config.zds_socket.display()))?;
+    tokio::spawn(zds_loop);
+    tracing::info!(
+        zds = %config.zds_socket.display(),
+        http = %config.http_addr,
+        pod_file = %pod_file.display(),
+        "node agent started"
+    );
+
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = int.recv() => {}
+        r = manager => {
+            r.context("enrollment manager")?;
+            bail!("the pod source ended");
+        }
+    }
+    tracing::info!("stopping; enrolled pods keep their redirection");
+    let _ = std::fs::remove_file(&config.zds_socket);
+    Ok(())
+}

@@ -1,0 +1,97 @@
+//! The agent's configuration, parsed once from flags and environment.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use mesh_contract::paths;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+/// Settings for `node-agent run`.
+#[derive(Clone, Debug, clap::Args)]
+pub struct Config {
+    /// Standalone pod source: a YAML file of this node's pods and namespaces (see
+    /// `pods::file`). Without it the agent watches Kubernetes.
+    #[arg(long, env = "AGENT_POD_FILE")]
+    pub pod_file: Option<PathBuf>,
+
+    /// This node's name (Kubernetes source: only pods scheduled here are watched).
+    #[arg(long, env = "NODE_NAME")]
+    pub node_name: Option<String>,
+
+    /// The ZDS socket ztunnel connects to.
+    #[arg(long, env = "AGENT_ZDS_SOCKET", default_value = paths::ZDS_SOCKET)]
+    pub zds_socket: PathBuf,
+
+    /// Run directory holding the CNI event socket.
+    #[arg(long, env = "AGENT_RUN_DIR", default_value = paths::AGENT_RUN_DIR)]
+    pub run_dir: PathBuf,
+
+    /// Persistent directory for the record of enrolled pods (survives restarts, so rules
+    /// lost with a reboot are noticed and reported).
+    #[arg(
+        long,
+        env = "AGENT_STATE_DIR",
+        default_value = "/var/lib/ambient-agent"
+    )]
+    pub state_dir: PathBuf,
+
+    /// Address of the `/readyz`, `/metrics` and `/pods` endpoint.
+    #[arg(long, env = "AGENT_HTTP_ADDR", default_value = "127.0.0.1:8000")]
+    pub http_addr: SocketAddr,
+
+    /// The host's /proc (searched for pods' network namespaces).
+    #[arg(long, env = "AGENT_PROC_DIR", default_value = "/proc")]
+    pub proc_dir: PathBuf,
+
+    /// Directories of netns bind mounts, also searched.
+    #[arg(
+        long = "netns-dir",
+        env = "AGENT_NETNS_DIRS",
+        value_delimiter = ',',
+        default_value = "/run/netns,/var/run/netns"
+    )]
+    pub netns_dirs: Vec<PathBuf>,
+
+    /// Namespaces never enrolled.
+    #[arg(
+        long,
+        env = "AGENT_EXCLUDED_NAMESPACES",
+        value_delimiter = ',',
+        default_value = "kube-system"
+    )]
+    pub excluded_namespaces: Vec<String>,
+
+    /// Capture pods' DNS to ztunnel's DNS proxy (port 15053) unless a pod says otherwise.
+    /// Off by default: this project's ztunnel does not serve DNS yet.
+    #[arg(long, env = "AGENT_DNS_CAPTURE")]
+    pub dns_capture: bool,
+
+    /// Leave IPv6 traffic alone (for nodes without IPv6).
+    #[arg(long, env = "AGENT_NO_IPV6")]
+    pub no_ipv6: bool,
+
+    /// How often every enrolled pod's rules are checked for drift.
+    #[arg(long, env = "AGENT_DRIFT_INTERVAL", default_value = "30s", value_parser = humantime::parse_duration)]
+    pub drift_interval: Duration,
+
+    /// How often the pod file is checked for changes.
+    #[arg(long, default_value = "1s", value_parser = humantime::parse_duration)]
+    pub pod_file_poll: Duration,
+
+    /// Do not manage the host's probe SNAT rule (for nodes where something else does).
+    #[arg(long, env = "AGENT_NO_HOST_PROBE_RULE")]
+    pub no_host_probe_rule: bool,
+
+    #[arg(long, env = "AGENT_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
+
+    /// Log filter, e.g. `info` or `info,node_agent=debug`.
+    #[arg(long, env = "AGENT_LOG", default_value = "info")]
+    pub log: String,
+}

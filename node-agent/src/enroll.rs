@@ -1,0 +1,607 @@
+//! The enrollment manager: makes each pod on the node either fully captured by ztunnel or not
+//! enrolled at all.
+//!
+//! It runs as one task that owns all per-pod state. Inputs are the pod source's full pod set
+//! (re-read whenever it changes), enrollment requests from the CNI plugin, ztunnel connecting,
+//! retry timers and a periodic drift check. Enrolling follows one order — find the netns,
+//! install (or verify and repair) the rules, hand the pod to ztunnel and wait for the ack,
+//! then mark it enrolled — and a failure part-way leaves the pod `pending` with a retry
+//! scheduled; it is never reported enrolled early.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use mesh_netns::NetNs;
+use mesh_zds::client::WorkloadInfo;
+use tokio::sync::{mpsc, oneshot, watch};
+
+use crate::metrics::Metrics;
+use crate::netns_find::Finder;
+use crate::pods::{Decision, NetnsHint, PodInfo, PodSet, Policy, REDIRECTION, decide};
+use crate::redirect::{Check, Options, Redirector};
+use crate::zds::{ZdsError, ZdsServer};
+
+const RETRY_START: Duration = Duration::from_millis(250);
+const RETRY_MAX: Duration = Duration::from_secs(30);
+
+/// Where a pod stands.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+#[serde(tag = "state", content = "reason", rename_all = "lowercase")]
+pub enum PodState {
+    /// Rules installed and ztunnel acknowledged the pod.
+    Enrolled,
+    /// Meant for the mesh, not there yet; the reason says which step is waiting.
+    Pending(String),
+}
+
+/// Records enrollment on the pod where the pod source keeps it (the Kubernetes annotation).
+pub trait StatusSink: Send + Sync + std::fmt::Debug {
+    /// `Some("enabled" | "pending")` sets the annotation; `None` removes it.
+    fn record(&self, pod: &PodInfo, value: Option<&'static str>);
+}
+
+/// A sink for sources that keep no status.
+#[derive(Debug, Default)]
+pub struct NoStatus;
+
+impl StatusSink for NoStatus {
+    fn record(&self, _pod: &PodInfo, _value: Option<&'static str>) {}
+}
+
+/// One pod's status for the agent's `/pods` view.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct PodStatus {
+    pub uid: String,
+    pub namespace: String,
+    pub name: String,
+    #[serde(flatten)]
+    pub state: PodState,
+}
+
+/// What the HTTP endpoints read.
+#[derive(Debug, Default)]
+pub struct Shared {
+    pub synced: bool,
+    pub pods: Vec<PodStatus>,
+}
+
+/// What a CNI ADD learns from the agent.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CniOutcome {
+    /// Rules installed and ztunnel acknowledged the pod.
+    Enrolled,
+    /// The pod is not meant for the mesh.
+    NotInMesh(&'static str),
+}
+
+/// A pod as the CNI plugin describes it.
+#[derive(Debug, Clone)]
+pub struct CniPod {
+    pub name: String,
+    pub namespace: String,
+    pub uid: Option<String>,
+    pub container_id: String,
+    pub netns: PathBuf,
+}
+
+/// Requests from other parts of the agent.
+#[derive(Debug)]
+pub enum Request {
+    /// Enroll the pod now if it belongs in the mesh and answer when done.
+    CniAdd {
+        pod: CniPod,
+        reply: oneshot::Sender<Result<CniOutcome, String>>,
+    },
+    /// The sandbox is gone.
+    CniDel { container_id: String },
+}
+
+/// Persistent record of which pods this node enrolled, so rules lost with a reboot are
+/// noticed and reported rather than silently reinstalled.
+#[derive(Debug)]
+pub struct Marks {
+    file: Option<PathBuf>,
+    uids: HashSet<String>,
+}
+
+impl Marks {
+    pub fn load(file: Option<PathBuf>) -> Self {
+        let uids = file
+            .as_ref()
+            .and_then(|f| std::fs::read_to_string(f).ok())
+            .and_then(|t| serde_json::from_str(&t).ok())
+            .unwrap_or_default();
+        Self { file, uids }
+    }
+
+    fn contains(&self, uid: &str) -> bool {
+        self.uids.contains(uid)
+    }
+
+    fn set(&mut self, uid: &str, on: bool) {
+        let changed = if on {
+            self.uids.insert(uid.to_string())
+        } else {
+            self.uids.remove(uid)
+        };
+        if changed && let Some(f) = &self.file {
+            let mut list: Vec<&String> = self.uids.iter().collect();
+            list.sort();
+            let tmp = f.with_extension("tmp");
+            let result = serde_json::to_vec(&list)
+                .map_err(std::io::Error::other)
+                .and_then(|data| std::fs::write(&tmp, data))
+                .and_then(|()| std::fs::rename(&tmp, f));
+            if let Err(e) = result {
+                tracing::warn!(file = %f.display(), error = %e, "cannot persist enrollment marks");
+            }
+        }
+    }
+}
+
+#[derive(Debug)]
+struct Tracked {
+    pod: PodInfo,
+    opts: Options,
+    netns: Option<Arc<NetNs>>,
+    state: PodState,
+    failures: u32,
+    retry_at: Option<Instant>,
+}
+
+/// The manager's inputs and collaborators.
+#[derive(Debug)]
+pub struct Manager {
+    pub policy: Policy,
+    pub redirector: Arc<Redirector>,
+    pub finder: Arc<Finder>,
+    pub zds: ZdsServer,
+    pub metrics: Arc<Metrics>,
+    pub status: Arc<dyn StatusSink>,
+    pub shared: Arc<Mutex<Shared>>,
+    pub marks: Marks,
+    pub drift_interval: Duration,
+    /// Maintain the host's probe SNAT sets (off when something else owns the host rules).
+    pub host_probes: bool,
+    tracked: BTreeMap<String, Tracked>,
+    current: PodSet,
+    synced: bool,
+}
+
+fn info(pod: &PodInfo) -> WorkloadInfo {
+    WorkloadInfo {
+        name: pod.name.clone(),
+        namespace: pod.namespace.clone(),
+        service_account: pod.service_account.clone(),
+    }
+}
+
+impl Manager {
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        policy: Policy,
+        redirector: Arc<Redirector>,
+        finder: Arc<Finder>,
+        zds: ZdsServer,
+        metrics: Arc<Metrics>,
+        status: Arc<dyn StatusSink>,
+        shared: Arc<Mutex<Shared>>,
+        marks: Marks,
+        drift_interval: Duration,
+    ) -> Self {
+        Self {
+            policy,
+            redirector,
+            finder,
+            zds,
+            metrics,
+            status,
+            shared,
+            marks,
+            drift_interval,
+            host_probes: true,
+            tracked: BTreeMap::new(),
+            current: PodSet::default(),
+            synced: false,
+        }
+    }
+
+    /// Runs until the pod source ends. `first_sync` fires once the first pod set has been
+    /// reconciled (rules verified or repaired), which is when the agent starts serving ZDS.
+    pub async fn run(
+        mut self,
+        mut pods: watch::Receiver<Option<PodSet>>,
+        mut requests: mpsc::Receiver<Request>,
+        first_sync: oneshot::Sender<()>,
+    ) {
+        let mut first_sync = Some(first_sync);
+        let mut connected = self.zds.watch_connected();
+        let mut drift = tokio::time::interval(self.drift_interval);
+        drift.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        // The initial set, if the source already has one.
+        let initial = pods.borrow_and_update().clone();
+        if let Some(set) = initial {
+            self.sync(set).await;
+            self.publish();
+            if let Some(tx) = first_sync.take() {
+                let _ = tx.send(());
+            }
+        }
+        loop {
+            let next_retry = self.tracked.values().filter_map(|t| t.retry_at).min();
+            let sleep = async {
+                match next_retry {
+                    Some(at) => tokio::time::sleep_until(at.into()).await,
+                    None => std::future::pending().await,
+                }
+            };
+            tokio::select! {
+                changed = pods.changed() => {
+                    if changed.is_err() {
+                        tracing::warn!("pod source ended");
+                        return;
+                    }
+                    let set = pods.borrow_and_update().clone();
+                    if let Some(set) = set {
+                        self.sync(set).await;
+                        if let Some(tx) = first_sync.take() {
+                            let _ = tx.send(());
+                        }
+                    }
+                }
+                () = sleep => self.retry_due().await,
+                _ = drift.tick() => self.check_drift().await,
+                Some(req) = requests.recv() => self.handle(req).await,
+                Ok(()) = connected.changed() => {
+                    let n = *connected.borrow_and_update();
+                    self.metrics.zds_connections.set(n as i64);
+                    if n > 0 {
+                        // Pods waiting for a ztunnel can go now.
+                        let now = Instant::now();
+                        for t in self.tracked.values_mut() {
+                            if matches!(t.state, PodState::Pending(_)) {
+                                t.retry_at = Some(now);
+                            }
+                        }
+                    }
+                }
+            }
+            self.publish();
+        }
+    }
+
+    fn publish(&self) {
+        let pods: Vec<PodStatus> = self
+            .tracked
+            .iter()
+            .map(|(uid, t)| PodStatus {
+                uid: uid.clone(),
+                namespace: t.pod.namespace.clone(),
+                name: t.pod.name.clone(),
+                state: t.state.clone(),
+            })
+            .collect();
+        let enrolled = pods
+            .iter()
+            .filter(|p| p.state == PodState::Enrolled)
+            .count();
+        self.metrics.pods_enrolled.set(enrolled as i64);
+        self.metrics
+            .pods_pending
+            .set((pods.len() - enrolled) as i64);
+        let mut shared = self.shared.lock().expect("not poisoned");
+        shared.synced = self.synced;
+        shared.pods = pods;
+    }
+
+    /// Brings tracked pods in line with the source's current set.
+    async fn sync(&mut self, set: PodSet) {
+        let namespaces: HashMap<&str, _> = set
+            .namespaces
+            .iter()
+            .map(|n| (n.name.as_str(), n))
+            .collect();
+        let mut wanted: BTreeMap<String, (PodInfo, Options)> = BTreeMap::new();
+        for pod in &set.pods {
+            if let Decision::Enroll(opts) = decide(
+                pod,
+                namespaces.get(pod.namespace.as_str()).copied(),
+                &self.policy,
+            ) {
+                wanted.insert(pod.uid.clone(), (pod.clone(), opts));
+            }
+        }
+        let gone: Vec<String> = self
+            .tracked
+            .keys()
+            .filter(|uid| !wanted.contains_key(*uid))
+            .cloned()
+            .collect();
+        for uid in gone {
+            self.unenroll(&uid).await;
+        }
+        for (uid, (pod, opts)) in wanted {
+            match self.tracked.get_mut(&uid) {
+                Some(t) if t.pod == pod && t.opts == opts => {}
+                Some(t) => {
+                    let netns_changed = t.pod.netns != pod.netns;
+                    tracing::info!(%uid, pod = %pod.name, "pod changed; re-enrolling");
+                    if netns_changed {
+                        t.netns = None;
+                    }
+                    t.pod = pod;
+                    t.opts = opts;
+                    t.failures = 0;
+                    self.enroll(&uid).await;
+                }
+                None => {
+                    self.tracked.insert(
+                        uid.clone(),
+                        Tracked {
+                            pod,
+                            opts,
+                            netns: None,
+                            state: PodState::Pending("starting".into()),
+                            failures: 0,
+                            retry_at: None,
+                        },
+                    );
+                    self.enroll(&uid).await;
+                }
+            }
+        }
+        self.current = set;
+        self.synced = true;
+    }
+
+    async fn retry_due(&mut self) {
+        let now = Instant::now();
+        let due: Vec<String> = self
+            .tracked
+            .iter()
+            .filter(|(_, t)| t.retry_at.is_some_and(|at| at <= now))
+            .map(|(uid, _)| uid.clone())
+            .collect();
+        for uid in due {
+            self.enroll(&uid).await;
+        }
+    }
+
+    fn pending(&mut self, uid: &str, step: &'static str, reason: String) {
+        let Some(t) = self.tracked.get_mut(uid) else {
+            return;
+        };
+        t.failures += 1;
+        let wait = (RETRY_START * 2u32.saturating_pow(t.failures.min(8) - 1)).min(RETRY_MAX);
+        t.retry_at = Some(Instant::now() + wait);
+        tracing::warn!(uid, pod = %t.pod.name, namespace = %t.pod.namespace, step, %reason, retry_in = ?wait, "enrollment pending");
+        if t.state != PodState::Pending(reason.clone()) {
+            self.metrics.failure(step);
+        }
+        t.state = PodState::Pending(reason);
+        let pod = t.pod.clone();
+        self.status.record(&pod, Some("pending"));
+    }
+
+    /// One enrollment attempt: netns, rules, ztunnel, mark.
+    async fn enroll(&mut self, uid: &str) {
+        let Some(t) = self.tracked.get_mut(uid) else {
+            return;
+        };
+        t.retry_at = None;
+        let pod = t.pod.clone();
+        let opts = t.opts;
+        let netns = match &t.netns {
+            Some(ns) => ns.clone(),
+            None => match self.finder.find(&pod).await {
+                Ok(ns) => {
+                    let ns = Arc::new(ns);
+                    self.tracked.get_mut(uid).expect("tracked").netns = Some(ns.clone());
+                    ns
+                }
+                Err(e) => {
+                    // A ztunnel that already serves this pod (agent restart) must keep it.
+                    self.zds.keep(uid, info(&pod));
+                    let reason = format!("network namespace: {}", chain(&e));
+                    return self.pending(uid, "netns", reason);
+                }
+            },
+        };
+        match self.redirector.check(&netns, opts).await {
+            Ok(Check::Intact) => {}
+            Ok(check) => {
+                let marked = self.marks.contains(uid)
+                    || pod
+                        .annotations
+                        .get(REDIRECTION)
+                        .is_some_and(|v| v == "enabled");
+                match (&check, marked) {
+                    (Check::Missing, false) => {
+                        tracing::info!(uid, pod = %pod.name, "installing redirection")
+                    }
+                    (Check::Missing, true) => {
+                        self.metrics.rule_repairs.inc();
+                        tracing::warn!(uid, pod = %pod.name, "pod was enrolled but its rules are gone (node reboot?); reinstalling");
+                    }
+                    (Check::Drifted(what), _) => {
+                        self.metrics.rule_repairs.inc();
+                        tracing::warn!(uid, pod = %pod.name, drift = %what, "redirection changed behind the agent's back; repairing");
+                    }
+                    (Check::Intact, _) => {}
+                }
+                if let Err(e) = self.redirector.apply(&netns, opts).await {
+                    return self.pending(
+                        uid,
+                        "rules",
+                        format!("installing redirection: {}", chain(&e)),
+                    );
+                }
+            }
+            Err(e) => {
+                return self.pending(uid, "rules", format!("checking redirection: {}", chain(&e)));
+            }
+        }
+        match self.zds.add(uid, info(&pod), netns).await {
+            Ok(()) => {}
+            Err(ZdsError::NoZtunnel) => {
+                return self.pending(uid, "ztunnel", "waiting for ztunnel to connect".into());
+            }
+            Err(e) => return self.pending(uid, "ztunnel", format!("ztunnel: {}", chain(&e))),
+        }
+        if self.host_probes {
+            let ips = pod.ips.clone();
+            let r = tokio::task::spawn_blocking(move || crate::redirect::host::add(&ips)).await;
+            if let Ok(Err(e)) = r {
+                tracing::warn!(uid, pod = %pod.name, step = "probe-rule", error = %chain(&e), "probe SNAT set not updated");
+            }
+        }
+        let t = self.tracked.get_mut(uid).expect("tracked");
+        let was = std::mem::replace(&mut t.state, PodState::Enrolled);
+        t.failures = 0;
+        self.marks.set(uid, true);
+        self.status.record(&pod, Some("enabled"));
+        if was != PodState::Enrolled {
+            tracing::info!(uid, pod = %pod.name, namespace = %pod.namespace, "pod enrolled");
+        }
+    }
+
+    async fn unenroll(&mut self, uid: &str) {
+        let Some(t) = self.tracked.remove(uid) else {
+            return;
+        };
+        if let Err(e) = self.zds.del(uid).await {
+            tracing::warn!(uid, pod = %t.pod.name, step = "ztunnel", error = %chain(&e), "ztunnel did not confirm removal");
+        }
+        if let Some(ns) = &t.netns
+            && let Err(e) = self.redirector.remove(ns).await
+        {
+            self.metrics.failure("remove");
+            tracing::warn!(uid, pod = %t.pod.name, step = "rules", error = %chain(&e), "removing redirection failed");
+        }
+        if self.host_probes {
+            let ips = t.pod.ips.clone();
+            let _ = tokio::task::spawn_blocking(move || crate::redirect::host::remove(&ips)).await;
+        }
+        self.marks.set(uid, false);
+        self.status.record(&t.pod, None);
+        tracing::info!(uid, pod = %t.pod.name, namespace = %t.pod.namespace, "pod unenrolled");
+    }
+
+    async fn check_drift(&mut self) {
+        let enrolled: Vec<String> = self
+            .tracked
+            .iter()
+            .filter(|(_, t)| t.state == PodState::Enrolled)
+            .map(|(uid, _)| uid.clone())
+            .collect();
+        for uid in enrolled {
+            let Some(t) = self.tracked.get(&uid) else {
+                continue;
+            };
+            let (Some(ns), opts, name) = (t.netns.clone(), t.opts, t.pod.name.clone()) else {
+                continue;
+            };
+            match self.redirector.check(&ns, opts).await {
+                Ok(Check::Intact) => {}
+                Ok(check) => {
+                    self.metrics.rule_repairs.inc();
+                    tracing::warn!(%uid, pod = %name, drift = ?check, "redirection drifted; repairing");
+                    if let Err(e) = self.redirector.apply(&ns, opts).await {
+                        self.pending(
+                            &uid,
+                            "rules",
+                            format!("repairing redirection: {}", chain(&e)),
+                        );
+                    }
+                }
+                Err(e) => {
+                    tracing::warn!(%uid, pod = %name, error = %chain(&e), "drift check failed")
+                }
+            }
+        }
+    }
+
+    async fn handle(&mut self, req: Request) {
+        match req {
+            Request::CniAdd { pod, reply } => {
+                let result = self.cni_add(pod).await;
+                let _ = reply.send(result);
+            }
+            Request::CniDel { container_id } => self.finder.forget_container(&container_id),
+        }
+    }
+
+    /// Enrolls the pod a CNI ADD names, if the pod source knows it and it belongs in the mesh.
+    async fn cni_add(&mut self, cni: CniPod) -> Result<CniOutcome, String> {
+        self.finder
+            .remember_container(&cni.container_id, &cni.netns);
+        let found = self
+            .current
+            .pods
+            .iter()
+            .find(|p| {
+                p.namespace == cni.namespace
+                    && p.name == cni.name
+                    && cni.uid.as_ref().is_none_or(|u| *u == p.uid)
+            })
+            .cloned();
+        let Some(mut pod) = found else {
+            return Err(format!(
+                "the agent does not know pod {}/{} yet",
+                cni.namespace, cni.name
+            ));
+        };
+        let ns = self
+            .current
+            .namespaces
+            .iter()
+            .find(|n| n.name == pod.namespace);
+        let opts = match decide(&pod, ns, &self.policy) {
+            Decision::Skip(why) => return Ok(CniOutcome::NotInMesh(why)),
+            Decision::Enroll(opts) => opts,
+        };
+        // The runtime's netns for this sandbox is authoritative.
+        pod.netns = NetnsHint::Path(cni.netns.clone());
+        let uid = pod.uid.clone();
+        let fresh = match self.tracked.get(&uid) {
+            Some(t) => t
+                .netns
+                .as_ref()
+                .map(|n| NetNs::open(&cni.netns).map(|c| c.id()).ok() != Some(n.id()))
+                .unwrap_or(true),
+            None => true,
+        };
+        if fresh {
+            self.tracked.insert(
+                uid.clone(),
+                Tracked {
+                    pod,
+                    opts,
+                    netns: None,
+                    state: PodState::Pending("starting".into()),
+                    failures: 0,
+                    retry_at: None,
+                },
+            );
+        }
+        self.enroll(&uid).await;
+        match &self.tracked.get(&uid).map(|t| t.state.clone()) {
+            Some(PodState::Enrolled) => Ok(CniOutcome::Enrolled),
+            Some(PodState::Pending(reason)) => Err(reason.clone()),
+            None => Err("pod vanished during enrollment".into()),
+        }
+    }
+}
+
+fn chain(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut s = e.to_string();
+    let mut next = e.source();
+    while let Some(inner) = next {
+        s.push_str(": ");
+        s.push_str(&inner.to_string());
+        next = inner.source();
+    }
+    s
+}

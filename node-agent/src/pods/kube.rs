@@ -1,0 +1,1 @@
+//! The Kubernetes pod source (arrives with the Kubernetes watch).

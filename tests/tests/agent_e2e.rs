@@ -1,0 +1,193 @@
+//! The node agent end to end with our ztunnel: pods from a standalone pod file on two
+//! simulated nodes, enrolled by the real agent process, talking over HBONE; and what happens
+//! when pods go, processes restart, or someone else touches the rules.
+
+use std::time::Duration;
+
+use mesh_testbed::apps::{EchoServer, connect, echo_roundtrip, listening_ports};
+use mesh_testbed::lab::Pod;
+use mesh_testbed::mesh::{Scene, eventually};
+
+const T: Duration = Duration::from_secs(10);
+
+fn proxied(pod: &Pod) -> bool {
+    let ports = listening_ports(pod);
+    [15001, 15006, 15008].iter().all(|p| ports.contains(p))
+}
+
+fn unproxied(pod: &Pod) -> bool {
+    let ports = listening_ports(pod);
+    ![15001, 15006, 15008].iter().any(|p| ports.contains(p))
+}
+
+fn has_rules(pod: &Pod) -> bool {
+    pod.ns
+        .exec("nft", &["list", "tables"])
+        .contains("ztunnel-redirect")
+}
+
+/// Both nodes run the real agent and ztunnel; a1 (node a) and b1 (node b) are in the pod files.
+fn scene() -> Scene {
+    let mut s = Scene::new();
+    s.m.write_config(&[&s.wa, &s.wb], &[]);
+    for (node, w) in [("a", s.wa.clone()), ("b", s.wb.clone())] {
+        s.m.write_pods(node, &[&w], "");
+        s.m.start_agent(node, &[]);
+        s.m.start_ztunnel(node, &[]);
+    }
+    for node in ["a", "b"] {
+        let ready = eventually(T, || s.m.agent_get(node, "/readyz").0 == 200);
+        assert!(
+            ready,
+            "agent on {node} never became ready: {:?}",
+            s.m.agent_get(node, "/readyz")
+        );
+    }
+    assert!(eventually(T, || proxied(&s.a1) && proxied(&s.b1)));
+    s
+}
+
+fn hbone_works(s: &mut Scene, what: &str) {
+    let before =
+        s.m.ztunnel_log("b")
+            .matches("direction=inbound pod")
+            .count();
+    let got = connect(&s.a1, s.b1.addr(8080), T).and_then(|c| echo_roundtrip(c, what.as_bytes()));
+    assert_eq!(got.ok().as_deref(), Some(what.as_bytes()), "{what}");
+    assert!(
+        eventually(T, || s
+            .m
+            .ztunnel_log("b")
+            .matches("direction=inbound pod")
+            .count()
+            > before),
+        "{what}: not over HBONE"
+    );
+}
+
+#[test]
+fn agent_enrolls_pods_that_then_talk_over_hbone() {
+    let mut s = scene();
+    let _server = EchoServer::start(&s.b1, 8080);
+    hbone_works(&mut s, "enrolled by the agent");
+    let (status, pods) = s.m.agent_get("a", "/pods");
+    assert_eq!(status, 200);
+    assert!(pods.contains("\"state\": \"enrolled\""), "{pods}");
+    let (_, metrics) = s.m.agent_get("a", "/metrics");
+    assert!(
+        metrics.contains("ambient_agent_pods_enrolled 1"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("ambient_agent_zds_connections 1"),
+        "{metrics}"
+    );
+}
+
+#[test]
+fn removing_a_pod_removes_its_proxy_and_rules() {
+    let s = scene();
+    assert!(has_rules(&s.a1));
+    s.m.write_pods("a", &[], "");
+    assert!(eventually(T, || unproxied(&s.a1)), "proxy still up");
+    assert!(eventually(T, || !has_rules(&s.a1)), "rules left behind");
+    let rule = s.a1.ns.exec("ip", &["rule", "list"]);
+    assert!(
+        !rule.contains("lookup 100"),
+        "policy rule left behind: {rule}"
+    );
+}
+
+#[test]
+fn restarting_the_agent_keeps_traffic_flowing_and_resends_the_snapshot() {
+    let mut s = scene();
+    let _server = EchoServer::start(&s.b1, 8080);
+    hbone_works(&mut s, "before");
+    s.m.lab.stop("agent-a");
+    // ztunnel keeps serving while its agent is away.
+    hbone_works(&mut s, "agent down");
+    s.m.start_agent("a", &[]);
+    assert!(eventually(T, || s
+        .m
+        .ztunnel_log("a")
+        .matches("connected to the node agent")
+        .count()
+        >= 2));
+    assert!(eventually(T, || s
+        .m
+        .agent_log("a")
+        .contains("snapshot acknowledged")));
+    assert!(eventually(T, || s.m.agent_get("a", "/readyz").0 == 200));
+    // The restarted agent found the rules intact and did not reinstall them.
+    assert!(!s.m.agent_log("a").contains("rules are gone"));
+    hbone_works(&mut s, "agent back");
+}
+
+#[test]
+fn restarting_ztunnel_gets_every_pod_back() {
+    let mut s = scene();
+    let _server = EchoServer::start(&s.b1, 8080);
+    s.m.lab.stop("ztunnel-b");
+    assert!(eventually(T, || unproxied(&s.b1)));
+    assert!(eventually(T, || s.m.agent_get("b", "/readyz").0 == 503));
+    s.m.start_ztunnel("b", &[]);
+    assert!(
+        eventually(T, || proxied(&s.b1)),
+        "b1 not served after ztunnel restart"
+    );
+    hbone_works(&mut s, "after ztunnel restart");
+}
+
+#[test]
+fn rules_flushed_behind_the_agent_are_repaired() {
+    let mut s = scene();
+    let _server = EchoServer::start(&s.b1, 8080);
+    s.a1.ns
+        .exec("nft", &["delete", "table", "inet", "ztunnel-redirect"]);
+    assert!(!has_rules(&s.a1));
+    assert!(eventually(T, || has_rules(&s.a1)), "rules not repaired");
+    assert!(eventually(T, || s.m.agent_log("a").contains("repairing")));
+    let (_, metrics) = s.m.agent_get("a", "/metrics");
+    assert!(
+        metrics.contains("ambient_agent_rule_repairs_total 1"),
+        "{metrics}"
+    );
+    // And a rule added to our table by someone else is removed again.
+    s.a1.ns.exec(
+        "nft",
+        &[
+            "add",
+            "rule",
+            "inet",
+            "ztunnel-redirect",
+            "output-nat",
+            "tcp",
+            "dport",
+            "9",
+            "accept",
+        ],
+    );
+    assert!(eventually(T, || !s
+        .a1
+        .ns
+        .exec("nft", &["list", "table", "inet", "ztunnel-redirect"])
+        .contains("dport 9")));
+    hbone_works(&mut s, "after repair");
+}
+
+#[test]
+fn kubelet_probes_from_the_node_bypass_the_proxy() {
+    let s = scene();
+    let server = EchoServer::start(&s.a1, 8080);
+    // A local process on node a (where kubelet would run) connects to the enrolled pod.
+    let node = s.m.lab.node("a").ns.clone();
+    let probe = Pod {
+        name: "node-a".into(),
+        node: "a".into(),
+        ns: node,
+        ip: "198.19.0.1".parse().unwrap(),
+    };
+    let got = connect(&probe, s.a1.addr(8080), T).and_then(|c| echo_roundtrip(c, b"probe"));
+    assert_eq!(got.unwrap(), b"probe");
+    assert_eq!(server.peers()[0].ip().to_string(), "169.254.7.127");
+}
