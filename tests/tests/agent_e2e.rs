@@ -191,3 +191,80 @@ fn kubelet_probes_from_the_node_bypass_the_proxy() {
     assert_eq!(got.unwrap(), b"probe");
     assert_eq!(server.peers()[0].ip().to_string(), "169.254.7.127");
 }
+
+#[test]
+fn rules_lost_while_the_agent_was_down_are_reported_and_reinstalled() {
+    let mut s = scene();
+    let _server = EchoServer::start(&s.b1, 8080);
+    // A node reboot loses every pod's rules; the agent restarts with its record of which pods
+    // it had enrolled.
+    s.m.lab.stop("agent-a");
+    s.a1.ns
+        .exec("nft", &["delete", "table", "inet", "ztunnel-redirect"]);
+    s.a1.ns
+        .exec("ip", &["-4", "rule", "del", "priority", "32764"]);
+    s.a1.ns
+        .exec("ip", &["-6", "rule", "del", "priority", "32764"]);
+    s.m.start_agent("a", &[]);
+    assert!(eventually(T, || has_rules(&s.a1)));
+    assert!(
+        eventually(T, || s.m.agent_log("a").contains("rules are gone")),
+        "{}",
+        s.m.agent_log("a")
+    );
+    let (_, metrics) = s.m.agent_get("a", "/metrics");
+    assert!(
+        metrics.contains("ambient_agent_rule_repairs_total 1"),
+        "{metrics}"
+    );
+    hbone_works(&mut s, "after reboot repair");
+}
+
+#[test]
+fn a_netns_path_that_is_not_a_netns_keeps_the_pod_pending_with_the_reason() {
+    let mut s = Scene::new();
+    s.m.write_config(&[&s.wa], &[]);
+    let bogus = s.m.lab.dir().join("not-a-netns");
+    std::fs::write(&bogus, "").unwrap();
+    let extra = format!(
+        "- {{name: ghost, namespace: ns-a, ips: [\"198.18.1.99\"], netns: {}}}\n",
+        bogus.display()
+    );
+    s.m.write_pods("a", &[&s.wa], &extra);
+    s.m.start_agent("a", &[]);
+    s.m.start_ztunnel("a", &[]);
+    assert!(
+        eventually(T, || proxied(&s.a1)),
+        "the good pod must still be enrolled"
+    );
+    assert!(eventually(T, || s
+        .m
+        .agent_get("a", "/pods")
+        .1
+        .contains("not a network namespace")));
+    let (_, pods) = s.m.agent_get("a", "/pods");
+    assert!(pods.contains("\"state\": \"pending\""), "{pods}");
+    let (_, metrics) = s.m.agent_get("a", "/metrics");
+    assert!(
+        metrics.contains("ambient_agent_pods_pending 1"),
+        "{metrics}"
+    );
+}
+
+#[test]
+fn a_pod_known_only_by_its_ip_is_found_by_searching_the_node() {
+    let mut s = Scene::new();
+    s.m.write_config(&[&s.wa], &[]);
+    // No netns path: the agent must find the namespace that holds the pod's address.
+    let yaml = format!(
+        "namespaces: [{{name: ns-a, labels: {{istio.io/dataplane-mode: ambient}}}}]\n\
+         pods: [{{name: a1, namespace: ns-a, uid: {}, serviceAccount: client, ips: [\"{}\"]}}]\n",
+        s.wa.uid(),
+        s.a1.ip
+    );
+    std::fs::write(s.m.pod_file("a"), yaml).unwrap();
+    s.m.start_agent("a", &[]);
+    s.m.start_ztunnel("a", &[]);
+    assert!(eventually(T, || proxied(&s.a1)), "{}", s.m.agent_log("a"));
+    assert!(has_rules(&s.a1));
+}

@@ -15,16 +15,26 @@ use socket2::{Domain, SockRef, Socket, Type};
 const T: Duration = Duration::from_secs(5);
 
 fn rt() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap()
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap()
 }
 
 /// Everything the rules can leave behind in a netns, as text.
 fn installed(pod: &Pod) -> String {
     let mut s = pod.ns.exec("nft", &["list", "ruleset"]);
     for fam in ["-4", "-6"] {
-        s += &pod.ns.exec("ip", &[fam, "rule", "list", "priority", "32764"]);
+        s += &pod
+            .ns
+            .exec("ip", &[fam, "rule", "list", "priority", "32764"]);
         let routes = pod.ns.exec("ip", &[fam, "route", "show", "table", "all"]);
-        s.extend(routes.lines().filter(|l| l.contains("table 100")).map(|l| format!("{l}\n")));
+        s.extend(
+            routes
+                .lines()
+                .filter(|l| l.contains("table 100"))
+                .map(|l| format!("{l}\n")),
+        );
     }
     s
 }
@@ -40,10 +50,28 @@ fn apply_is_idempotent_and_remove_leaves_nothing() {
     let rt = rt();
     let r = Redirector::new();
     let variants = [
-        ("v4", Options { ipv6: false, ..Options::default() }),
+        (
+            "v4",
+            Options {
+                ipv6: false,
+                ..Options::default()
+            },
+        ),
         ("dual", Options::default()),
-        ("dns", Options { dns_capture: true, ..Options::default() }),
-        ("bypass", Options { capture_inbound: false, ..Options::default() }),
+        (
+            "dns",
+            Options {
+                dns_capture: true,
+                ..Options::default()
+            },
+        ),
+        (
+            "bypass",
+            Options {
+                capture_inbound: false,
+                ..Options::default()
+            },
+        ),
     ];
     for (name, opts) in variants {
         let pod = lab.add_pod("a", &format!("p-{name}"));
@@ -51,15 +79,35 @@ fn apply_is_idempotent_and_remove_leaves_nothing() {
         rt.block_on(r.apply(&ns(&pod), opts)).unwrap();
         let once = installed(&pod);
         rt.block_on(r.apply(&ns(&pod), opts)).unwrap();
-        assert_eq!(installed(&pod), once, "{name}: second apply changed something");
-        assert_eq!(rt.block_on(r.check(&ns(&pod), opts)).unwrap(), Check::Intact, "{name}");
+        assert_eq!(
+            installed(&pod),
+            once,
+            "{name}: second apply changed something"
+        );
+        assert_eq!(
+            rt.block_on(r.check(&ns(&pod), opts)).unwrap(),
+            Check::Intact,
+            "{name}"
+        );
         assert!(once.contains("lookup 100"), "{name}: {once}");
         let families = if opts.ipv6 { 2 } else { 1 };
-        assert_eq!(once.matches("local default dev lo table 100").count(), families, "{name}: {once}");
-        assert_eq!(once.matches("fwmark 0x111/0xfff lookup 100").count(), families, "{name}: {once}");
+        assert_eq!(
+            once.matches("local default dev lo table 100").count(),
+            families,
+            "{name}: {once}"
+        );
+        assert_eq!(
+            once.matches("fwmark 0x111/0xfff lookup 100").count(),
+            families,
+            "{name}: {once}"
+        );
         rt.block_on(r.remove(&ns(&pod))).unwrap();
         assert_eq!(installed(&pod), before, "{name}: remove left something");
-        assert_eq!(rt.block_on(r.check(&ns(&pod), opts)).unwrap(), Check::Missing, "{name}");
+        assert_eq!(
+            rt.block_on(r.check(&ns(&pod), opts)).unwrap(),
+            Check::Missing,
+            "{name}"
+        );
         rt.block_on(r.remove(&ns(&pod))).unwrap();
     }
 }
@@ -75,16 +123,53 @@ fn drift_is_detected_and_repaired() {
     let apply = || rt.block_on(r.apply(&ns(&pod), opts)).unwrap();
     let check = || rt.block_on(r.check(&ns(&pod), opts)).unwrap();
     let tampering: [(&str, &[&str], &[&str]); 4] = [
-        ("rule flushed", &["nft", "flush", "chain", "inet", "ztunnel-redirect", "output-nat"], &[]),
-        ("rule added", &["nft", "add", "rule", "inet", "ztunnel-redirect", "output-nat", "tcp", "dport", "9", "accept"], &[]),
-        ("table deleted", &["nft", "delete", "table", "inet", "ztunnel-redirect"], &[]),
-        ("policy rule deleted", &["ip", "-4", "rule", "del", "priority", "32764"], &[]),
+        (
+            "rule flushed",
+            &[
+                "nft",
+                "flush",
+                "chain",
+                "inet",
+                "ztunnel-redirect",
+                "output-nat",
+            ],
+            &[],
+        ),
+        (
+            "rule added",
+            &[
+                "nft",
+                "add",
+                "rule",
+                "inet",
+                "ztunnel-redirect",
+                "output-nat",
+                "tcp",
+                "dport",
+                "9",
+                "accept",
+            ],
+            &[],
+        ),
+        (
+            "table deleted",
+            &["nft", "delete", "table", "inet", "ztunnel-redirect"],
+            &[],
+        ),
+        (
+            "policy rule deleted",
+            &["ip", "-4", "rule", "del", "priority", "32764"],
+            &[],
+        ),
     ];
     for (what, cmd, _) in tampering {
         apply();
         assert_eq!(check(), Check::Intact);
         pod.ns.exec(cmd[0], &cmd[1..]);
-        assert!(matches!(check(), Check::Drifted(_)), "{what} went unnoticed");
+        assert!(
+            matches!(check(), Check::Drifted(_)),
+            "{what} went unnoticed"
+        );
         apply();
         assert_eq!(check(), Check::Intact, "{what} not repaired");
     }
@@ -109,7 +194,11 @@ fn listen(pod: &Pod, addr: SocketAddr) -> TcpListener {
 
 fn orig_dst(s: &std::net::TcpStream) -> SocketAddr {
     let r = SockRef::from(s);
-    let a = if s.local_addr().unwrap().is_ipv4() { r.original_dst_v4() } else { r.original_dst_v6() };
+    let a = if s.local_addr().unwrap().is_ipv4() {
+        r.original_dst_v4()
+    } else {
+        r.original_dst_v6()
+    };
     a.unwrap().as_socket().unwrap()
 }
 
@@ -120,7 +209,8 @@ fn traffic_is_captured_and_marked_traffic_is_not() {
     let p = lab.add_pod("a", "p");
     let q = lab.add_pod("a", "q");
     let rt = rt();
-    rt.block_on(Redirector::new().apply(&ns(&p), Options::default())).unwrap();
+    rt.block_on(Redirector::new().apply(&ns(&p), Options::default()))
+        .unwrap();
     let outbound = listen(&p, "0.0.0.0:15001".parse().unwrap());
     let inbound = listen(&p, "0.0.0.0:15006".parse().unwrap());
     let hbone = listen(&p, "0.0.0.0:15008".parse().unwrap());
@@ -134,11 +224,10 @@ fn traffic_is_captured_and_marked_traffic_is_not() {
     assert!(q_server.peers().is_empty(), "captured traffic leaked to q");
 
     // A socket carrying ztunnel's mark goes straight through.
-    let marked = p
-        .ns
-        .open()
-        .run(|| Socket::new(Domain::IPV4, Type::STREAM, None).unwrap())
-        .unwrap();
+    let marked =
+        p.ns.open()
+            .run(|| Socket::new(Domain::IPV4, Type::STREAM, None).unwrap())
+            .unwrap();
     marked.set_mark(0x539).unwrap();
     marked.connect_timeout(&q.addr(9000).into(), T).unwrap();
     let got = echo_roundtrip(marked.into(), b"marked").unwrap();
@@ -156,7 +245,10 @@ fn traffic_is_captured_and_marked_traffic_is_not() {
     // Loopback traffic inside the pod is left alone.
     let lo_server = EchoServer::start(&p, 7000);
     let local: SocketAddr = "127.0.0.1:7000".parse().unwrap();
-    assert_eq!(echo_roundtrip(connect(&p, local, T).unwrap(), b"lo").unwrap(), b"lo");
+    assert_eq!(
+        echo_roundtrip(connect(&p, local, T).unwrap(), b"lo").unwrap(),
+        b"lo"
+    );
     drop(lo_server);
 }
 
@@ -175,16 +267,21 @@ fn options_bypass_inbound_and_capture_dns() {
     rt.block_on(Redirector::new().apply(&ns(&p), opts)).unwrap();
     // Inbound bypass: q reaches p's app directly.
     let app = EchoServer::start(&p, 8080);
-    assert_eq!(echo_roundtrip(connect(&q, p.addr(8080), T).unwrap(), b"in").unwrap(), b"in");
+    assert_eq!(
+        echo_roundtrip(connect(&q, p.addr(8080), T).unwrap(), b"in").unwrap(),
+        b"in"
+    );
     assert_eq!(app.peers()[0].ip(), q.ip);
     // DNS capture: the pod's UDP to any resolver lands on 15053.
-    let dns = p
-        .ns
-        .open()
-        .run(|| std::net::UdpSocket::bind("0.0.0.0:15053").unwrap())
-        .unwrap();
+    let dns =
+        p.ns.open()
+            .run(|| std::net::UdpSocket::bind("0.0.0.0:15053").unwrap())
+            .unwrap();
     dns.set_read_timeout(Some(T)).unwrap();
-    let client = p.ns.open().run(|| std::net::UdpSocket::bind("0.0.0.0:0").unwrap()).unwrap();
+    let client =
+        p.ns.open()
+            .run(|| std::net::UdpSocket::bind("0.0.0.0:0").unwrap())
+            .unwrap();
     client.send_to(b"query", "198.18.250.250:53").unwrap();
     let mut buf = [0u8; 16];
     let (n, _) = dns.recv_from(&mut buf).unwrap();
@@ -196,13 +293,28 @@ fn ipv6_traffic_is_captured_too() {
     let mut lab = Lab::new();
     lab.add_node("a");
     let p = lab.add_pod("a", "p");
-    p.ns.exec("ip", &["-6", "addr", "add", "fd00:18::11/128", "dev", "eth0", "nodad"]);
+    p.ns.exec(
+        "ip",
+        &[
+            "-6",
+            "addr",
+            "add",
+            "fd00:18::11/128",
+            "dev",
+            "eth0",
+            "nodad",
+        ],
+    );
     p.ns.exec("ip", &["-6", "route", "add", "fd00::/16", "dev", "eth0"]);
     let rt = rt();
-    rt.block_on(Redirector::new().apply(&ns(&p), Options::default())).unwrap();
+    rt.block_on(Redirector::new().apply(&ns(&p), Options::default()))
+        .unwrap();
     let outbound = listen(&p, "[::]:15001".parse().unwrap());
     let dst: SocketAddr = "[fd00:99::1]:80".parse().unwrap();
-    let sock = p.ns.open().run(|| Socket::new(Domain::IPV6, Type::STREAM, None).unwrap()).unwrap();
+    let sock =
+        p.ns.open()
+            .run(|| Socket::new(Domain::IPV6, Type::STREAM, None).unwrap())
+            .unwrap();
     sock.connect_timeout(&dst.into(), T).unwrap();
     let (accepted, _) = outbound.accept().unwrap();
     assert_eq!(orig_dst(&accepted), dst);
