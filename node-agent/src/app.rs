@@ -13,11 +13,11 @@ use prometheus_client::registry::Registry;
 use tokio::sync::{mpsc, oneshot};
 
 use crate::config::Config;
-use crate::enroll::{Manager, Marks, NoStatus, Shared};
+use crate::enroll::{Manager, Marks, NoStatus, Shared, StatusSink};
 use crate::http::{self, Endpoints};
 use crate::metrics::Metrics;
 use crate::netns_find::Finder;
-use crate::pods::{Policy, file};
+use crate::pods::{Policy, file, kube};
 use crate::redirect::{self, Redirector};
 use crate::zds::ZdsServer;
 
@@ -32,12 +32,33 @@ pub fn run(config: Config) -> anyhow::Result<()> {
 }
 
 async fn serve(config: Config) -> anyhow::Result<()> {
-    let Some(pod_file) = config.pod_file.clone() else {
-        bail!("the Kubernetes pod source is not available in this build; pass --pod-file");
+    let (pods, status, source): (_, Arc<dyn StatusSink>, String) = match &config.pod_file {
+        Some(pod_file) => {
+            let (pods, watcher) = file::watch(pod_file.clone(), config.pod_file_poll)
+                .with_context(|| format!("pod file {}", pod_file.display()))?;
+            tokio::spawn(watcher);
+            (
+                pods,
+                Arc::new(NoStatus),
+                format!("file {}", pod_file.display()),
+            )
+        }
+        None => {
+            let Some(node) = config.node_name.clone() else {
+                bail!(
+                    "--node-name (or NODE_NAME) is required to watch Kubernetes; or pass --pod-file"
+                );
+            };
+            let client = kube::client(config.kubeconfig.as_deref()).await?;
+            let (pods, watcher) = kube::watch_node(client.clone(), &node);
+            tokio::spawn(watcher);
+            (
+                pods,
+                kube::PodAnnotator::new(client),
+                format!("kubernetes node {node}"),
+            )
+        }
     };
-    let (pods, watcher) = file::watch(pod_file.clone(), config.pod_file_poll)
-        .with_context(|| format!("pod file {}", pod_file.display()))?;
-    tokio::spawn(watcher);
 
     std::fs::create_dir_all(&config.state_dir).with_context(|| {
         format!(
@@ -67,7 +88,7 @@ async fn serve(config: Config) -> anyhow::Result<()> {
         )),
         zds.clone(),
         metrics.clone(),
-        Arc::new(NoStatus),
+        status,
         shared.clone(),
         Marks::load(Some(config.state_dir.join("enrolled.json"))),
         config.drift_interval,
@@ -95,7 +116,7 @@ async fn serve(config: Config) -> anyhow::Result<()> {
     tracing::info!(
         zds = %config.zds_socket.display(),
         http = %config.http_addr,
-        pod_file = %pod_file.display(),
+        pods = %source,
         "node agent started"
     );
 

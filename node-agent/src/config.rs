@@ -24,6 +24,10 @@ pub struct Config {
     #[arg(long, env = "NODE_NAME")]
     pub node_name: Option<String>,
 
+    /// Kubeconfig for the Kubernetes source; without it the in-cluster service account is used.
+    #[arg(long, env = "KUBECONFIG")]
+    pub kubeconfig: Option<PathBuf>,
+
     /// The ZDS socket ztunnel connects to.
     #[arg(long, env = "AGENT_ZDS_SOCKET", default_value = paths::ZDS_SOCKET)]
     pub zds_socket: PathBuf,

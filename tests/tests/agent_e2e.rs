@@ -244,11 +244,12 @@ fn a_netns_path_that_is_not_a_netns_keeps_the_pod_pending_with_the_reason() {
         .contains("not a network namespace")));
     let (_, pods) = s.m.agent_get("a", "/pods");
     assert!(pods.contains("\"state\": \"pending\""), "{pods}");
-    let (_, metrics) = s.m.agent_get("a", "/metrics");
-    assert!(
-        metrics.contains("ambient_agent_pods_pending 1"),
-        "{metrics}"
-    );
+    let settled = eventually(T, || {
+        let (_, metrics) = s.m.agent_get("a", "/metrics");
+        metrics.contains("ambient_agent_pods_pending 1")
+            && metrics.contains("ambient_agent_pods_enrolled 1")
+    });
+    assert!(settled, "{}", s.m.agent_get("a", "/metrics").1);
 }
 
 #[test]

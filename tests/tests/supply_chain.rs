@@ -18,6 +18,9 @@ const ALLOWED: &[&str] = &[
     "Unlicense",
     "CC0-1.0",
     "0BSD",
+    // Mozilla's CA list as data (webpki-root-certs, via kube's TLS stack): a permissive
+    // data license with no conditions beyond keeping the notice.
+    "CDLA-Permissive-2.0",
 ];
 
 /// Whether an SPDX expression (`A OR B`, `A AND B`, parentheses, `A/B`) is satisfiable with

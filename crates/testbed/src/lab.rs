@@ -224,6 +224,11 @@ impl Lab {
         &self.id
     }
 
+    /// The directory of links to `node`'s pod namespaces (what `/run/netns` is on a real node).
+    pub fn node_netns_dir(&self, node: &str) -> PathBuf {
+        self.dir().join(format!("netns-{node}"))
+    }
+
     /// The interface in node `from`'s netns that carries its traffic to node `to`.
     pub fn link(&self, from: &str, to: &str) -> String {
         let _ = self.node(from);
@@ -336,6 +341,11 @@ impl Lab {
         ns.ip(&["link", "set", "eth0", "up"]);
         ns.ip(&["route", "add", &gateway, "dev", "eth0", "scope", "link"]);
         ns.ip(&["route", "add", "default", "via", &gateway, "dev", "eth0"]);
+        // Each simulated node has its own directory of pod namespaces, so a node agent
+        // searching "its node" sees only that node's pods (not other nodes' or other tests').
+        let dir = self.node_netns_dir(&node.name);
+        std::fs::create_dir_all(&dir).expect("node netns dir");
+        std::os::unix::fs::symlink(ns.path(), dir.join(name)).expect("netns link");
         Pod {
             name: name.to_string(),
             node: node.name,

@@ -6,7 +6,8 @@
 //!   ztunnel alone;
 //! - [`apps`]: echo servers and clients living in pod namespaces;
 //! - [`capture`]: packet capture on a link and a small pcap reader;
-//! - [`mesh`]: nodes running real ztunnel processes with a CA and a local config.
+//! - [`mesh`]: nodes running real ztunnel processes with a CA and a local config;
+//! - [`kube_mock`]: an in-process Kubernetes API server speaking list/watch JSON.
 //!
 //! Everything here needs root; [`require_root`] fails loudly without it.
 
@@ -15,6 +16,7 @@
 pub mod agent;
 pub mod apps;
 pub mod capture;
+pub mod kube_mock;
 pub mod lab;
 pub mod mesh;
 

@@ -204,16 +204,34 @@ impl Mesh {
     /// Starts the real node agent on `node`, reading [`Mesh::pod_file`], serving ZDS where
     /// this node's ztunnel connects. Waits until its endpoint answers.
     pub fn start_agent(&mut self, node: &str, extra: &[&str]) {
-        self.real_agents.insert(node.to_string());
         let file = self.pod_file(node);
         if !file.exists() {
             std::fs::write(&file, "").expect("pod file");
         }
+        let source = [
+            "--pod-file".to_string(),
+            file.to_string_lossy().into_owned(),
+        ];
+        self.start_agent_with(node, &source, extra);
+    }
+
+    /// Starts the real node agent on `node` watching the Kubernetes API described by
+    /// `kubeconfig`, as node `node_name`.
+    pub fn start_agent_kube(&mut self, node: &str, kubeconfig: &std::path::Path, node_name: &str) {
+        let source = [
+            "--kubeconfig".to_string(),
+            kubeconfig.to_string_lossy().into_owned(),
+            "--node-name".to_string(),
+            node_name.to_string(),
+        ];
+        self.start_agent_with(node, &source, &[]);
+    }
+
+    fn start_agent_with(&mut self, node: &str, source: &[String], extra: &[&str]) {
+        self.real_agents.insert(node.to_string());
         let state = self.lab.dir().join(format!("{node}-agent-state"));
         let mut args: Vec<String> = [
             "run",
-            "--pod-file",
-            &file.to_string_lossy(),
             "--zds-socket",
             &self.zds_socket(node).to_string_lossy(),
             "--run-dir",
@@ -223,7 +241,10 @@ impl Mesh {
             "--http-addr",
             "127.0.0.1:8000",
             "--netns-dir",
-            "/run/netns",
+            &self.lab.node_netns_dir(node).to_string_lossy(),
+            // Lab pods run no processes; the machine's /proc belongs to other tests.
+            "--proc-dir",
+            &self.lab.dir().join("no-proc").to_string_lossy(),
             "--drift-interval",
             "1s",
             "--pod-file-poll",
@@ -234,6 +255,7 @@ impl Mesh {
         .iter()
         .map(|s| s.to_string())
         .collect();
+        args.extend(source.iter().cloned());
         args.extend(extra.iter().map(|s| s.to_string()));
         let ns = self.lab.node(node).ns.clone();
         let bin = crate::binary("node-agent");
