@@ -38,7 +38,7 @@ fn namespace_labels_and_pod_deletion_drive_enrollment() {
     let other = m.lab.add_pod("a", "other");
     m.write_config(&[&Workload::mesh(&a1, "shop", "client")], &[]);
     let api = KubeMock::start(&m.lab.node("a").ns);
-    api.set_namespace("shop", json!({}));
+    api.set_namespace("shop", &json!({}));
     api.set_pod(pod_json(&a1, "shop", "node-a", "uid-a1"));
     // Scheduled elsewhere: the field selector must keep it out even with an ambient label.
     let mut elsewhere = pod_json(&other, "shop", "node-z", "uid-other");
@@ -66,7 +66,7 @@ fn namespace_labels_and_pod_deletion_drive_enrollment() {
     assert!(m.agent_log("a").contains("ignoring a pod object"));
 
     // The namespace opts in: the running pod is enrolled and the fact recorded on it.
-    api.set_namespace("shop", json!({"istio.io/dataplane-mode": "ambient"}));
+    api.set_namespace("shop", &json!({"istio.io/dataplane-mode": "ambient"}));
     assert!(
         eventually(T, || proxied(&a1) && has_rules(&a1)),
         "{}",
@@ -81,7 +81,7 @@ fn namespace_labels_and_pod_deletion_drive_enrollment() {
     assert!(!has_rules(&other));
 
     // And opts out again: unenrolled, annotation removed.
-    api.set_namespace("shop", json!({}));
+    api.set_namespace("shop", &json!({}));
     assert!(
         eventually(T, || !has_rules(&a1) && !proxied(&a1)),
         "{}",
@@ -94,7 +94,7 @@ fn namespace_labels_and_pod_deletion_drive_enrollment() {
     )));
 
     // Back in, then the pod is deleted: everything goes.
-    api.set_namespace("shop", json!({"istio.io/dataplane-mode": "ambient"}));
+    api.set_namespace("shop", &json!({"istio.io/dataplane-mode": "ambient"}));
     assert!(eventually(T, || proxied(&a1)));
     api.delete_pod("shop", "a1");
     assert!(
@@ -109,7 +109,7 @@ fn pod_label_none_opts_out_of_an_ambient_namespace() {
     let mut m = Mesh::new(&["a"]);
     let a1 = m.lab.add_pod("a", "a1");
     let api = KubeMock::start(&m.lab.node("a").ns);
-    api.set_namespace("shop", json!({"istio.io/dataplane-mode": "ambient"}));
+    api.set_namespace("shop", &json!({"istio.io/dataplane-mode": "ambient"}));
     let mut pod = pod_json(&a1, "shop", "node-a", "uid-a1");
     pod["metadata"]["labels"]["istio.io/dataplane-mode"] = json!("none");
     api.set_pod(pod.clone());

@@ -77,7 +77,7 @@ fn node_selector(query: &str) -> Option<String> {
     })
 }
 
-fn full(status: StatusCode, body: Value) -> Response<Body> {
+fn full(status: StatusCode, body: &Value) -> Response<Body> {
     Response::builder()
         .status(status)
         .header("content-type", "application/json")
@@ -138,7 +138,7 @@ impl KubeMock {
         std::fs::write(path, text).expect("kubeconfig");
     }
 
-    pub fn set_namespace(&self, name: &str, labels: Value) {
+    pub fn set_namespace(&self, name: &str, labels: &Value) {
         let mut st = self.state.lock().expect("state");
         let event = if st.namespaces.contains_key(name) {
             "MODIFIED"
@@ -230,7 +230,7 @@ impl KubeMock {
                 }
                 let updated = pod.clone();
                 st.notify("pods", "MODIFIED", updated.clone());
-                return full(StatusCode::OK, updated);
+                return full(StatusCode::OK, &updated);
             }
             return full(
                 StatusCode::NOT_FOUND,
@@ -277,7 +277,7 @@ impl KubeMock {
         };
         full(
             StatusCode::OK,
-            json!({"apiVersion": "v1", "kind": list_kind, "metadata": {"resourceVersion": rv}, "items": items}),
+            &json!({"apiVersion": "v1", "kind": list_kind, "metadata": {"resourceVersion": rv}, "items": items}),
         )
     }
 }
