@@ -77,6 +77,13 @@ fn node_selector(query: &str) -> Option<String> {
     })
 }
 
+fn not_found() -> Response<Body> {
+    full(
+        StatusCode::NOT_FOUND,
+        &json!({"kind": "Status", "code": 404}),
+    )
+}
+
 fn full(status: StatusCode, body: &Value) -> Response<Body> {
     Response::builder()
         .status(status)
@@ -212,10 +219,7 @@ impl KubeMock {
                 let mut st = self.state.lock().expect("state");
                 st.patches.push((ns.clone(), name.clone(), patch.clone()));
                 let Some(pod) = st.pods.get_mut(&(ns.clone(), name.clone())) else {
-                    return full(
-                        StatusCode::NOT_FOUND,
-                        json!({"kind": "Status", "code": 404}),
-                    );
+                    return not_found();
                 };
                 if let Some(anns) = patch["metadata"]["annotations"].as_object() {
                     for (k, v) in anns {
@@ -232,16 +236,10 @@ impl KubeMock {
                 st.notify("pods", "MODIFIED", updated.clone());
                 return full(StatusCode::OK, &updated);
             }
-            return full(
-                StatusCode::NOT_FOUND,
-                json!({"kind": "Status", "code": 404}),
-            );
+            return not_found();
         }
         let Some(kind) = kind else {
-            return full(
-                StatusCode::NOT_FOUND,
-                json!({"kind": "Status", "code": 404}),
-            );
+            return not_found();
         };
         let node = if kind == "pods" {
             node_selector(&query)
