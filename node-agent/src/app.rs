@@ -1,4 +1,4 @@
-//! Process wiring for `node-agent run`.
+//! Process wiring for `node-agent run` and `node-agent uninstall-cni`.
 //!
 //! Startup fails fast on what would otherwise fail per pod (no `nft`, an unreadable pod
 //! file, sockets that cannot be created). Then: the pod source, the enrollment manager's
@@ -12,14 +12,25 @@ use anyhow::{Context, bail};
 use prometheus_client::registry::Registry;
 use tokio::sync::{mpsc, oneshot};
 
+use std::time::Duration;
+
+use crate::cni::{self, CniServer};
 use crate::config::Config;
 use crate::enroll::{Manager, Marks, NoStatus, Shared, StatusSink};
 use crate::http::{self, Endpoints};
+use crate::install::InstallState;
 use crate::metrics::Metrics;
 use crate::netns_find::Finder;
 use crate::pods::{Policy, file, kube};
 use crate::redirect::{self, Redirector};
 use crate::zds::ZdsServer;
+
+/// Removes the plugin's config entries and binary (a real uninstall; upgrades keep them).
+pub fn uninstall_cni(cni: &crate::config::CniInstall) -> anyhow::Result<()> {
+    cni.installer(std::path::Path::new(mesh_contract::paths::AGENT_RUN_DIR))
+        .uninstall()
+        .context("uninstalling the CNI plugin")
+}
 
 pub fn run(config: Config) -> anyhow::Result<()> {
     redirect::check_nft()
@@ -94,18 +105,37 @@ async fn serve(config: Config) -> anyhow::Result<()> {
         config.drift_interval,
     );
     manager.host_probes = !config.no_host_probe_rule;
+    let install = config
+        .install_cni
+        .then(|| Arc::new(InstallState::default()));
+    if let Some(state) = &install {
+        let installer = config.cni.installer(&config.run_dir);
+        installer
+            .install_binary()
+            .context("installing the CNI plugin binary")?;
+        tokio::spawn(installer.run(state.clone(), Duration::from_secs(1)));
+    }
+    let endpoints = Arc::new(Endpoints {
+        shared,
+        zds: zds.clone(),
+        registry,
+        install,
+    });
     let listener = http::bind(config.http_addr)
         .await
         .with_context(|| format!("binding {}", config.http_addr))?;
-    tokio::spawn(http::serve(
-        listener,
-        Arc::new(Endpoints {
-            shared,
-            zds: zds.clone(),
-            registry,
+    tokio::spawn(http::serve(listener, endpoints.clone()));
+    let (requests, requests_rx) = mpsc::channel(64);
+    let cni_server = cni::serve(
+        &config.run_dir,
+        Arc::new(CniServer {
+            requests,
+            endpoints,
+            metrics: metrics.clone(),
         }),
-    ));
-    let (_requests, requests_rx) = mpsc::channel(64);
+    )
+    .with_context(|| format!("serving CNI requests in {}", config.run_dir.display()))?;
+    tokio::spawn(cni_server);
     let (first_sync, synced) = oneshot::channel();
     let manager = tokio::spawn(manager.run(pods, requests_rx, first_sync));
     let _ = synced.await;

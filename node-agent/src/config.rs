@@ -12,6 +12,58 @@ pub enum LogFormat {
     Json,
 }
 
+/// Where the CNI plugin is installed (shared by `run --install-cni` and `uninstall-cni`).
+#[derive(Clone, Debug, clap::Args)]
+pub struct CniInstall {
+    /// The host's CNI binary directory.
+    #[arg(long, env = "AGENT_CNI_BIN_DIR", default_value = paths::CNI_BIN_DIR)]
+    pub cni_bin_dir: PathBuf,
+
+    /// The host's CNI configuration directory.
+    #[arg(long, env = "AGENT_CNI_CONF_DIR", default_value = paths::CNI_CONF_DIR)]
+    pub cni_conf_dir: PathBuf,
+
+    /// The plugin binary to install (default: `ambient-cni` next to this executable).
+    #[arg(long, env = "AGENT_CNI_PLUGIN")]
+    pub cni_plugin: Option<PathBuf>,
+
+    /// Namespaces the plugin passes through without asking the agent. Include the namespace
+    /// the agent and ztunnel run in, so they can always start.
+    #[arg(
+        long,
+        env = "AGENT_CNI_EXCLUDE_NAMESPACES",
+        value_delimiter = ',',
+        default_value = "kube-system,istio-system"
+    )]
+    pub cni_exclude_namespaces: Vec<String>,
+
+    /// The plugin's log level (`plugin_log_level`).
+    #[arg(long, default_value = "warn")]
+    pub cni_log_level: String,
+}
+
+impl CniInstall {
+    /// The installer these settings describe, for an agent whose run dir is `run_dir`.
+    pub fn installer(&self, run_dir: &std::path::Path) -> crate::install::Installer {
+        let binary = self.cni_plugin.clone().unwrap_or_else(|| {
+            std::env::current_exe()
+                .ok()
+                .and_then(|p| p.parent().map(|d| d.join(crate::install::PLUGIN_TYPE)))
+                .unwrap_or_else(|| crate::install::PLUGIN_TYPE.into())
+        });
+        crate::install::Installer {
+            binary,
+            bin_dir: self.cni_bin_dir.clone(),
+            conf_dir: self.cni_conf_dir.clone(),
+            entry: crate::install::entry(
+                run_dir,
+                &self.cni_exclude_namespaces,
+                &self.cni_log_level,
+            ),
+        }
+    }
+}
+
 /// Settings for `node-agent run`.
 #[derive(Clone, Debug, clap::Args)]
 pub struct Config {
@@ -91,6 +143,14 @@ pub struct Config {
     /// Do not manage the host's probe SNAT rule (for nodes where something else does).
     #[arg(long, env = "AGENT_NO_HOST_PROBE_RULE")]
     pub no_host_probe_rule: bool,
+
+    /// Install the CNI plugin: its binary into --cni-bin-dir and its entry into the primary
+    /// config in --cni-conf-dir, kept in place while the agent runs.
+    #[arg(long, env = "AGENT_INSTALL_CNI")]
+    pub install_cni: bool,
+
+    #[command(flatten)]
+    pub cni: CniInstall,
 
     #[arg(long, env = "AGENT_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,

@@ -67,7 +67,7 @@ pub struct Shared {
     pub pods: Vec<PodStatus>,
 }
 
-/// What a CNI ADD learns from the agent.
+/// What a CNI ADD or CHECK learns from the agent.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum CniOutcome {
     /// Rules installed and ztunnel acknowledged the pod.
@@ -76,14 +76,29 @@ pub enum CniOutcome {
     NotInMesh(&'static str),
 }
 
-/// A pod as the CNI plugin describes it.
-#[derive(Debug, Clone)]
+/// Why a CNI ADD or CHECK could not say yes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CniFailure {
+    /// The pod source has not shown this pod yet (the caller may retry briefly).
+    UnknownPod(String),
+    /// No ztunnel is connected, so the pod cannot be protected.
+    NoZtunnel,
+    /// Enrollment failed at a step; the reason names it.
+    Failed(String),
+    /// CHECK: the pod should be captured but its redirection is not intact.
+    Missing(String),
+}
+
+/// A pod as the CNI plugin describes it. An empty namespace (runtimes outside Kubernetes
+/// send only a name) matches a pod by name alone, if the name is unique on the node.
+#[derive(Debug, Clone, Default)]
 pub struct CniPod {
     pub name: String,
     pub namespace: String,
     pub uid: Option<String>,
     pub container_id: String,
     pub netns: PathBuf,
+    pub ips: Vec<std::net::IpAddr>,
 }
 
 /// Requests from other parts of the agent.
@@ -92,7 +107,12 @@ pub enum Request {
     /// Enroll the pod now if it belongs in the mesh and answer when done.
     CniAdd {
         pod: CniPod,
-        reply: oneshot::Sender<Result<CniOutcome, String>>,
+        reply: oneshot::Sender<Result<CniOutcome, CniFailure>>,
+    },
+    /// Is the pod's redirection in place?
+    CniCheck {
+        pod: CniPod,
+        reply: oneshot::Sender<Result<CniOutcome, CniFailure>>,
     },
     /// The sandbox is gone.
     CniDel { container_id: String },
@@ -146,6 +166,8 @@ struct Tracked {
     pod: PodInfo,
     opts: Options,
     netns: Option<Arc<NetNs>>,
+    /// The sandbox container the CNI plugin enrolled this pod for.
+    container: Option<String>,
     state: PodState,
     failures: u32,
     retry_at: Option<Instant>,
@@ -343,6 +365,7 @@ impl Manager {
                             pod,
                             opts,
                             netns: None,
+                            container: None,
                             state: PodState::Pending("starting".into()),
                             failures: 0,
                             retry_at: None,
@@ -529,30 +552,45 @@ impl Manager {
                 let result = self.cni_add(pod).await;
                 let _ = reply.send(result);
             }
-            Request::CniDel { container_id } => self.finder.forget_container(&container_id),
+            Request::CniCheck { pod, reply } => {
+                let result = self.cni_check(pod).await;
+                let _ = reply.send(result);
+            }
+            Request::CniDel { container_id } => self.cni_del(&container_id).await,
+        }
+    }
+
+    /// The source's pod the plugin names.
+    fn find_source_pod(&self, cni: &CniPod) -> Result<PodInfo, CniFailure> {
+        let matches: Vec<&PodInfo> = self
+            .current
+            .pods
+            .iter()
+            .filter(|p| {
+                p.name == cni.name && (cni.namespace.is_empty() || p.namespace == cni.namespace)
+            })
+            .filter(|p| cni.uid.as_ref().is_none_or(|u| u.is_empty() || *u == p.uid))
+            .collect();
+        match matches.as_slice() {
+            [one] => Ok((*one).clone()),
+            [] => Err(CniFailure::UnknownPod(format!(
+                "the agent does not know pod {}{}{} (yet)",
+                cni.namespace,
+                if cni.namespace.is_empty() { "" } else { "/" },
+                cni.name
+            ))),
+            _ => Err(CniFailure::Failed(format!(
+                "pod name {} is ambiguous without a namespace",
+                cni.name
+            ))),
         }
     }
 
     /// Enrolls the pod a CNI ADD names, if the pod source knows it and it belongs in the mesh.
-    async fn cni_add(&mut self, cni: CniPod) -> Result<CniOutcome, String> {
+    async fn cni_add(&mut self, cni: CniPod) -> Result<CniOutcome, CniFailure> {
         self.finder
             .remember_container(&cni.container_id, &cni.netns);
-        let found = self
-            .current
-            .pods
-            .iter()
-            .find(|p| {
-                p.namespace == cni.namespace
-                    && p.name == cni.name
-                    && cni.uid.as_ref().is_none_or(|u| *u == p.uid)
-            })
-            .cloned();
-        let Some(mut pod) = found else {
-            return Err(format!(
-                "the agent does not know pod {}/{} yet",
-                cni.namespace, cni.name
-            ));
-        };
+        let mut pod = self.find_source_pod(&cni)?;
         let ns = self
             .current
             .namespaces
@@ -562,35 +600,85 @@ impl Manager {
             Decision::Skip(why) => return Ok(CniOutcome::NotInMesh(why)),
             Decision::Enroll(opts) => opts,
         };
-        // The runtime's netns for this sandbox is authoritative.
+        if self.zds.connected() == 0 {
+            return Err(CniFailure::NoZtunnel);
+        }
+        // The runtime's netns and addresses for this sandbox are authoritative.
         pod.netns = NetnsHint::Path(cni.netns.clone());
+        if pod.ips.is_empty() {
+            pod.ips = cni.ips.clone();
+        }
         let uid = pod.uid.clone();
-        let fresh = match self.tracked.get(&uid) {
-            Some(t) => t
-                .netns
-                .as_ref()
-                .map(|n| NetNs::open(&cni.netns).map(|c| c.id()).ok() != Some(n.id()))
-                .unwrap_or(true),
-            None => true,
-        };
-        if fresh {
+        let same_sandbox = self.tracked.get(&uid).is_some_and(|t| {
+            t.container.as_deref() == Some(cni.container_id.as_str())
+                && t.state == PodState::Enrolled
+        });
+        if !same_sandbox {
+            if self.tracked.contains_key(&uid) {
+                // A new sandbox for a known pod: the old one's proxy and rules go first.
+                self.unenroll(&uid).await;
+            }
             self.tracked.insert(
                 uid.clone(),
                 Tracked {
                     pod,
                     opts,
                     netns: None,
+                    container: Some(cni.container_id.clone()),
                     state: PodState::Pending("starting".into()),
                     failures: 0,
                     retry_at: None,
                 },
             );
+            self.enroll(&uid).await;
         }
-        self.enroll(&uid).await;
-        match &self.tracked.get(&uid).map(|t| t.state.clone()) {
+        match self.tracked.get(&uid).map(|t| t.state.clone()) {
             Some(PodState::Enrolled) => Ok(CniOutcome::Enrolled),
-            Some(PodState::Pending(reason)) => Err(reason.clone()),
-            None => Err("pod vanished during enrollment".into()),
+            Some(PodState::Pending(reason)) => Err(CniFailure::Failed(reason)),
+            None => Err(CniFailure::Failed("pod vanished during enrollment".into())),
+        }
+    }
+
+    async fn cni_check(&mut self, cni: CniPod) -> Result<CniOutcome, CniFailure> {
+        let pod = self.find_source_pod(&cni)?;
+        let ns = self
+            .current
+            .namespaces
+            .iter()
+            .find(|n| n.name == pod.namespace);
+        if let Decision::Skip(why) = decide(&pod, ns, &self.policy) {
+            return Ok(CniOutcome::NotInMesh(why));
+        }
+        let Some(t) = self.tracked.get(&pod.uid) else {
+            return Err(CniFailure::Missing("the pod is not enrolled".into()));
+        };
+        let (Some(netns), opts, state) = (t.netns.clone(), t.opts, t.state.clone()) else {
+            return Err(CniFailure::Missing(format!("not enrolled: {:?}", t.state)));
+        };
+        if let PodState::Pending(reason) = state {
+            return Err(CniFailure::Missing(reason));
+        }
+        match self.redirector.check(&netns, opts).await {
+            Ok(Check::Intact) => Ok(CniOutcome::Enrolled),
+            Ok(Check::Missing) => Err(CniFailure::Missing("redirection rules are missing".into())),
+            Ok(Check::Drifted(what)) => Err(CniFailure::Missing(what)),
+            Err(e) => Err(CniFailure::Failed(chain(&e))),
+        }
+    }
+
+    /// The sandbox is gone: its pod leaves ztunnel and its rules go (the pod itself may come
+    /// back with a new sandbox).
+    async fn cni_del(&mut self, container_id: &str) {
+        self.finder.forget_container(container_id);
+        let uids: Vec<String> = self
+            .tracked
+            .iter()
+            .filter(|(_, t)| t.container.as_deref() == Some(container_id))
+            .map(|(uid, _)| uid.clone())
+            .collect();
+        for uid in uids {
+            tracing::info!(%uid, container = container_id, "sandbox deleted");
+            self.unenroll(&uid).await;
         }
     }
 }

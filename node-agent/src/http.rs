@@ -24,13 +24,21 @@ pub struct Endpoints {
     pub shared: Arc<Mutex<Shared>>,
     pub zds: ZdsServer,
     pub registry: Registry,
+    /// The CNI installer's state, when the agent installs the plugin.
+    pub install: Option<Arc<crate::install::InstallState>>,
 }
 
 impl Endpoints {
-    /// Readiness: the pod source has synced and at least one ztunnel is connected. The body
-    /// says what is still missing.
+    /// Whether the pod source has delivered its first full set.
+    pub fn synced(&self) -> bool {
+        self.shared.lock().expect("not poisoned").synced
+    }
+
+    /// Readiness: the pod source has synced, at least one ztunnel is connected and (when the
+    /// agent installs the plugin) the plugin is in the node's CNI config. The body says what
+    /// is still missing.
     pub fn ready(&self) -> (bool, String) {
-        let synced = self.shared.lock().expect("not poisoned").synced;
+        let synced = self.synced();
         let ztunnels = self.zds.connected();
         let mut waiting = Vec::new();
         if !synced {
@@ -38,6 +46,11 @@ impl Endpoints {
         }
         if ztunnels == 0 {
             waiting.push("a ztunnel to connect over ZDS".to_string());
+        }
+        if let Some(install) = &self.install
+            && let Some(missing) = install.waiting_for()
+        {
+            waiting.push(missing);
         }
         if waiting.is_empty() {
             (

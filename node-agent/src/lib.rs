@@ -12,9 +12,11 @@
 #![forbid(unsafe_code)]
 
 pub mod app;
+pub mod cni;
 pub mod config;
 pub mod enroll;
 pub mod http;
+pub mod install;
 pub mod metrics;
 pub mod netns_find;
 pub mod pods;

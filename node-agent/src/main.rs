@@ -15,6 +15,8 @@ use tracing_subscriber::EnvFilter;
 enum Cli {
     /// Run the agent.
     Run(Box<Config>),
+    /// Remove the CNI plugin's config entries and binary from the host (a real uninstall).
+    UninstallCni(node_agent::config::CniInstall),
 }
 
 fn init_logging(filter: &str, format: LogFormat) -> anyhow::Result<()> {
@@ -36,6 +38,7 @@ fn main() -> std::process::ExitCode {
     let result = match Cli::parse() {
         Cli::Run(config) => init_logging(&config.log, config.log_format)
             .and_then(|()| node_agent::app::run(*config)),
+        Cli::UninstallCni(cni) => node_agent::app::uninstall_cni(&cni),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,

@@ -224,6 +224,16 @@ impl Lab {
         &self.id
     }
 
+    /// Routes `cidr` to node `to` from every other node (for subnets a node serves itself,
+    /// like a CNI bridge's).
+    pub fn route_to_node(&self, cidr: &str, to: &str) {
+        let target = self.node(to);
+        for other in self.nodes.iter().filter(|n| n.name != to) {
+            let via = format!("198.19.{}.{}", target.index, other.index);
+            other.ns.ip(&["route", "replace", cidr, "via", &via]);
+        }
+    }
+
     /// The directory of links to `node`'s pod namespaces (what `/run/netns` is on a real node).
     pub fn node_netns_dir(&self, node: &str) -> PathBuf {
         self.dir().join(format!("netns-{node}"))

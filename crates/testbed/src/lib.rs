@@ -7,7 +7,8 @@
 //! - [`apps`]: echo servers and clients living in pod namespaces;
 //! - [`capture`]: packet capture on a link and a small pcap reader;
 //! - [`mesh`]: nodes running real ztunnel processes with a CA and a local config;
-//! - [`kube_mock`]: an in-process Kubernetes API server speaking list/watch JSON.
+//! - [`kube_mock`]: an in-process Kubernetes API server speaking list/watch JSON;
+//! - [`podman`]: a real CNI runtime (podman + reference plugins) inside simulated nodes.
 //!
 //! Everything here needs root; [`require_root`] fails loudly without it.
 
@@ -19,6 +20,7 @@ pub mod capture;
 pub mod kube_mock;
 pub mod lab;
 pub mod mesh;
+pub mod podman;
 
 /// Why this machine cannot host a lab.
 pub fn preflight() -> Result<(), String> {

@@ -1,0 +1,219 @@
+//! A real CNI runtime for tests: podman with its CNI backend and Debian's reference plugins,
+//! run inside a simulated node's netns so its bridge and containers belong to that node.
+//!
+//! Each node gets its own CNI config dir holding a `bridge` + `host-local` conflist for a
+//! container subnet of its own (198.18.(100+i).0/24), routed from the other nodes. Networks
+//! and containers are named after the lab so parallel tests and leftovers never collide, and
+//! every container is removed on drop.
+
+use std::path::{Path, PathBuf};
+use std::process::Output;
+
+use crate::lab::{Lab, Ns};
+
+/// Where Debian puts the reference plugins.
+pub const REFERENCE_PLUGINS: &str = "/usr/lib/cni";
+
+#[derive(Debug)]
+pub struct Podman {
+    conf: PathBuf,
+    root: PathBuf,
+    prefix: String,
+    containers: Vec<String>,
+}
+
+/// One node's container network.
+#[derive(Debug, Clone)]
+pub struct NodeNet {
+    pub node: String,
+    pub ns: Ns,
+    pub network: String,
+    pub conf_dir: PathBuf,
+    pub bin_dir: PathBuf,
+    /// The node's container subnet's third octet: containers are 198.18.{octet}.N.
+    pub octet: u8,
+}
+
+impl NodeNet {
+    pub fn ip(&self, host: u8) -> std::net::Ipv4Addr {
+        std::net::Ipv4Addr::new(198, 18, self.octet, host)
+    }
+}
+
+/// Panics with a clear message unless podman and the reference plugins are installed.
+pub fn require() {
+    let ok = std::process::Command::new("podman")
+        .arg("--version")
+        .output()
+        .is_ok_and(|o| o.status.success());
+    assert!(
+        ok,
+        "podman is required: apt-get install podman runc containernetworking-plugins busybox-static"
+    );
+    assert!(
+        Path::new(REFERENCE_PLUGINS).join("bridge").exists(),
+        "CNI reference plugins are required: apt-get install containernetworking-plugins"
+    );
+    assert!(
+        Path::new("/bin/busybox").exists(),
+        "busybox is required: apt-get install busybox-static"
+    );
+}
+
+impl Podman {
+    /// Prepares a container network on every node of `lab`. `plugin_dirs` are extra
+    /// directories podman searches for plugins (where the agents install ours).
+    pub fn new(lab: &Lab, plugin_dirs: &[PathBuf]) -> (Self, Vec<NodeNet>) {
+        require();
+        let base = lab.dir().join("podman");
+        std::fs::create_dir_all(&base).expect("podman dir");
+        let mut dirs = vec![format!("\"{REFERENCE_PLUGINS}\"")];
+        dirs.extend(plugin_dirs.iter().map(|d| format!("\"{}\"", d.display())));
+        let conf = base.join("containers.conf");
+        std::fs::write(
+            &conf,
+            format!(
+                "[network]\nnetwork_backend = \"cni\"\ncni_plugin_dirs = [{}]\n",
+                dirs.join(", ")
+            ),
+        )
+        .expect("containers.conf");
+        let mut nets = Vec::new();
+        for node in lab.nodes() {
+            let octet = 100 + node.index;
+            let network = format!("{}-{}", lab.id(), node.name);
+            let conf_dir = base.join(format!("net.d-{}", node.name));
+            let bin_dir = base.join(format!("bin-{}", node.name));
+            std::fs::create_dir_all(&conf_dir).expect("conf dir");
+            std::fs::create_dir_all(&bin_dir).expect("bin dir");
+            let conflist = serde_json::json!({
+                "cniVersion": "1.0.0",
+                "name": network,
+                "plugins": [{
+                    "type": "bridge",
+                    "bridge": "cni-mesh",
+                    "isGateway": true,
+                    "ipMasq": false,
+                    "hairpinMode": true,
+                    "ipam": {
+                        "type": "host-local",
+                        "ranges": [[{"subnet": format!("198.18.{octet}.0/24"), "gateway": format!("198.18.{octet}.1")}]],
+                        "routes": [{"dst": "0.0.0.0/0"}],
+                        "dataDir": base.join("ipam").display().to_string(),
+                    }
+                }]
+            });
+            std::fs::write(
+                conf_dir.join("10-mesh.conflist"),
+                serde_json::to_string_pretty(&conflist).expect("json"),
+            )
+            .expect("conflist");
+            lab.route_to_node(&format!("198.18.{octet}.0/24"), &node.name);
+            nets.push(NodeNet {
+                node: node.name.clone(),
+                ns: node.ns.clone(),
+                network,
+                conf_dir,
+                bin_dir,
+                octet,
+            });
+        }
+        let podman = Self {
+            conf,
+            root: base.join("roots"),
+            prefix: lab.id().to_string(),
+            containers: Vec::new(),
+        };
+        (podman, nets)
+    }
+
+    /// The full container name for `name` (unique to this lab).
+    pub fn name(&self, name: &str) -> String {
+        format!("{}-{name}", self.prefix)
+    }
+
+    fn rootfs(&self, name: &str) -> PathBuf {
+        let root = self.root.join(name);
+        let bin = root.join("bin");
+        std::fs::create_dir_all(&bin).expect("rootfs");
+        std::fs::copy("/bin/busybox", bin.join("busybox")).expect("busybox");
+        for applet in ["sh", "nc", "echo", "cat", "sleep", "ip", "wget"] {
+            let _ = std::os::unix::fs::symlink("busybox", bin.join(applet));
+        }
+        root
+    }
+
+    /// Runs `podman run` for container `name` on `net`'s node with IP `.host`, detached or
+    /// not, and returns podman's output.
+    pub fn run(
+        &mut self,
+        net: &NodeNet,
+        name: &str,
+        host: u8,
+        detach: bool,
+        command: &[&str],
+    ) -> Output {
+        let full = self.name(name);
+        let root = self.rootfs(name);
+        self.containers.push(full.clone());
+        let mut args: Vec<String> = vec![
+            "--network-config-dir".into(),
+            net.conf_dir.display().to_string(),
+            "--runtime".into(),
+            "/usr/sbin/runc".into(),
+            "run".into(),
+            "--ulimit".into(),
+            "nofile=1024:1024".into(),
+            "--ulimit".into(),
+            "nproc=4096:4096".into(),
+            "--network".into(),
+            net.network.clone(),
+            "--ip".into(),
+            net.ip(host).to_string(),
+            "--name".into(),
+            full,
+        ];
+        args.push(if detach { "-d" } else { "--rm" }.into());
+        // --rootfs takes the directory, and what follows it is the command.
+        args.push("--rootfs".into());
+        args.push(root.display().to_string());
+        args.extend(command.iter().map(|s| s.to_string()));
+        net.ns
+            .open()
+            .command("podman")
+            .env("CONTAINERS_CONF", &self.conf)
+            .args(&args)
+            .output()
+            .expect("podman")
+    }
+
+    /// Removes container `name` (whatever its state), running the network's DEL.
+    pub fn rm(&self, net: &NodeNet, name: &str) -> Output {
+        net.ns
+            .open()
+            .command("podman")
+            .env("CONTAINERS_CONF", &self.conf)
+            .args([
+                "--network-config-dir",
+                &net.conf_dir.display().to_string(),
+                "rm",
+                "-f",
+                "-t",
+                "0",
+                &self.name(name),
+            ])
+            .output()
+            .expect("podman rm")
+    }
+}
+
+impl Drop for Podman {
+    fn drop(&mut self) {
+        for c in &self.containers {
+            let _ = std::process::Command::new("podman")
+                .env("CONTAINERS_CONF", &self.conf)
+                .args(["rm", "-f", "-t", "0", c])
+                .output();
+        }
+    }
+}
