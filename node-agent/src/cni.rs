@@ -293,6 +293,8 @@ pub fn serve(
         _ => {}
     }
     let listener = UnixListener::bind(&path)?;
+    // Only root (the runtime) may ask for enrollment decisions.
+    std::fs::set_permissions(&path, std::os::unix::fs::PermissionsExt::from_mode(0o600))?;
     Ok(async move {
         loop {
             let Ok((stream, _)) = listener.accept().await else {

@@ -27,8 +27,9 @@ pub struct CniInstall {
     #[arg(long, env = "AGENT_CNI_PLUGIN")]
     pub cni_plugin: Option<PathBuf>,
 
-    /// Namespaces the plugin passes through without asking the agent. Include the namespace
-    /// the agent and ztunnel run in, so they can always start.
+    /// Namespaces the plugin passes through without asking the agent. The agent's own
+    /// namespace (`POD_NAMESPACE`, set by the DaemonSet) is added, so it and ztunnel can
+    /// always start.
     #[arg(
         long,
         env = "AGENT_CNI_EXCLUDE_NAMESPACES",
@@ -51,15 +52,18 @@ impl CniInstall {
                 .and_then(|p| p.parent().map(|d| d.join(crate::install::PLUGIN_TYPE)))
                 .unwrap_or_else(|| crate::install::PLUGIN_TYPE.into())
         });
+        let mut exclude = self.cni_exclude_namespaces.clone();
+        if let Ok(own) = std::env::var("POD_NAMESPACE")
+            && !own.is_empty()
+            && !exclude.contains(&own)
+        {
+            exclude.push(own);
+        }
         crate::install::Installer {
             binary,
             bin_dir: self.cni_bin_dir.clone(),
             conf_dir: self.cni_conf_dir.clone(),
-            entry: crate::install::entry(
-                run_dir,
-                &self.cni_exclude_namespaces,
-                &self.cni_log_level,
-            ),
+            entry: crate::install::entry(run_dir, &exclude, &self.cni_log_level),
         }
     }
 }
