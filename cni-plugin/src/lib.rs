@@ -249,7 +249,7 @@ struct Run<'a> {
 }
 
 impl Run<'_> {
-    fn log(&mut self, level: Level, msg: String) {
+    fn log(&mut self, level: Level, msg: &str) {
         if level >= self.level && self.level != Level::None {
             self.log
                 .push(format!("ambient-cni {:?}: {msg}", level).to_lowercase());
@@ -282,7 +282,7 @@ pub fn run(env: &BTreeMap<String, String>, stdin: &[u8], agent: &dyn Agent) -> O
             log: r.log,
         },
         Err(e) => {
-            r.log(Level::Error, format!("{}: {}", e.msg, e.details));
+            r.log(Level::Error, &format!("{}: {}", e.msg, e.details));
             Output {
                 stdout: e.to_json(&version).to_string(),
                 exit: 1,
@@ -499,14 +499,14 @@ fn add(r: &mut Run<'_>, config: &Config, env: &Env) -> Result<String, CniError> 
     if !config.enabled {
         r.log(
             Level::Debug,
-            format!("{namespace}/{name}: ambient disabled in the CNI config"),
+            &format!("{namespace}/{name}: ambient disabled in the CNI config"),
         );
         return Ok(out);
     }
     if config.exclude.contains(&namespace) {
         r.log(
             Level::Debug,
-            format!("{namespace}/{name}: namespace excluded"),
+            &format!("{namespace}/{name}: namespace excluded"),
         );
         return Ok(out);
     }
@@ -541,7 +541,7 @@ fn add(r: &mut Run<'_>, config: &Config, env: &Env) -> Result<String, CniError> 
             let enrolled = reply.body["enrolled"].as_bool().unwrap_or(true);
             r.log(
                 Level::Info,
-                format!(
+                &format!(
                     "{namespace}/{name}: {}",
                     if enrolled {
                         "enrolled"
@@ -589,7 +589,7 @@ fn del(r: &mut Run<'_>, config: &Config, env: &Env) {
     ) {
         r.log(
             Level::Info,
-            format!(
+            &format!(
                 "DEL not delivered to the node agent: {}",
                 agent_failure(config, e)
             ),

@@ -208,7 +208,8 @@ fn failures_map_to_spec_codes() {
     let mut hostile_id = env("ADD");
     hostile_id.insert("CNI_CONTAINERID".into(), "../../etc".into());
     let huge = vec![b' '; cni_plugin::MAX_STDIN + 1];
-    let cases: Vec<(&str, BTreeMap<String, String>, Vec<u8>, u32)> = vec![
+    type Case<'a> = (&'a str, BTreeMap<String, String>, Vec<u8>, u32);
+    let cases: Vec<Case> = vec![
         (
             "not json",
             env("ADD"),

@@ -104,7 +104,7 @@ pub struct CniServer {
     pub metrics: Arc<Metrics>,
 }
 
-fn reply(status: StatusCode, body: Value) -> Response<Full<Bytes>> {
+fn reply(status: StatusCode, body: &Value) -> Response<Full<Bytes>> {
     Response::builder()
         .status(status)
         .header("content-type", "application/json")
@@ -144,14 +144,14 @@ impl CniServer {
             Ok(p) => p,
             Err(why) => {
                 self.count("invalid");
-                return reply(StatusCode::BAD_REQUEST, json!({ "error": why }));
+                return reply(StatusCode::BAD_REQUEST, &json!({ "error": why }));
             }
         };
         if pod.netns.as_os_str().is_empty() {
             self.count("invalid");
             return reply(
                 StatusCode::BAD_REQUEST,
-                json!({ "error": "Netns is missing" }),
+                &json!({ "error": "Netns is missing" }),
             );
         }
         let (ready, why) = self.endpoints.ready();
@@ -159,7 +159,7 @@ impl CniServer {
             self.count("unavailable");
             return reply(
                 StatusCode::SERVICE_UNAVAILABLE,
-                json!({ "error": format!("the node agent is {}", why.trim()) }),
+                &json!({ "error": format!("the node agent is {}", why.trim()) }),
             );
         }
         let deadline = Instant::now() + UNKNOWN_POD_GRACE;
@@ -180,24 +180,24 @@ impl CniServer {
         match result {
             Ok(CniOutcome::Enrolled) => {
                 self.count("enrolled");
-                reply(StatusCode::OK, json!({ "enrolled": true }))
+                reply(StatusCode::OK, &json!({ "enrolled": true }))
             }
             Ok(CniOutcome::NotInMesh(why)) => {
                 self.count("not_in_mesh");
-                reply(StatusCode::OK, json!({ "enrolled": false, "reason": why }))
+                reply(StatusCode::OK, &json!({ "enrolled": false, "reason": why }))
             }
             Err(CniFailure::NoZtunnel) => {
                 self.count("unavailable");
                 reply(
                     StatusCode::SERVICE_UNAVAILABLE,
-                    json!({ "error": "no ztunnel is connected to the node agent on this node, so the pod cannot be protected; start ztunnel (the ztunnel DaemonSet pod)" }),
+                    &json!({ "error": "no ztunnel is connected to the node agent on this node, so the pod cannot be protected; start ztunnel (the ztunnel DaemonSet pod)" }),
                 )
             }
             Err(
                 CniFailure::UnknownPod(why) | CniFailure::Failed(why) | CniFailure::Missing(why),
             ) => {
                 self.count("failed");
-                reply(StatusCode::INTERNAL_SERVER_ERROR, json!({ "error": why }))
+                reply(StatusCode::INTERNAL_SERVER_ERROR, &json!({ "error": why }))
             }
         }
     }
@@ -205,7 +205,7 @@ impl CniServer {
     async fn check(&self, body: &Body) -> Response<Full<Bytes>> {
         let pod = match body.pod() {
             Ok(p) => p,
-            Err(why) => return reply(StatusCode::BAD_REQUEST, json!({ "error": why })),
+            Err(why) => return reply(StatusCode::BAD_REQUEST, &json!({ "error": why })),
         };
         match self
             .ask(|reply| Request::CniCheck {
@@ -214,16 +214,16 @@ impl CniServer {
             })
             .await
         {
-            Ok(CniOutcome::Enrolled) => reply(StatusCode::OK, json!({ "enrolled": true })),
+            Ok(CniOutcome::Enrolled) => reply(StatusCode::OK, &json!({ "enrolled": true })),
             Ok(CniOutcome::NotInMesh(why)) => {
-                reply(StatusCode::OK, json!({ "enrolled": false, "reason": why }))
+                reply(StatusCode::OK, &json!({ "enrolled": false, "reason": why }))
             }
             Err(
                 CniFailure::Missing(why) | CniFailure::UnknownPod(why) | CniFailure::Failed(why),
-            ) => reply(StatusCode::CONFLICT, json!({ "reason": why })),
+            ) => reply(StatusCode::CONFLICT, &json!({ "reason": why })),
             Err(CniFailure::NoZtunnel) => reply(
                 StatusCode::CONFLICT,
-                json!({ "reason": "no ztunnel is connected" }),
+                &json!({ "reason": "no ztunnel is connected" }),
             ),
         }
     }
@@ -237,12 +237,12 @@ impl CniServer {
             } else {
                 StatusCode::SERVICE_UNAVAILABLE
             };
-            return reply(status, json!(text));
+            return reply(status, &json!(text));
         }
         if method != Method::POST {
             return reply(
                 StatusCode::METHOD_NOT_ALLOWED,
-                json!({ "error": "POST /cmdadd, /cmdcheck or /cmddel" }),
+                &json!({ "error": "POST /cmdadd, /cmdcheck or /cmddel" }),
             );
         }
         let bytes = match Limited::new(req.into_body(), MAX_BODY).collect().await {
@@ -250,7 +250,7 @@ impl CniServer {
             Err(e) => {
                 return reply(
                     StatusCode::BAD_REQUEST,
-                    json!({ "error": format!("body: {e}") }),
+                    &json!({ "error": format!("body: {e}") }),
                 );
             }
         };
@@ -260,7 +260,7 @@ impl CniServer {
                 self.count("invalid");
                 return reply(
                     StatusCode::BAD_REQUEST,
-                    json!({ "error": format!("body is not a CNI request: {e}") }),
+                    &json!({ "error": format!("body is not a CNI request: {e}") }),
                 );
             }
         };
@@ -271,11 +271,11 @@ impl CniServer {
                 if let Some(container_id) = body.container_id.filter(|c| !c.is_empty()) {
                     let _ = self.requests.send(Request::CniDel { container_id }).await;
                 }
-                reply(StatusCode::OK, json!({}))
+                reply(StatusCode::OK, &json!({}))
             }
             _ => reply(
                 StatusCode::NOT_FOUND,
-                json!({ "error": "POST /cmdadd, /cmdcheck or /cmddel" }),
+                &json!({ "error": "POST /cmdadd, /cmdcheck or /cmddel" }),
             ),
         }
     }

@@ -71,10 +71,10 @@ fn valid(file: &str, text: &str) -> Option<Candidate> {
         {
             return None;
         }
-    } else if !obj
+    } else if obj
         .get("type")
         .and_then(Value::as_str)
-        .is_some_and(|t| !t.is_empty())
+        .is_none_or(str::is_empty)
     {
         return None;
     }
@@ -301,7 +301,7 @@ impl Installer {
                         "a primary CNI config in {} (the cluster's network plugin has not written one)",
                         self.conf_dir.display()
                     );
-                    if waited % 10 == 0 {
+                    if waited.is_multiple_of(10) {
                         tracing::warn!(dir = %self.conf_dir.display(), "no primary CNI config yet: pods on this node cannot get a network until the cluster's CNI writes one; waiting");
                     }
                     waited += 1;
