@@ -346,6 +346,12 @@ fn bad_startup_inputs_fail_with_a_clear_message() {
             "ztunnel generate-ca",
         ),
         (
+            "Istio control plane mode before it exists",
+            vec!["--xds-address".into(), "istiod:15012".into()],
+            "not implemented yet",
+        ),
+        ("no CA in standalone mode", vec![], "--ca-dir"),
+        (
             "bad trust domain",
             vec![
                 "--ca-dir".into(),

@@ -190,3 +190,47 @@ fn sigterm_drains_in_flight_connections_then_exits() {
     );
     assert!(m.ztunnel_log("a").contains("connections_cut=0"));
 }
+
+#[test]
+fn readiness_waits_for_the_agents_snapshot() {
+    let mut m = Mesh::new(&["a"]);
+    let node = m.lab.node("a").ns.clone();
+    let ready = || node.http_get("127.0.0.1:15021".parse().unwrap(), "/healthz/ready");
+    let sock = m.zds_socket("a");
+    let mut agent = mesh_testbed::agent::FakeAgent::bind(&sock);
+    // ztunnel up, but no agent session yet.
+    let bin = mesh_testbed::binary("ztunnel");
+    let ca = m.ca_dir.to_string_lossy().into_owned();
+    let args: Vec<String> = [
+        "run",
+        "--ca-dir",
+        &ca,
+        "--zds-socket",
+        &sock.to_string_lossy(),
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    m.lab.spawn("ztunnel-a", &node, &bin, &args, &[]);
+    assert!(
+        eventually(T, || ready().is_ok()),
+        "readiness endpoint never came up"
+    );
+    let (status, body) = ready().unwrap();
+    assert_eq!(status, 503, "{body}");
+    assert!(body.contains("waiting for"), "{body}");
+    agent.accept(T);
+    let (status, body) = ready().unwrap();
+    assert_eq!(status, 503, "{body}");
+    assert!(body.contains("snapshot"), "{body}");
+    agent.snapshot_sent().unwrap();
+    assert!(
+        eventually(T, || ready().is_ok_and(|(s, _)| s == 200)),
+        "not ready after the snapshot: {:?}",
+        ready()
+    );
+    let (status, _) = node
+        .http_get("127.0.0.1:15021".parse().unwrap(), "/nope")
+        .unwrap();
+    assert_eq!(status, 404);
+}

@@ -64,13 +64,23 @@ fn check_capabilities() -> anyhow::Result<()> {
 /// Runs ztunnel until SIGTERM/SIGINT, then drains.
 pub fn run(config: Config) -> anyhow::Result<()> {
     check_capabilities()?;
+    if let Some(addr) = config.xds_address.as_ref().or(config.ca_address.as_ref()) {
+        bail!(
+            "Istio control plane mode (XDS_ADDRESS/CA_ADDRESS = {addr}) is not implemented yet; \
+             run standalone with --local-config and --ca-dir (see daemonset/README.md)"
+        );
+    }
+    let ca_dir = config
+        .ca_dir
+        .clone()
+        .context("--ca-dir is required in standalone mode")?;
     Identity::new(&config.trust_domain, "probe", "probe")
         .with_context(|| format!("invalid --trust-domain {:?}", config.trust_domain))?;
-    let ca = LocalCa::load_dir(&config.ca_dir).with_context(|| {
+    let ca = LocalCa::load_dir(&ca_dir).with_context(|| {
         format!(
             "loading the local CA from {} (create one with `ztunnel generate-ca --dir {}`)",
-            config.ca_dir.display(),
-            config.ca_dir.display()
+            ca_dir.display(),
+            ca_dir.display()
         )
     })?;
     let initial = match &config.local_config {
@@ -126,6 +136,15 @@ async fn serve(config: Arc<Config>, ca: LocalCa, initial: State) -> anyhow::Resu
     let drain = Drain::new();
     let pods = PodManager::new(inputs.clone(), workers.clone(), drain.clone());
     let status = Arc::new(ZdsStatus::default());
+    let readiness = crate::readiness::serve(config.readiness_addr, status.clone())
+        .await
+        .with_context(|| {
+            format!(
+                "binding the readiness endpoint {} (--readiness-addr)",
+                config.readiness_addr
+            )
+        })?;
+    tokio::spawn(readiness);
     let zds = tokio::spawn(client::run(
         config.zds_socket.clone(),
         pods.clone(),
@@ -137,6 +156,7 @@ async fn serve(config: Arc<Config>, ca: LocalCa, initial: State) -> anyhow::Resu
         workers = workers.len(),
         zds = %config.zds_socket.display(),
         trust_domain = %config.trust_domain,
+        readiness = %config.readiness_addr,
         "ztunnel started"
     );
 

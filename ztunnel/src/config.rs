@@ -29,8 +29,31 @@ pub struct Config {
 
     /// Directory holding the local CA (`ca-cert.pem`, `ca-key.pem`); create one with
     /// `ztunnel generate-ca`.
-    #[arg(long, env = "ZTUNNEL_CA_DIR")]
-    pub ca_dir: PathBuf,
+    #[arg(long, env = "ZTUNNEL_CA_DIR", required_unless_present_any = ["ca_address", "xds_address"])]
+    pub ca_dir: Option<PathBuf>,
+
+    /// Istio control plane mode: the istiod xDS address (e.g. `istiod.istio-system.svc:15012`).
+    /// Not implemented yet: ztunnel refuses to start with it rather than run without policy.
+    #[arg(long, env = "XDS_ADDRESS")]
+    pub xds_address: Option<String>,
+
+    /// Istio control plane mode: the CA address that signs workload certificates.
+    /// Not implemented yet, like `--xds-address`.
+    #[arg(long, env = "CA_ADDRESS")]
+    pub ca_address: Option<String>,
+
+    /// Istio control plane mode: the projected service-account token (audience `istio-ca`)
+    /// presented to xDS and the CA.
+    #[arg(
+        long,
+        env = "ZTUNNEL_TOKEN_FILE",
+        default_value = "/var/run/secrets/tokens/istio-token"
+    )]
+    pub token_file: PathBuf,
+
+    /// Where the kubelet's readiness probe reads `GET /healthz/ready`.
+    #[arg(long, env = "ZTUNNEL_READINESS_ADDR", default_value = "0.0.0.0:15021")]
+    pub readiness_addr: std::net::SocketAddr,
 
     /// SPIFFE trust domain of this mesh.
     #[arg(long, env = "ZTUNNEL_TRUST_DOMAIN", default_value = DEFAULT_TRUST_DOMAIN)]

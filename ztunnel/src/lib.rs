@@ -22,5 +22,6 @@ pub mod errors;
 pub mod identity;
 pub mod inpod;
 pub mod proxy;
+pub mod readiness;
 pub mod state;
 pub mod tls;
