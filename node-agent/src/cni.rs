@@ -5,7 +5,7 @@
 //! |---|---|
 //! | `POST /cmdadd` | 200 `{"enrolled": true}` once the pod is enrolled; 200 `{"enrolled": false, "reason"}` for a pod not meant for the mesh; 503 while the agent cannot protect pods (not synced, no ztunnel); 500 with the failing step; 400 for a malformed body |
 //! | `POST /cmdcheck` | 200 when enrolled and intact (or not in the mesh); 409 with what is missing |
-//! | `POST /cmddel` | 200; the sandbox's pod leaves ztunnel and its rules go |
+//! | `POST /cmddel` | 200 once the sandbox's pod has left ztunnel and its rules are gone |
 //! | `GET /readyz` | as the HTTP endpoint's readiness |
 //!
 //! A pod the agent has not seen yet (its watch lags the runtime) is retried for a few seconds
@@ -268,8 +268,14 @@ impl CniServer {
             "/cmdadd" => self.add(&body).await,
             "/cmdcheck" => self.check(&body).await,
             "/cmddel" => {
+                // Answered once the pod is out of ztunnel and its rules are gone, so the runtime
+                // removes the netns only after nothing of ours is left in it.
                 if let Some(container_id) = body.container_id.filter(|c| !c.is_empty()) {
-                    let _ = self.requests.send(Request::CniDel { container_id }).await;
+                    let (done, removed) = oneshot::channel();
+                    let request = Request::CniDel { container_id, done };
+                    if self.requests.send(request).await.is_ok() {
+                        let _ = removed.await;
+                    }
                 }
                 reply(StatusCode::OK, &json!({}))
             }

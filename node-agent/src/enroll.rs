@@ -114,8 +114,12 @@ pub enum Request {
         pod: CniPod,
         reply: oneshot::Sender<Result<CniOutcome, CniFailure>>,
     },
-    /// The sandbox is gone.
-    CniDel { container_id: String },
+    /// The sandbox is gone; `done` is answered once its pod is out of ztunnel and its rules
+    /// are removed.
+    CniDel {
+        container_id: String,
+        done: oneshot::Sender<()>,
+    },
 }
 
 /// Persistent record of which pods this node enrolled, so rules lost with a reboot are
@@ -556,7 +560,10 @@ impl Manager {
                 let result = self.cni_check(pod).await;
                 let _ = reply.send(result);
             }
-            Request::CniDel { container_id } => self.cni_del(&container_id).await,
+            Request::CniDel { container_id, done } => {
+                self.cni_del(&container_id).await;
+                let _ = done.send(());
+            }
         }
     }
 
@@ -678,7 +685,28 @@ impl Manager {
             .collect();
         for uid in uids {
             tracing::info!(%uid, container = container_id, "sandbox deleted");
+            let Some(t) = self.tracked.get(&uid) else {
+                continue;
+            };
+            let (pod, opts) = (t.pod.clone(), t.opts);
             self.unenroll(&uid).await;
+            // The pod stays known but waits for a new sandbox's ADD: enrolling it again from
+            // the pod source would reach into a netns the runtime is tearing down (and keep
+            // it alive in ztunnel).
+            self.tracked.insert(
+                uid,
+                Tracked {
+                    pod,
+                    opts,
+                    netns: None,
+                    container: Some(container_id.to_string()),
+                    state: PodState::Pending(
+                        "sandbox deleted by the runtime; waiting for a new one".into(),
+                    ),
+                    failures: 0,
+                    retry_at: None,
+                },
+            );
         }
     }
 }
