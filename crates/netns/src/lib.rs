@@ -167,15 +167,17 @@ impl NetNs {
     pub fn command(&self, program: impl AsRef<std::ffi::OsStr>) -> std::process::Command {
         use std::os::unix::process::CommandExt;
         let mut cmd = std::process::Command::new(program);
-        let fd = self.fd.as_raw_fd();
+        // The hook owns its own descriptor, so the Command stays valid after `self` is gone.
+        let fd = self.fd.try_clone();
         let id = self.id;
         // SAFETY: the hook runs in the forked child before exec and only calls setns(2), which
-        // is async-signal-safe and allocates nothing. `fd` stays valid in the child: the
-        // Command borrows nothing, but the parent keeps `self` (and so the descriptor) alive
-        // for as long as it holds the Command, and the child has its own copy of the table.
+        // is async-signal-safe and allocates nothing on success. `fd` is owned by the closure,
+        // which the Command keeps alive until it is spawned.
         unsafe {
             cmd.pre_exec(move || {
-                let fd = BorrowedFd::borrow_raw(fd);
+                let fd = fd
+                    .as_ref()
+                    .map_err(|e| std::io::Error::new(e.kind(), "netns fd"))?;
                 setns(fd, CloneFlags::CLONE_NEWNET)
                     .map_err(|e| std::io::Error::other(format!("entering {id}: {e}")))
             });
