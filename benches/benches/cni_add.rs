@@ -6,51 +6,32 @@
 //! Run: `./x bench-cni` (or `cargo build --release --bins && cargo bench -p benches --bench
 //! cni_add -- [--iterations N]`).
 
-use std::io::Write;
-use std::process::Stdio;
-use std::time::{Duration, Instant};
+use std::path::Path;
+use std::time::Duration;
 
 use benches::median;
+use mesh_testbed::cni::{Sandbox, exec_plugin};
 use mesh_testbed::mesh::{Mesh, eventually};
 use serde_json::{Value, json};
 
 const NETWORK: &str = "benchnet";
+const BRIDGE: &str = "/usr/lib/cni/bridge";
 
 fn exec(
     ns: &mesh_testbed::lab::Ns,
     plugin: &str,
     command: &str,
-    container: &str,
-    netns: &str,
-    args: &str,
+    sandbox: &Sandbox,
     config: &Value,
 ) -> (Duration, Value) {
-    let start = Instant::now();
-    let mut child = ns
-        .open()
-        .command(plugin)
-        .env_clear()
-        .envs([
-            ("CNI_COMMAND", command),
-            ("CNI_CONTAINERID", container),
-            ("CNI_NETNS", netns),
-            ("CNI_IFNAME", "eth0"),
-            ("CNI_PATH", "/usr/lib/cni"),
-            ("CNI_ARGS", args),
-        ])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap_or_else(|e| panic!("{plugin}: {e}"));
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(config.to_string().as_bytes())
-        .unwrap();
-    let out = child.wait_with_output().unwrap();
-    let elapsed = start.elapsed();
+    let (out, elapsed) = exec_plugin(
+        ns,
+        Path::new(plugin),
+        command,
+        sandbox,
+        "/usr/lib/cni",
+        config,
+    );
     assert!(
         out.status.success(),
         "{plugin} {command}: {}{}",
@@ -106,60 +87,24 @@ fn main() {
     let (mut without, mut with) = (Vec::new(), Vec::new());
     for (i, pod) in pods.iter().enumerate() {
         for ours in [false, true] {
-            let ns_name = format!("{}-s{i}{}", m.lab.id(), if ours { "w" } else { "o" });
-            mesh_testbed::lab::sh("ip", &["netns", "add", &ns_name]);
-            // What the runtime does before the chain (containerd and podman bring up `lo`).
-            mesh_testbed::lab::sh("ip", &["-n", &ns_name, "link", "set", "lo", "up"]);
-            let netns = format!("/run/netns/{ns_name}");
-            let container = format!("c{i}{ours}");
-            let args = format!("IgnoreUnknown=1;K8S_POD_NAMESPACE=bench;K8S_POD_NAME={pod}");
-            let (t_bridge, prev) = exec(
-                &node.ns,
-                "/usr/lib/cni/bridge",
-                "ADD",
-                &container,
-                &netns,
-                &args,
-                &bridge,
-            );
-            let total = if ours {
-                let (t_ours, _) = exec(
-                    &node.ns,
-                    &plugin,
-                    "ADD",
-                    &container,
-                    &netns,
-                    &args,
-                    &ambient(&prev),
-                );
-                t_bridge + t_ours
-            } else {
-                t_bridge
+            let tag = if ours { "w" } else { "o" };
+            // A fresh netns with `lo` up, as the runtime hands it to the chain.
+            let netns = m.lab.add_netns("a", &format!("s{i}{tag}"));
+            let sandbox = Sandbox {
+                container_id: format!("c{i}{tag}"),
+                netns: netns.path(),
+                namespace: "bench".into(),
+                name: pod.clone(),
             };
+            let (t_bridge, prev) = exec(&node.ns, BRIDGE, "ADD", &sandbox, &bridge);
             if ours {
-                with.push(total.as_secs_f64() * 1e3);
-                exec(
-                    &node.ns,
-                    &plugin,
-                    "DEL",
-                    &container,
-                    &netns,
-                    &args,
-                    &ambient(&prev),
-                );
+                let (t_ours, _) = exec(&node.ns, &plugin, "ADD", &sandbox, &ambient(&prev));
+                with.push((t_bridge + t_ours).as_secs_f64() * 1e3);
+                exec(&node.ns, &plugin, "DEL", &sandbox, &ambient(&prev));
             } else {
-                without.push(total.as_secs_f64() * 1e3);
+                without.push(t_bridge.as_secs_f64() * 1e3);
             }
-            exec(
-                &node.ns,
-                "/usr/lib/cni/bridge",
-                "DEL",
-                &container,
-                &netns,
-                &args,
-                &bridge,
-            );
-            mesh_testbed::lab::sh("ip", &["netns", "del", &ns_name]);
+            exec(&node.ns, BRIDGE, "DEL", &sandbox, &bridge);
         }
     }
     without.sort_by(f64::total_cmp);

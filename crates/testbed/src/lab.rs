@@ -185,7 +185,10 @@ impl Drop for Process {
 #[derive(Debug)]
 pub struct Lab {
     id: String,
-    dir: tempfile::TempDir,
+    dir: Option<tempfile::TempDir>,
+    path: PathBuf,
+    /// Processes get their own process group (a kept lab outlives its creator's terminal).
+    detach: bool,
     namespaces: Vec<Ns>,
     nodes: Vec<Node>,
     /// Processes, killed before the namespaces go.
@@ -202,22 +205,47 @@ impl Lab {
             std::process::id(),
             NEXT_LAB.fetch_add(1, Ordering::Relaxed)
         );
+        Self::with_id(id, false)
+    }
+
+    /// A lab with a fixed `id` (a prefix no other lab uses), meant to be [`Lab::keep`]t and
+    /// later removed with [`purge`]. Its processes run in their own process group.
+    pub fn named(id: &str) -> Self {
+        crate::require_root();
+        Self::with_id(id.to_string(), true)
+    }
+
+    fn with_id(id: String, detach: bool) -> Self {
         let dir = tempfile::Builder::new()
             .prefix(&format!("{id}-"))
             .tempdir()
             .expect("lab dir");
         Lab {
             id,
-            dir,
+            path: dir.path().to_path_buf(),
+            dir: Some(dir),
+            detach,
             namespaces: Vec::new(),
             nodes: Vec::new(),
             processes: Vec::new(),
         }
     }
 
+    /// Leaves everything running and in place when the lab is dropped; [`purge`] with the
+    /// lab's id removes it later.
+    pub fn keep(&mut self) {
+        for p in self.processes.drain(..) {
+            std::mem::forget(p);
+        }
+        self.namespaces.clear();
+        if let Some(dir) = self.dir.take() {
+            let _ = dir.keep();
+        }
+    }
+
     /// The lab's scratch directory (configs, sockets, logs).
     pub fn dir(&self) -> &Path {
-        self.dir.path()
+        &self.path
     }
 
     pub fn id(&self) -> &str {
@@ -311,6 +339,20 @@ impl Lab {
         node
     }
 
+    /// Adds an empty pod network namespace on `node` (loopback up, as a runtime leaves it
+    /// before the CNI chain runs), listed in the node's netns dir.
+    pub fn add_netns(&mut self, node: &str, name: &str) -> Ns {
+        let node = self.node(node).name.clone();
+        let ns = Ns {
+            name: format!("{}-{node}-{name}", self.id),
+        };
+        self.create_ns(&ns);
+        let dir = self.node_netns_dir(&node);
+        std::fs::create_dir_all(&dir).expect("node netns dir");
+        std::os::unix::fs::symlink(ns.path(), dir.join(name)).expect("netns link");
+        ns
+    }
+
     /// Adds a pod on `node`, wired to the node's bridge with a default route through it.
     pub fn add_pod(&mut self, node: &str, name: &str) -> Pod {
         let node = self
@@ -375,9 +417,11 @@ impl Lab {
     ) -> &mut Process {
         let log = self.dir().join(format!("{name}.log"));
         let file = std::fs::File::create(&log).expect("log file");
-        let child = ns
-            .open()
-            .command(program)
+        let mut command = ns.open().command(program);
+        if self.detach {
+            std::os::unix::process::CommandExt::process_group(&mut command, 0);
+        }
+        let child = command
             .args(args)
             .envs(env.iter().copied())
             .stdin(Stdio::null())

@@ -8,6 +8,8 @@
 //! - [`capture`]: packet capture on a link and a small pcap reader;
 //! - [`mesh`]: nodes running real ztunnel processes with a CA and a local config;
 //! - [`kube_mock`]: an in-process Kubernetes API server speaking list/watch JSON;
+//! - [`demo`]: the local mesh (`local-mesh`) and its report;
+//! - [`cni`]: container networks on simulated nodes and a minimal CNI runtime driving them;
 //! - [`podman`]: a real CNI runtime (podman + reference plugins) inside simulated nodes.
 //!
 //! Everything here needs root; [`require_root`] fails loudly without it.
@@ -17,6 +19,8 @@
 pub mod agent;
 pub mod apps;
 pub mod capture;
+pub mod cni;
+pub mod demo;
 pub mod kube_mock;
 pub mod lab;
 pub mod mesh;

@@ -95,7 +95,11 @@ pub struct Mesh {
 impl Mesh {
     /// Nodes named `nodes`, a fresh CA and an empty config. No ztunnel runs yet.
     pub fn new(nodes: &[&str]) -> Self {
-        let mut lab = Lab::new();
+        Self::in_lab(Lab::new(), nodes)
+    }
+
+    /// The same in a lab made by the caller (e.g. [`Lab::named`]).
+    pub fn in_lab(mut lab: Lab, nodes: &[&str]) -> Self {
         for n in nodes {
             lab.add_node(n);
         }

@@ -1,18 +1,14 @@
 //! A real CNI runtime for tests: podman with its CNI backend and Debian's reference plugins,
 //! run inside a simulated node's netns so its bridge and containers belong to that node.
 //!
-//! Each node gets its own CNI config dir holding a `bridge` + `host-local` conflist for a
-//! container subnet of its own (198.18.(100+i).0/24), routed from the other nodes. Networks
-//! and containers are named after the lab so parallel tests and leftovers never collide, and
-//! every container is removed on drop.
+//! Each node's network comes from [`crate::cni::node_nets`]. Containers are named after the
+//! lab so parallel tests and leftovers never collide, and every container is removed on drop.
 
 use std::path::{Path, PathBuf};
 use std::process::Output;
 
-use crate::lab::{Lab, Ns};
-
-/// Where Debian puts the reference plugins.
-pub const REFERENCE_PLUGINS: &str = "/usr/lib/cni";
+pub use crate::cni::{NodeNet, REFERENCE_PLUGINS};
+use crate::lab::Lab;
 
 #[derive(Debug)]
 pub struct Podman {
@@ -20,24 +16,6 @@ pub struct Podman {
     root: PathBuf,
     prefix: String,
     containers: Vec<String>,
-}
-
-/// One node's container network.
-#[derive(Debug, Clone)]
-pub struct NodeNet {
-    pub node: String,
-    pub ns: Ns,
-    pub network: String,
-    pub conf_dir: PathBuf,
-    pub bin_dir: PathBuf,
-    /// The node's container subnet's third octet: containers are 198.18.{octet}.N.
-    pub octet: u8,
-}
-
-impl NodeNet {
-    pub fn ip(&self, host: u8) -> std::net::Ipv4Addr {
-        std::net::Ipv4Addr::new(198, 18, self.octet, host)
-    }
 }
 
 /// Panics with a clear message unless podman and the reference plugins are installed.
@@ -50,10 +28,7 @@ pub fn require() {
         ok,
         "podman is required: apt-get install podman runc containernetworking-plugins busybox-static"
     );
-    assert!(
-        Path::new(REFERENCE_PLUGINS).join("bridge").exists(),
-        "CNI reference plugins are required: apt-get install containernetworking-plugins"
-    );
+    crate::cni::require_plugins();
     assert!(
         Path::new("/bin/busybox").exists(),
         "busybox is required: apt-get install busybox-static"
@@ -78,46 +53,7 @@ impl Podman {
             ),
         )
         .expect("containers.conf");
-        let mut nets = Vec::new();
-        for node in lab.nodes() {
-            let octet = 100 + node.index;
-            let network = format!("{}-{}", lab.id(), node.name);
-            let conf_dir = base.join(format!("net.d-{}", node.name));
-            let bin_dir = base.join(format!("bin-{}", node.name));
-            std::fs::create_dir_all(&conf_dir).expect("conf dir");
-            std::fs::create_dir_all(&bin_dir).expect("bin dir");
-            let conflist = serde_json::json!({
-                "cniVersion": "1.0.0",
-                "name": network,
-                "plugins": [{
-                    "type": "bridge",
-                    "bridge": "cni-mesh",
-                    "isGateway": true,
-                    "ipMasq": false,
-                    "hairpinMode": true,
-                    "ipam": {
-                        "type": "host-local",
-                        "ranges": [[{"subnet": format!("198.18.{octet}.0/24"), "gateway": format!("198.18.{octet}.1")}]],
-                        "routes": [{"dst": "0.0.0.0/0"}],
-                        "dataDir": base.join("ipam").display().to_string(),
-                    }
-                }]
-            });
-            std::fs::write(
-                conf_dir.join("10-mesh.conflist"),
-                serde_json::to_string_pretty(&conflist).expect("json"),
-            )
-            .expect("conflist");
-            lab.route_to_node(&format!("198.18.{octet}.0/24"), &node.name);
-            nets.push(NodeNet {
-                node: node.name.clone(),
-                ns: node.ns.clone(),
-                network,
-                conf_dir,
-                bin_dir,
-                octet,
-            });
-        }
+        let nets = crate::cni::node_nets(lab, &base);
         let podman = Self {
             conf,
             root: base.join("roots"),

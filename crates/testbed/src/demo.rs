@@ -1,0 +1,632 @@
+//! The local mesh: N simulated nodes, each running the real `node-agent` (which installs the
+//! CNI plugin into the node's CNI config) and the real `ztunnel`; pods created through the real
+//! CNI path (`bridge` + `host-local`, then `ambient-cni`, exec'd by [`crate::cni`]'s runtime);
+//! traffic across and within nodes; a report built from ztunnel's own access logs.
+//!
+//! The `local-mesh` binary prints the report; the integration tests run the same mesh
+//! headless and assert on [`Report`].
+
+use std::net::{Ipv4Addr, SocketAddr};
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+use crate::apps::{EchoServer, connect, echo_roundtrip, payload};
+use crate::cni::{NodeNet, Sandbox};
+use crate::lab::{Lab, Pod};
+use crate::mesh::{Mesh, Service, Workload, eventually};
+
+/// The id of a kept mesh (one at a time); `local-mesh down` purges it.
+pub const KEPT_ID: &str = "lmesh";
+
+const SERVICE_VIP: &str = "198.19.100.10";
+const LOAD_PORT: u16 = 7000;
+const T: Duration = Duration::from_secs(30);
+
+/// What to build.
+#[derive(Debug, Clone)]
+pub struct Options {
+    /// Simulated nodes (at least 2).
+    pub nodes: usize,
+    /// Extra pods per node, each talking to its twin on the next node (a scale check).
+    pub load_pods: usize,
+    /// Build in a lab named [`KEPT_ID`] that can outlive this process.
+    pub keep: bool,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Self {
+            nodes: 2,
+            load_pods: 0,
+            keep: false,
+        }
+    }
+}
+
+/// A pod of the demo: where it runs and who it is.
+#[derive(Debug, Clone)]
+pub struct DemoPod {
+    pub pod: Pod,
+    pub namespace: String,
+    pub service_account: String,
+    pub in_mesh: bool,
+    pub sandbox: Sandbox,
+}
+
+/// One line of the report.
+#[derive(Debug, Clone)]
+pub struct Row {
+    pub label: String,
+    pub source: String,
+    pub destination: String,
+    /// SPIFFE ids as ztunnel logged them (`None`: no identity on that side).
+    pub client_identity: Option<String>,
+    pub server_identity: Option<String>,
+    /// Whether the hop between the nodes (or pods) was mutual TLS, per the access log.
+    pub mtls: bool,
+    pub bytes_sent: u64,
+    pub bytes_received: u64,
+    /// Connect plus a 64 KiB echo round trip, as the client saw it.
+    pub latency: Duration,
+    /// The echo came back intact.
+    pub ok: bool,
+    pub error: Option<String>,
+}
+
+/// The load pods' flows, summarised.
+#[derive(Debug, Clone)]
+pub struct LoadSummary {
+    pub flows: usize,
+    pub ok: usize,
+    pub mtls: usize,
+    pub p50: Duration,
+    pub p99: Duration,
+}
+
+/// What the run found.
+#[derive(Debug, Clone)]
+pub struct Report {
+    pub nodes: usize,
+    pub rows: Vec<Row>,
+    pub load: Option<LoadSummary>,
+    /// Each pod's full CNI ADD (the chain, enrollment included).
+    pub cni_adds: Vec<Duration>,
+}
+
+impl Report {
+    pub fn failures(&self) -> usize {
+        self.rows.iter().filter(|r| !r.ok).count()
+            + self.load.as_ref().map_or(0, |l| l.flows - l.ok)
+    }
+}
+
+/// A running local mesh.
+pub struct LocalMesh {
+    pub mesh: Mesh,
+    pub nets: Vec<NodeNet>,
+    pub pods: Vec<DemoPod>,
+    /// Each pod's CNI ADD time.
+    pub cni_adds: Vec<Duration>,
+    servers: Vec<EchoServer>,
+}
+
+impl std::fmt::Debug for LocalMesh {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LocalMesh")
+            .field("lab", &self.mesh.lab.id())
+            .field("pods", &self.pods.len())
+            .finish_non_exhaustive()
+    }
+}
+
+fn node_name(i: usize) -> String {
+    format!("node-{}", i + 1)
+}
+
+impl LocalMesh {
+    /// Builds the mesh: nodes, agents (installing the plugin), ztunnels, pods through CNI,
+    /// then ztunnel's registry with the pods' addresses. `progress` hears each step.
+    pub fn up(opts: &Options, progress: &mut dyn FnMut(&str)) -> Result<Self, String> {
+        if !(2..=50).contains(&opts.nodes) {
+            return Err(format!("--nodes {} is out of range (2 to 50)", opts.nodes));
+        }
+        if opts.load_pods > 200 {
+            return Err(format!(
+                "--pods {} is out of range (0 to 200 per node)",
+                opts.load_pods
+            ));
+        }
+        crate::cni::require_plugins();
+        let names: Vec<String> = (0..opts.nodes).map(node_name).collect();
+        let refs: Vec<&str> = names.iter().map(String::as_str).collect();
+        progress(&format!(
+            "creating {} nodes (network namespaces linked pairwise) and a local CA",
+            opts.nodes
+        ));
+        let lab = if opts.keep {
+            Lab::named(KEPT_ID)
+        } else {
+            Lab::new()
+        };
+        let mut mesh = Mesh::in_lab(lab, &refs);
+        mesh.log = "info".into();
+        let nets = crate::cni::node_nets(&mesh.lab, &mesh.lab.dir().join("cni"));
+
+        // Who runs where: the named demo pods on the first two nodes, load pods everywhere.
+        let mut plan: Vec<(usize, &str, &str, &str, bool)> = vec![
+            (0, "frontend", "shop", "frontend", true),
+            (0, "outsider", "legacy", "default", false),
+            (1, "backend", "shop", "backend", true),
+            (1, "db", "data", "db", true),
+        ];
+        let load_names: Vec<String> = (0..opts.nodes * opts.load_pods)
+            .map(|k| format!("load-{}-{}", k / opts.load_pods + 1, k % opts.load_pods))
+            .collect();
+        for (k, name) in load_names.iter().enumerate() {
+            plan.push((k / opts.load_pods, name, "load", "load", true));
+        }
+        for (i, node) in names.iter().enumerate() {
+            let mut y = String::from(
+                "namespaces:\n\
+                 - {name: shop, labels: {istio.io/dataplane-mode: ambient}}\n\
+                 - {name: data, labels: {istio.io/dataplane-mode: ambient}}\n\
+                 - {name: load, labels: {istio.io/dataplane-mode: ambient}}\n\
+                 - {name: legacy}\npods:\n",
+            );
+            for (_, name, ns, sa, _) in plan.iter().filter(|p| p.0 == i) {
+                y += &format!(
+                    "- {{name: {name}, namespace: {ns}, uid: {ns}/{name}, serviceAccount: {sa}}}\n"
+                );
+            }
+            std::fs::write(mesh.pod_file(node), y).map_err(|e| e.to_string())?;
+        }
+
+        progress("starting node-agent (installing the CNI plugin) and ztunnel on every node");
+        let plugin = crate::binary("ambient-cni").display().to_string();
+        for net in &nets {
+            let conf = net.conf_dir.display().to_string();
+            let bin = net.bin_dir.display().to_string();
+            let flags = [
+                "--install-cni",
+                "--cni-conf-dir",
+                &conf,
+                "--cni-bin-dir",
+                &bin,
+                "--cni-plugin",
+                &plugin,
+            ];
+            mesh.start_agent(&net.node, &flags);
+            mesh.start_ztunnel(&net.node, &["--log-format", "json"]);
+        }
+        for node in &names {
+            if !eventually(T, || mesh.agent_get(node, "/readyz").0 == 200) {
+                return Err(format!(
+                    "the node agent on {node} is not ready: {}",
+                    mesh.agent_get(node, "/readyz").1
+                ));
+            }
+        }
+
+        progress(&format!(
+            "creating {} pods through CNI (bridge + host-local, then ambient-cni)",
+            plan.len()
+        ));
+        let mut pods = Vec::new();
+        let mut adds = Vec::new();
+        for (i, name, ns, sa, in_mesh) in &plan {
+            let net = &nets[*i];
+            let netns = mesh.lab.add_netns(&net.node, name);
+            let sandbox = Sandbox {
+                container_id: format!("{}-{name}", mesh.lab.id()),
+                netns: netns.path(),
+                namespace: ns.to_string(),
+                name: name.to_string(),
+            };
+            let (result, took) = net
+                .add(&sandbox)
+                .map_err(|e| format!("CNI ADD for {ns}/{name} on {}: {e}", net.node))?;
+            adds.push(took);
+            let ip = result_ip(&result)
+                .ok_or_else(|| format!("CNI ADD for {name} returned no IPv4 address: {result}"))?;
+            pods.push(DemoPod {
+                pod: Pod {
+                    name: name.to_string(),
+                    node: net.node.clone(),
+                    ns: netns,
+                    ip,
+                },
+                namespace: ns.to_string(),
+                service_account: sa.to_string(),
+                in_mesh: *in_mesh,
+                sandbox,
+            });
+        }
+
+        progress("publishing the pods' addresses to every ztunnel (the local config)");
+        let workloads: Vec<Workload> = pods
+            .iter()
+            .filter(|p| p.in_mesh)
+            .map(|p| Workload::mesh(&p.pod, &p.namespace, &p.service_account))
+            .collect();
+        let service = Service {
+            name: "backend".into(),
+            namespace: "shop".into(),
+            vip: SERVICE_VIP.into(),
+            port: 80,
+            target_port: 8080,
+            endpoints: vec!["backend".into()],
+        };
+        mesh.write_config(&workloads.iter().collect::<Vec<_>>(), &[service]);
+        for node in &names {
+            if !eventually(T, || {
+                mesh.ztunnel_log(node).contains("local config reloaded")
+            }) {
+                return Err(format!("ztunnel on {node} did not load the mesh config"));
+            }
+        }
+        Ok(Self {
+            mesh,
+            nets,
+            pods,
+            cni_adds: adds,
+            servers: Vec::new(),
+        })
+    }
+
+    pub fn pod(&self, name: &str) -> &DemoPod {
+        self.pods
+            .iter()
+            .find(|p| p.pod.name == name)
+            .unwrap_or_else(|| panic!("no pod {name}"))
+    }
+
+    /// Drives traffic over every path and reads the access logs into a report.
+    pub fn drive(&mut self, progress: &mut dyn FnMut(&str)) -> Report {
+        let frontend = self.pod("frontend").pod.clone();
+        let outsider = self.pod("outsider").pod.clone();
+        let backend = self.pod("backend").pod.clone();
+        let db = self.pod("db").pod.clone();
+        self.servers = vec![
+            EchoServer::start(&backend, 8080),
+            EchoServer::start(&db, 5432),
+            EchoServer::start(&outsider, 9090),
+        ];
+        let load: Vec<Pod> = self
+            .pods
+            .iter()
+            .filter(|p| p.namespace == "load")
+            .map(|p| p.pod.clone())
+            .collect();
+        for p in &load {
+            self.servers.push(EchoServer::start(p, LOAD_PORT));
+        }
+        let vip: SocketAddr = format!("{SERVICE_VIP}:80").parse().expect("vip");
+        let flows = [
+            (
+                "pod to pod, across nodes",
+                &frontend,
+                backend.addr(8080),
+                "backend",
+            ),
+            ("through a service VIP", &frontend, vip, "backend (svc)"),
+            ("across namespaces", &frontend, db.addr(5432), "db"),
+            ("within one node", &backend, db.addr(5432), "db"),
+            (
+                "from outside the mesh",
+                &outsider,
+                backend.addr(8080),
+                "backend",
+            ),
+            (
+                "to outside the mesh",
+                &frontend,
+                outsider.addr(9090),
+                "outsider",
+            ),
+        ];
+        progress("driving a 64 KiB echo over each path");
+        let measured: Vec<_> = flows
+            .iter()
+            .map(|(_, from, to, _)| exchange(from, *to))
+            .collect();
+        let load_measured: Vec<_> = if load.is_empty() {
+            Vec::new()
+        } else {
+            progress(&format!(
+                "driving {} load pods, each to its twin on the next node",
+                load.len()
+            ));
+            let per_node = load.len() / self.nets.len();
+            (0..load.len())
+                .map(|k| {
+                    let twin = &load[(k + per_node) % load.len()];
+                    (load[k].clone(), exchange(&load[k], twin.addr(LOAD_PORT)))
+                })
+                .collect()
+        };
+        // Access events are written when each side has closed; give the last ones a moment.
+        let expected = flows.len() + load_measured.len();
+        let mut events = Vec::new();
+        eventually(Duration::from_secs(5), || {
+            events = self.access_events();
+            events
+                .iter()
+                .filter(|e| e["direction"] != "inbound")
+                .count()
+                >= expected
+        });
+
+        let mut rows = Vec::new();
+        for ((label, from, to, to_name), m) in flows.iter().zip(measured) {
+            let event = find_event(&events, from, *to);
+            rows.push(row(label, from, to_name, event, m));
+        }
+        let load_summary = (!load_measured.is_empty()).then(|| {
+            let mut lat: Vec<Duration> = load_measured.iter().map(|(_, m)| m.latency).collect();
+            lat.sort();
+            let mtls = load_measured
+                .iter()
+                .filter(|(from, m)| {
+                    m.ok && find_event(
+                        &events,
+                        from,
+                        SocketAddr::from((Ipv4Addr::UNSPECIFIED, LOAD_PORT)),
+                    )
+                    .is_some_and(|e| e["security"] == "mtls")
+                })
+                .count();
+            LoadSummary {
+                flows: load_measured.len(),
+                ok: load_measured.iter().filter(|(_, m)| m.ok).count(),
+                mtls,
+                p50: lat[lat.len() / 2],
+                p99: lat[(lat.len() * 99 / 100).min(lat.len() - 1)],
+            }
+        });
+        Report {
+            nodes: self.nets.len(),
+            rows,
+            load: load_summary,
+            cni_adds: self.cni_adds.clone(),
+        }
+    }
+
+    /// Every access event of every ztunnel so far.
+    fn access_events(&mut self) -> Vec<Value> {
+        let mut out = Vec::new();
+        for net in &self.nets {
+            for line in self.mesh.ztunnel_log(&net.node).lines() {
+                if let Ok(v) = serde_json::from_str::<Value>(line)
+                    && v["target"] == "access"
+                {
+                    out.push(v);
+                }
+            }
+        }
+        out
+    }
+
+    /// Runs CNI DEL for every pod (as the runtime does when pods go), then removes the lab.
+    /// Returns what DEL left behind, if anything.
+    pub fn down(mut self) -> Result<(), String> {
+        self.servers.clear();
+        let mut left = Vec::new();
+        for p in &self.pods {
+            let net = self
+                .nets
+                .iter()
+                .find(|n| n.node == p.pod.node)
+                .expect("pod's node");
+            if let Err(e) = net.del(&p.sandbox) {
+                left.push(format!("{}: DEL failed: {e}", p.pod.name));
+                continue;
+            }
+            let tables = p.pod.ns.exec("nft", &["list", "tables"]);
+            if tables.contains("ztunnel") {
+                left.push(format!("{}: rules left after DEL: {tables}", p.pod.name));
+            }
+            let links = p.pod.ns.exec("ip", &["-o", "link", "show"]);
+            if links.lines().count() > 1 {
+                left.push(format!(
+                    "{}: interfaces left after DEL: {links}",
+                    p.pod.name
+                ));
+            }
+        }
+        drop(self);
+        if left.is_empty() {
+            Ok(())
+        } else {
+            Err(left.join("\n"))
+        }
+    }
+
+    /// Leaves the mesh running after this process exits, with echo servers as processes in
+    /// the server pods; `local-mesh down` removes it.
+    pub fn keep(mut self) -> PathBuf {
+        self.servers.clear();
+        for (name, port) in [("backend", 8080), ("db", 5432), ("outsider", 9090)] {
+            let ns = self.pod(name).pod.ns.clone();
+            let args: Vec<String> = ["nc", "-ll", "-p", &port.to_string(), "-e", "/bin/cat"]
+                .iter()
+                .map(|s| s.to_string())
+                .collect();
+            self.mesh.lab.spawn(
+                &format!("echo-{name}"),
+                &ns,
+                std::path::Path::new("/bin/busybox"),
+                &args,
+                &[],
+            );
+        }
+        let dir = self.mesh.lab.dir().to_path_buf();
+        self.mesh.lab.keep();
+        dir
+    }
+}
+
+/// The first IPv4 address of a CNI result.
+fn result_ip(result: &Value) -> Option<Ipv4Addr> {
+    result["ips"].as_array()?.iter().find_map(|ip| {
+        ip["address"]
+            .as_str()?
+            .split('/')
+            .next()?
+            .parse::<Ipv4Addr>()
+            .ok()
+    })
+}
+
+struct Measured {
+    ok: bool,
+    latency: Duration,
+    error: Option<String>,
+}
+
+fn exchange(from: &Pod, to: SocketAddr) -> Measured {
+    let data = payload("local-mesh", 64 * 1024);
+    let started = Instant::now();
+    let result = connect(from, to, Duration::from_secs(5)).and_then(|s| echo_roundtrip(s, &data));
+    let latency = started.elapsed();
+    match result {
+        Ok(got) if got == data => Measured {
+            ok: true,
+            latency,
+            error: None,
+        },
+        Ok(got) => Measured {
+            ok: false,
+            latency,
+            error: Some(format!(
+                "echo differed ({} of {} bytes)",
+                got.len(),
+                data.len()
+            )),
+        },
+        Err(e) => Measured {
+            ok: false,
+            latency,
+            error: Some(e.to_string()),
+        },
+    }
+}
+
+/// The access event of the proxy that saw the client's side of a flow: the source pod's
+/// ztunnel (outbound), or for a client outside the mesh the server's (inbound-plaintext).
+/// A destination port of 0 matches any address on that port.
+fn find_event<'a>(events: &'a [Value], from: &Pod, to: SocketAddr) -> Option<&'a Value> {
+    let src = format!("{}:", from.ip);
+    let port = format!(":{}", to.port());
+    events.iter().rev().find(|e| {
+        let dir = e["direction"].as_str().unwrap_or_default();
+        let dst = e["dst.addr"].as_str().unwrap_or_default();
+        e["src.addr"].as_str().is_some_and(|s| s.starts_with(&src))
+            && (dir == "outbound" || dir == "inbound-plaintext")
+            && (dst.ends_with(&port) || dir == "inbound-plaintext")
+    })
+}
+
+fn row(label: &str, from: &Pod, to_name: &str, event: Option<&Value>, m: Measured) -> Row {
+    let id = |key: &str| {
+        event
+            .and_then(|e| e[key].as_str())
+            .filter(|s| s.starts_with("spiffe://"))
+            .map(str::to_string)
+    };
+    let num = |key: &str| {
+        event
+            .and_then(|e| e[key].as_u64().or_else(|| e[key].as_str()?.parse().ok()))
+            .unwrap_or(0)
+    };
+    Row {
+        label: label.to_string(),
+        source: from.name.clone(),
+        destination: to_name.to_string(),
+        client_identity: id("src.identity"),
+        server_identity: id("dst.identity"),
+        mtls: event.is_some_and(|e| e["security"] == "mtls"),
+        bytes_sent: num("bytes_sent"),
+        bytes_received: num("bytes_received"),
+        latency: m.latency,
+        ok: m.ok && event.is_some(),
+        error: m
+            .error
+            .or_else(|| event.is_none().then(|| "no access log entry".to_string())),
+    }
+}
+
+/// `spiffe://<td>/ns/<ns>/sa/<sa>` as `ns/sa`.
+pub fn short_id(id: &str) -> String {
+    id.split_once("/ns/")
+        .map(|(_, rest)| rest.replace("/sa/", "/"))
+        .unwrap_or_else(|| id.to_string())
+}
+
+/// The report as a person reads it.
+pub fn render(report: &Report) -> String {
+    use std::fmt::Write;
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "{:<26} {:<9} {:<14} {:<30} {:<5} {:>15} {:>9}",
+        "path",
+        "source",
+        "destination",
+        "identities (client -> server)",
+        "mTLS",
+        "bytes out/in",
+        "latency"
+    );
+    for r in &report.rows {
+        let ids = format!(
+            "{} -> {}",
+            r.client_identity.as_deref().map_or("-".into(), short_id),
+            r.server_identity.as_deref().map_or("-".into(), short_id)
+        );
+        let _ = writeln!(
+            out,
+            "{:<26} {:<9} {:<14} {:<30} {:<5} {:>15} {:>7.2}ms{}",
+            r.label,
+            r.source,
+            r.destination,
+            ids,
+            if r.mtls { "yes" } else { "no" },
+            format!("{}/{}", r.bytes_sent, r.bytes_received),
+            r.latency.as_secs_f64() * 1000.0,
+            r.error
+                .as_ref()
+                .map_or(String::new(), |e| format!("  FAILED: {e}"))
+        );
+    }
+    if let Some(l) = &report.load {
+        let _ = writeln!(
+            out,
+            "\nload: {} pods, each to its twin on the next node: {}/{} ok, {} over mTLS, latency p50 {:.2}ms p99 {:.2}ms",
+            l.flows,
+            l.ok,
+            l.flows,
+            l.mtls,
+            l.p50.as_secs_f64() * 1000.0,
+            l.p99.as_secs_f64() * 1000.0
+        );
+    }
+    let mut adds = report.cni_adds.clone();
+    adds.sort();
+    if !adds.is_empty() {
+        let _ = writeln!(
+            out,
+            "\nCNI ADD ({} pods on {} nodes, bridge + host-local + ambient-cni, enrollment included): median {:.1}ms, max {:.1}ms",
+            adds.len(),
+            report.nodes,
+            adds[adds.len() / 2].as_secs_f64() * 1000.0,
+            adds[adds.len() - 1].as_secs_f64() * 1000.0
+        );
+    }
+    let _ = writeln!(
+        out,
+        "identities are SPIFFE ids shown as namespace/service-account; latency is connect + a 64 KiB echo round trip"
+    );
+    out
+}
