@@ -26,7 +26,8 @@ fn the_local_mesh_report_shows_identities_and_mtls_and_nothing_is_left_behind() 
         keep: false,
     };
     let mut steps = Vec::new();
-    let mut lm = LocalMesh::up(&opts, &mut |s| steps.push(s.to_string())).expect("mesh up");
+    let lab = LocalMesh::lab(&opts).expect("options");
+    let mut lm = LocalMesh::up(lab, &opts, &mut |s| steps.push(s.to_string())).expect("mesh up");
     let lab = lm.mesh.lab.id().to_string();
     let dir = lm.mesh.lab.dir().to_path_buf();
     let report = lm.drive(&mut |_| {});

@@ -126,9 +126,9 @@ fn node_name(i: usize) -> String {
 }
 
 impl LocalMesh {
-    /// Builds the mesh: nodes, agents (installing the plugin), ztunnels, pods through CNI,
-    /// then ztunnel's registry with the pods' addresses. `progress` hears each step.
-    pub fn up(opts: &Options, progress: &mut dyn FnMut(&str)) -> Result<Self, String> {
+    /// The lab to build in: [`KEPT_ID`] for `--keep`, else a fresh one. Its id is what a
+    /// signal handler purges.
+    pub fn lab(opts: &Options) -> Result<Lab, String> {
         if !(2..=50).contains(&opts.nodes) {
             return Err(format!("--nodes {} is out of range (2 to 50)", opts.nodes));
         }
@@ -139,17 +139,23 @@ impl LocalMesh {
             ));
         }
         crate::cni::require_plugins();
+        Ok(if opts.keep {
+            Lab::named(KEPT_ID)
+        } else {
+            Lab::new()
+        })
+    }
+
+    /// Builds the mesh in `lab` (from [`LocalMesh::lab`]): nodes, agents (installing the
+    /// plugin), ztunnels, pods through CNI, then ztunnel's registry with the pods' addresses.
+    /// `progress` hears each step.
+    pub fn up(lab: Lab, opts: &Options, progress: &mut dyn FnMut(&str)) -> Result<Self, String> {
         let names: Vec<String> = (0..opts.nodes).map(node_name).collect();
         let refs: Vec<&str> = names.iter().map(String::as_str).collect();
         progress(&format!(
             "creating {} nodes (network namespaces linked pairwise) and a local CA",
             opts.nodes
         ));
-        let lab = if opts.keep {
-            Lab::named(KEPT_ID)
-        } else {
-            Lab::new()
-        };
         let mut mesh = Mesh::in_lab(lab, &refs);
         mesh.log = "info".into();
         let nets = crate::cni::node_nets(&mesh.lab, &mesh.lab.dir().join("cni"));

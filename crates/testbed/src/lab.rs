@@ -470,7 +470,10 @@ impl Drop for Lab {
         }
         self.processes.clear();
         for ns in self.namespaces.iter().rev() {
-            let _ = Command::new("ip").args(["netns", "del", &ns.name]).status();
+            let _ = Command::new("ip")
+                .args(["netns", "del", &ns.name])
+                .stderr(Stdio::null())
+                .status();
         }
     }
 }
@@ -497,7 +500,10 @@ pub fn purge(id: &str) {
                 }
             }
         }
-        let _ = Command::new("ip").args(["netns", "del", &name]).status();
+        let _ = Command::new("ip")
+            .args(["netns", "del", &name])
+            .stderr(Stdio::null())
+            .status();
     }
     if let Ok(entries) = std::fs::read_dir(std::env::temp_dir()) {
         for entry in entries.flatten() {

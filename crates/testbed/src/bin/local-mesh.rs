@@ -12,6 +12,8 @@
 
 #![forbid(unsafe_code)]
 
+use std::sync::atomic::{AtomicBool, Ordering};
+
 use mesh_testbed::demo::{self, KEPT_ID, LocalMesh, Options};
 use mesh_testbed::lab::purge;
 use nix::sys::signal::{SigSet, Signal};
@@ -26,7 +28,16 @@ fn step(msg: &str) {
     eprintln!("• {msg}");
 }
 
+/// Set once Ctrl-C or SIGTERM arrived: the signal thread is tearing everything down, so
+/// failures the main thread sees from then on are its doing, not news.
+static INTERRUPTED: AtomicBool = AtomicBool::new(false);
+
 fn fail(msg: &str) -> ! {
+    if INTERRUPTED.load(Ordering::Acquire) {
+        loop {
+            std::thread::park();
+        }
+    }
     eprintln!("local-mesh: {msg}");
     std::process::exit(2);
 }
@@ -95,24 +106,19 @@ fn main() {
     signals.add(Signal::SIGINT);
     signals.add(Signal::SIGTERM);
     signals.thread_block().expect("block signals");
-    let lab_id = std::sync::Arc::new(std::sync::Mutex::new(None::<String>));
-    let watched = lab_id.clone();
+    let lab = LocalMesh::lab(&opts).unwrap_or_else(|e| fail(&e));
+    let lab_id = lab.id().to_string();
     std::thread::spawn(move || {
         if let Ok(sig) = signals.wait() {
+            INTERRUPTED.store(true, Ordering::Release);
             eprintln!("\nlocal-mesh: {sig:?}: removing everything it created");
-            if let Some(id) = watched.lock().expect("not poisoned").as_deref() {
-                purge(id);
-            }
+            purge(&lab_id);
             std::process::exit(130);
         }
     });
 
     let mut progress = |msg: &str| step(msg);
-    let mut mesh = match LocalMesh::up(&opts, &mut progress) {
-        Ok(m) => m,
-        Err(e) => fail(&e),
-    };
-    *lab_id.lock().expect("not poisoned") = Some(mesh.mesh.lab.id().to_string());
+    let mut mesh = LocalMesh::up(lab, &opts, &mut progress).unwrap_or_else(|e| fail(&e));
     let report = mesh.drive(&mut progress);
     println!();
     print!("{}", demo::render(&report));
