@@ -31,13 +31,22 @@ pub struct NodeNet {
     pub octet: u8,
 }
 
+/// Whether the reference plugins are installed, and if not what to do.
+pub fn check_plugins() -> Result<(), String> {
+    for plugin in ["bridge", "host-local"] {
+        if !Path::new(REFERENCE_PLUGINS).join(plugin).exists() {
+            return Err(format!(
+                "the CNI reference plugin {plugin} is missing: apt-get install containernetworking-plugins"
+            ));
+        }
+    }
+    Ok(())
+}
+
 /// Panics with a clear message unless the reference plugins are installed.
 pub fn require_plugins() {
-    for plugin in ["bridge", "host-local"] {
-        assert!(
-            Path::new(REFERENCE_PLUGINS).join(plugin).exists(),
-            "the CNI reference plugin {plugin} is required: apt-get install containernetworking-plugins"
-        );
+    if let Err(why) = check_plugins() {
+        panic!("{why}");
     }
 }
 

@@ -138,7 +138,13 @@ impl LocalMesh {
                 opts.load_pods
             ));
         }
-        crate::cni::require_plugins();
+        crate::cni::check_plugins()?;
+        if opts.keep && !std::path::Path::new("/bin/busybox").exists() {
+            return Err(
+                "--keep runs busybox echo servers in the pods: apt-get install busybox-static"
+                    .into(),
+            );
+        }
         Ok(if opts.keep {
             Lab::named(KEPT_ID)
         } else {

@@ -47,6 +47,16 @@ pub fn preflight() -> Result<(), String> {
     if !std::path::Path::new("/proc/self/ns/net").exists() {
         return Err("this kernel has no network namespaces".into());
     }
+    let nft = std::process::Command::new("nft")
+        .args(["list", "tables"])
+        .output()
+        .map_err(|e| format!("cannot run nft: {e}"))?;
+    if !nft.status.success() {
+        return Err(format!(
+            "this kernel does not offer nftables ({}): load the nf_tables module",
+            String::from_utf8_lossy(&nft.stderr).trim()
+        ));
+    }
     Ok(())
 }
 
