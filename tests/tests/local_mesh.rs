@@ -111,3 +111,93 @@ fn local_mesh_refuses_bad_options_clearly() {
         assert!(err.contains(want), "{args:?}: {err}");
     }
 }
+
+/// Removes the kept mesh even when the test fails.
+struct KeptGuard;
+
+impl Drop for KeptGuard {
+    fn drop(&mut self) {
+        mesh_testbed::lab::purge(mesh_testbed::demo::KEPT_ID);
+    }
+}
+
+fn kept_leftovers() -> Vec<String> {
+    let prefix = format!("{}-", mesh_testbed::demo::KEPT_ID);
+    let mut out = Vec::new();
+    for dir in ["/run/netns".into(), std::env::temp_dir()] {
+        if let Ok(entries) = std::fs::read_dir(&dir) {
+            out.extend(
+                entries
+                    .flatten()
+                    .map(|e| e.file_name().to_string_lossy().into_owned())
+                    .filter(|n| n.starts_with(&prefix)),
+            );
+        }
+    }
+    out
+}
+
+#[test]
+fn keep_leaves_the_mesh_running_and_down_removes_it() {
+    assert!(
+        kept_leftovers().is_empty(),
+        "a kept mesh already exists on this machine: run `local-mesh down` first"
+    );
+    let _guard = KeptGuard;
+    let bin = mesh_testbed::binary("local-mesh");
+    let out = std::process::Command::new(&bin)
+        .arg("--keep")
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(stdout.contains("local-mesh down"), "{stdout}");
+
+    // After the command has exited, the agent still serves its pods and the frontend still
+    // reaches the backend's (now busybox) echo server over the mesh.
+    let node = mesh_testbed::lab::Ns {
+        name: format!("{}-node-1", mesh_testbed::demo::KEPT_ID),
+    };
+    let (status, pods) = node
+        .http_get("127.0.0.1:8000".parse().unwrap(), "/pods")
+        .expect("the kept agent answers");
+    assert_eq!(status, 200);
+    assert!(pods.contains("frontend"), "{pods}");
+    let frontend = mesh_testbed::lab::Ns {
+        name: format!("{}-node-1-frontend", mesh_testbed::demo::KEPT_ID),
+    };
+    let backend_ip = stdout
+        .split_whitespace()
+        .find(|w| w.starts_with("198.18.102."))
+        .expect("the backend's address in the hints")
+        .to_string();
+    let echoed = frontend
+        .open()
+        .command("/bin/busybox")
+        .args([
+            "sh",
+            "-c",
+            &format!("echo hello | busybox nc -w 2 {backend_ip} 8080"),
+        ])
+        .output()
+        .unwrap();
+    assert_eq!(String::from_utf8_lossy(&echoed.stdout).trim(), "hello");
+
+    let again = std::process::Command::new(&bin)
+        .arg("--keep")
+        .output()
+        .unwrap();
+    assert_eq!(again.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&again.stderr).contains("already running"));
+
+    let down = std::process::Command::new(&bin)
+        .arg("down")
+        .output()
+        .unwrap();
+    assert!(down.status.success());
+    assert!(kept_leftovers().is_empty(), "{:?}", kept_leftovers());
+}
