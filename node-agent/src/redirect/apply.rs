@@ -47,8 +47,16 @@ pub enum Check {
 }
 
 fn run_nft(netns: &NetNs, args: &[&str], stdin: Option<&str>) -> Result<String, ApplyError> {
-    let mut child = netns
-        .command("nft")
+    run_nft_in(netns.command("nft"), args, stdin)
+}
+
+/// Runs `nft` (`command`, already placed in its netns) with `args` and `stdin`; its stdout.
+pub(super) fn run_nft_in(
+    mut command: std::process::Command,
+    args: &[&str],
+    stdin: Option<&str>,
+) -> Result<String, ApplyError> {
+    let mut child = command
         .args(args)
         .stdin(if stdin.is_some() {
             Stdio::piped()

@@ -5,9 +5,8 @@
 //! One nftables table in the agent's (the host's) netns holds a set of enrolled pod IPs per
 //! family; enrolling or removing a pod adds or deletes its elements.
 
-use std::io::Write;
 use std::net::IpAddr;
-use std::process::{Command, Stdio};
+use std::process::Command;
 
 use mesh_contract::{PROBE_SNAT_V4, PROBE_SNAT_V6};
 
@@ -31,36 +30,9 @@ pub fn host_table() -> String {
     )
 }
 
+/// Runs an nft script in the agent's own (the host's) netns.
 fn nft(script: &str) -> Result<(), ApplyError> {
-    let mut child = Command::new("nft")
-        .args(["-f", "-"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .map_err(|source| ApplyError::Spawn {
-            program: "nft",
-            source,
-        })?;
-    let _ = child
-        .stdin
-        .take()
-        .expect("piped")
-        .write_all(script.as_bytes());
-    let out = child
-        .wait_with_output()
-        .map_err(|source| ApplyError::Spawn {
-            program: "nft",
-            source,
-        })?;
-    if out.status.success() {
-        Ok(())
-    } else {
-        Err(ApplyError::Failed {
-            command: format!("nft -f - <<< {}", script.lines().next().unwrap_or_default()),
-            stderr: String::from_utf8_lossy(&out.stderr).trim().to_string(),
-        })
-    }
+    super::apply::run_nft_in(Command::new("nft"), &["-f", "-"], Some(script)).map(drop)
 }
 
 fn elements(ips: &[IpAddr], op: &str) -> String {
