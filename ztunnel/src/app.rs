@@ -1,6 +1,7 @@
 //! Process wiring for `ztunnel run`: startup checks, runtimes, and orderly shutdown.
 //!
-//! The control runtime (the main thread) runs ZDS, certificate renewal and config reloads;
+//! The control runtime (the main thread) runs ZDS, certificate renewal, config reloads (and
+//! closing connections a new policy denies) and the readiness, metrics and admin endpoints;
 //! the data plane runs on [`crate::proxy::worker`] threads. Startup fails fast, with the fix in
 //! the message, for anything that would otherwise fail per connection later: missing
 //! capabilities, an unreadable CA, a bad config file, a ZDS socket path that cannot exist.
@@ -9,6 +10,9 @@ use std::sync::Arc;
 
 use anyhow::{Context, bail};
 
+use tokio::sync::Notify;
+
+use crate::admin::Admin;
 use crate::config::Config;
 use crate::drain::Drain;
 use crate::identity::Identity;
@@ -16,6 +20,8 @@ use crate::identity::ca::LocalCa;
 use crate::identity::manager::CertManager;
 use crate::inpod::client::{self, ZdsStatus};
 use crate::inpod::manager::PodManager;
+use crate::logging::LogControl;
+use crate::metrics::{self, Metrics};
 use crate::proxy::ProxyInputs;
 use crate::proxy::worker::Workers;
 use crate::state::{State, StateHandle, local};
@@ -61,8 +67,8 @@ fn check_capabilities() -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Runs ztunnel until SIGTERM/SIGINT, then drains.
-pub fn run(config: Config) -> anyhow::Result<()> {
+/// Runs ztunnel until SIGTERM/SIGINT (or `/quitquitquit`), then drains.
+pub fn run(config: Config, log: LogControl) -> anyhow::Result<()> {
     check_capabilities()?;
     if let Some(addr) = config.xds_address.as_ref().or(config.ca_address.as_ref()) {
         bail!(
@@ -104,10 +110,29 @@ pub fn run(config: Config) -> anyhow::Result<()> {
         .enable_all()
         .build()
         .context("building the control runtime")?;
-    rt.block_on(serve(Arc::new(config), ca, initial))
+    rt.block_on(serve(Arc::new(config), ca, initial, log))
 }
 
-async fn serve(config: Arc<Config>, ca: LocalCa, initial: State) -> anyhow::Result<()> {
+/// Binds one of the HTTP endpoints and runs it on the control runtime.
+async fn endpoint(
+    what: &str,
+    flag: &str,
+    addr: std::net::SocketAddr,
+    handler: crate::http::Handler,
+) -> anyhow::Result<()> {
+    let server = crate::http::serve(addr, handler)
+        .await
+        .with_context(|| format!("binding the {what} endpoint {addr} ({flag})"))?;
+    tokio::spawn(server);
+    Ok(())
+}
+
+async fn serve(
+    config: Arc<Config>,
+    ca: LocalCa,
+    initial: State,
+    log: LogControl,
+) -> anyhow::Result<()> {
     let certs = Arc::new(CertManager::new(
         Arc::new(ca),
         config.cert_lifetime,
@@ -124,27 +149,55 @@ async fn serve(config: Arc<Config>, ca: LocalCa, initial: State) -> anyhow::Resu
             config.config_poll,
         ));
     }
+    let metrics = Arc::new(Metrics::default());
     let inputs = Arc::new(ProxyInputs {
         config: config.clone(),
         state,
-        certs,
+        certs: certs.clone(),
         tls,
+        metrics: metrics.clone(),
+        conns: Arc::default(),
     });
+    tokio::spawn(revoke_on_change(inputs.clone()));
     let workers = Arc::new(
         Workers::start(config.worker_count(), inputs.clone()).context("starting workers")?,
     );
     let drain = Drain::new();
     let pods = PodManager::new(inputs.clone(), workers.clone(), drain.clone());
     let status = Arc::new(ZdsStatus::default());
-    let readiness = crate::readiness::serve(config.readiness_addr, status.clone())
-        .await
-        .with_context(|| {
-            format!(
-                "binding the readiness endpoint {} (--readiness-addr)",
-                config.readiness_addr
-            )
-        })?;
-    tokio::spawn(readiness);
+    endpoint(
+        "readiness",
+        "--readiness-addr",
+        config.readiness_addr,
+        crate::readiness::handler(status.clone(), certs.clone()),
+    )
+    .await?;
+    let registry = Arc::new(metrics::registry(
+        &metrics,
+        metrics::Readings {
+            pods: pods.clone(),
+            certs: certs.clone(),
+            zds: status.clone(),
+        },
+    ));
+    endpoint(
+        "metrics",
+        "--metrics-addr",
+        config.metrics_addr,
+        metrics::handler(registry),
+    )
+    .await?;
+    let quit = Arc::new(Notify::new());
+    let admin = Arc::new(Admin {
+        inputs: inputs.clone(),
+        pods: pods.clone(),
+        workers: workers.clone(),
+        zds: status.clone(),
+        log,
+        quit: quit.clone(),
+        allow_remote: config.admin_allow_remote,
+    });
+    endpoint("admin", "--admin-addr", config.admin_addr, admin.handler()).await?;
     let zds = tokio::spawn(client::run(
         config.zds_socket.clone(),
         pods.clone(),
@@ -157,15 +210,35 @@ async fn serve(config: Arc<Config>, ca: LocalCa, initial: State) -> anyhow::Resu
         zds = %config.zds_socket.display(),
         trust_domain = %config.trust_domain,
         readiness = %config.readiness_addr,
+        metrics = %config.metrics_addr,
+        admin = %config.admin_addr,
         "ztunnel started"
     );
 
-    wait_for_signal().await?;
+    tokio::select! {
+        r = wait_for_signal() => r?,
+        () = quit.notified() => {}
+    }
     tracing::info!(deadline = ?config.drain_timeout, "draining");
     let cut = pods.drain_all(config.drain_timeout).await;
     zds.abort();
     tracing::info!(connections_cut = cut, "drained; exiting");
     Ok(())
+}
+
+/// After every state change, closes live inbound connections the new policies deny.
+async fn revoke_on_change(inputs: Arc<ProxyInputs>) {
+    let mut changes = inputs.state.subscribe();
+    while changes.changed().await.is_ok() {
+        let cut = inputs.conns.recheck(&inputs.state.load());
+        if cut > 0 {
+            inputs.metrics.policy_revocations.inc_by(cut as u64);
+            tracing::info!(
+                connections = cut,
+                "closing connections the new policies deny"
+            );
+        }
+    }
 }
 
 async fn wait_for_signal() -> anyhow::Result<()> {

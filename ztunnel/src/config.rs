@@ -55,6 +55,20 @@ pub struct Config {
     #[arg(long, env = "ZTUNNEL_READINESS_ADDR", default_value = "0.0.0.0:15021")]
     pub readiness_addr: std::net::SocketAddr,
 
+    /// Where Prometheus scrapes `GET /metrics` (Istio's 15020).
+    #[arg(long, env = "ZTUNNEL_METRICS_ADDR", default_value = "0.0.0.0:15020")]
+    pub metrics_addr: std::net::SocketAddr,
+
+    /// The admin endpoint (`/config_dump`, `/logging`, `/quitquitquit`, `/debug/...`) that
+    /// `ztunnel-admin` reads. Loopback by default: it lists the mesh's workloads and policies.
+    #[arg(long, env = "ZTUNNEL_ADMIN_ADDR", default_value = "127.0.0.1:15000")]
+    pub admin_addr: std::net::SocketAddr,
+
+    /// Let the admin endpoint answer non-loopback peers (otherwise they get 403 even when
+    /// `--admin-addr` is a wider address).
+    #[arg(long, env = "ZTUNNEL_ADMIN_ALLOW_REMOTE")]
+    pub admin_allow_remote: bool,
+
     /// SPIFFE trust domain of this mesh.
     #[arg(long, env = "ZTUNNEL_TRUST_DOMAIN", default_value = DEFAULT_TRUST_DOMAIN)]
     pub trust_domain: String,

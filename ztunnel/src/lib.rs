@@ -8,19 +8,25 @@
 //! - [`proxy`]: the data path (listeners, HBONE client and server, pool, copy);
 //! - [`identity`], [`tls`]: SPIFFE identities, the local CA, certificates and rustls setup;
 //! - [`state`]: workloads, services and policies, from the local config file;
-//! - [`drain`], [`accesslog`], [`errors`], [`config`], [`app`]: operations and wiring.
+//! - [`admin`], [`metrics`], [`readiness`] (over [`http`]), [`accesslog`], [`logging`]: what
+//!   operators see;
+//! - [`drain`], [`errors`], [`config`], [`app`]: operations and wiring.
 //!
 //! The library exists so tests and benchmarks can use the same types; the binary is `main.rs`.
 
 #![forbid(unsafe_code)]
 
 pub mod accesslog;
+pub mod admin;
 pub mod app;
 pub mod config;
 pub mod drain;
 pub mod errors;
+pub mod http;
 pub mod identity;
 pub mod inpod;
+pub mod logging;
+pub mod metrics;
 pub mod proxy;
 pub mod readiness;
 pub mod state;

@@ -6,8 +6,8 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::Parser;
-use tracing_subscriber::EnvFilter;
-use ztunnel::config::{Config, LogFormat};
+use ztunnel::config::Config;
+use ztunnel::logging::LogControl;
 
 #[global_allocator]
 static GLOBAL: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
@@ -35,27 +35,11 @@ enum Cli {
     },
 }
 
-fn init_logging(filter: &str, format: LogFormat) -> anyhow::Result<()> {
-    let filter = EnvFilter::try_new(filter)
-        .map_err(|e| anyhow::anyhow!("invalid log filter {filter:?}: {e}"))?;
-    use std::io::IsTerminal;
-    // Colour only for a person at a terminal; log collectors get plain text.
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::stderr().is_terminal());
-    match format {
-        LogFormat::Json => builder.json().flatten_event(true).init(),
-        LogFormat::Text => builder.init(),
-    }
-    Ok(())
-}
-
 fn main() -> std::process::ExitCode {
     let result = match Cli::parse() {
-        Cli::Run(config) => {
-            init_logging(&config.log, config.log_format).and_then(|()| ztunnel::app::run(*config))
-        }
+        Cli::Run(config) => LogControl::init(&config.log, config.log_format)
+            .map_err(anyhow::Error::msg)
+            .and_then(|log| ztunnel::app::run(*config, log)),
         Cli::GenerateCa {
             dir,
             trust_domain,

@@ -1,73 +1,57 @@
 //! The readiness endpoint: `GET /healthz/ready` on `--readiness-addr` (Istio's port 15021, in
 //! ztunnel's own netns), for the kubelet's probe. 200 once ztunnel is connected to the node
-//! agent and has taken its snapshot of the node's pods; until then 503 with what it still
+//! agent, has taken its snapshot of the node's pods and holds a certificate for each of
+//! them; until then 503 with what it still
 //! waits for. Every other path is 404.
 
-use std::convert::Infallible;
-use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
-use bytes::Bytes;
-use http_body_util::Full;
-use hyper::body::Incoming;
-use hyper::server::conn::http1;
-use hyper::service::service_fn;
-use hyper::{Method, Request, Response, StatusCode};
-use hyper_util::rt::TokioIo;
-use tokio::net::TcpListener;
+use hyper::{Method, StatusCode};
 
+use crate::http::{Handler, text};
+use crate::identity::manager::CertManager;
 use crate::inpod::client::ZdsStatus;
 
-/// What readiness still waits for, or `None` when ready.
-pub fn waiting_for(zds: &ZdsStatus) -> Option<&'static str> {
+/// What readiness still waits for, or `None` when ready. `uncertified` lists identities of
+/// enrolled pods that have no certificate yet.
+pub fn waiting_for(zds: &ZdsStatus, uncertified: &[String]) -> Option<String> {
     if !zds.connected.load(Ordering::Acquire) {
-        Some("a connection to the node agent's ZDS socket")
+        Some("a connection to the node agent's ZDS socket".into())
     } else if !zds.snapshot_received.load(Ordering::Acquire) {
-        Some("the node agent's snapshot of this node's pods")
+        Some("the node agent's snapshot of this node's pods".into())
+    } else if let Some(first) = uncertified.first() {
+        let more = match uncertified.len() - 1 {
+            0 => String::new(),
+            n => format!(" and {n} more"),
+        };
+        Some(format!("a workload certificate for {first}{more}"))
     } else {
         None
     }
 }
 
-fn answer(req: &Request<Incoming>, zds: &ZdsStatus) -> Response<Full<Bytes>> {
-    let (status, body) = match (req.method(), req.uri().path()) {
-        (&Method::GET, "/healthz/ready") => match waiting_for(zds) {
-            None => (StatusCode::OK, "ready\n".to_string()),
-            Some(what) => (
-                StatusCode::SERVICE_UNAVAILABLE,
-                format!("not ready: waiting for {what}\n"),
-            ),
-        },
-        _ => (StatusCode::NOT_FOUND, "not found\n".to_string()),
-    };
-    let mut resp = Response::new(Full::new(Bytes::from(body)));
-    *resp.status_mut() = status;
-    resp
+/// Identities held for enrolled pods that have no certificate yet.
+fn uncertified(certs: &CertManager) -> Vec<String> {
+    certs
+        .snapshot()
+        .into_iter()
+        .filter(|(_, issued)| issued.is_none())
+        .map(|(id, _)| id.to_string())
+        .collect()
 }
 
-/// Binds `addr`; the returned future serves until dropped.
-pub async fn serve(
-    addr: SocketAddr,
-    zds: Arc<ZdsStatus>,
-) -> std::io::Result<impl Future<Output = ()>> {
-    let listener = TcpListener::bind(addr).await?;
-    Ok(async move {
-        loop {
-            let Ok((stream, _)) = listener.accept().await else {
-                continue;
-            };
-            let zds = zds.clone();
-            tokio::spawn(async move {
-                let svc = service_fn(move |req| {
-                    let zds = zds.clone();
-                    async move { Ok::<_, Infallible>(answer(&req, &zds)) }
-                });
-                let _ = http1::Builder::new()
-                    .serve_connection(TokioIo::new(stream), svc)
-                    .await;
-            });
-        }
+/// The readiness handler: `/healthz/ready` and 404 for everything else.
+pub fn handler(zds: Arc<ZdsStatus>, certs: Arc<CertManager>) -> Handler {
+    Arc::new(move |req, _peer| match (req.method(), req.uri().path()) {
+        (&Method::GET, "/healthz/ready") => match waiting_for(&zds, &uncertified(&certs)) {
+            None => text(StatusCode::OK, "ready"),
+            Some(what) => text(
+                StatusCode::SERVICE_UNAVAILABLE,
+                format!("not ready: waiting for {what}"),
+            ),
+        },
+        _ => text(StatusCode::NOT_FOUND, "not found"),
     })
 }
 
@@ -78,10 +62,18 @@ mod tests {
     #[test]
     fn readiness_names_what_it_waits_for() {
         let zds = ZdsStatus::default();
-        assert!(waiting_for(&zds).unwrap().contains("connection"));
+        assert!(waiting_for(&zds, &[]).unwrap().contains("connection"));
         zds.connected.store(true, Ordering::Release);
-        assert!(waiting_for(&zds).unwrap().contains("snapshot"));
+        assert!(waiting_for(&zds, &[]).unwrap().contains("snapshot"));
         zds.snapshot_received.store(true, Ordering::Release);
-        assert_eq!(waiting_for(&zds), None);
+        let ids = [
+            "spiffe://td/ns/a/sa/b".to_string(),
+            "spiffe://td/ns/a/sa/c".into(),
+        ];
+        assert_eq!(
+            waiting_for(&zds, &ids).unwrap(),
+            "a workload certificate for spiffe://td/ns/a/sa/b and 1 more"
+        );
+        assert_eq!(waiting_for(&zds, &[]), None);
     }
 }

@@ -13,14 +13,16 @@ use h2::server::SendResponse;
 use http::{Request, Response, StatusCode};
 use tokio::net::TcpStream;
 
-use super::copy::{self, Incoming};
-use super::hbone::{self, Rejection};
+use super::copy::{self, Incoming, Transferred};
+use super::hbone;
 use super::pool::{CONNECTION_WINDOW, MAX_FRAME, SEND_BUFFER, STREAM_WINDOW, TLS_BUFFER};
 use super::readahead::ReadAhead;
+use super::tracker::ConnInfo;
 use super::{HANDSHAKE_TIMEOUT, Pod, ProxyError, ProxyInputs, socket};
-use crate::accesslog::{ConnLog, Direction};
+use crate::accesslog::{ConnLog, Direction, WorkloadRef};
 use crate::errors::Chain;
 use crate::identity::Identity;
+use crate::state::authz::{Connection, Decision};
 use crate::tls;
 
 /// Serves one HBONE connection from `peer` until it closes or the pod drains.
@@ -96,25 +98,49 @@ async fn stream(
     local: SocketAddr,
     peer_identity: Option<Identity>,
     pod: &Pod,
-    _inputs: &ProxyInputs,
+    inputs: &ProxyInputs,
 ) {
-    let authority = req.uri().to_string();
     let target = match hbone::validate_connect(&req, local.ip()) {
         Ok(t) => t,
         Err(rejection) => {
             answer(&mut respond, rejection.status);
-            let mut log = ConnLog::new(Direction::InboundHbone, pod.name(), peer, local);
+            let mut log = ConnLog::new(
+                Direction::InboundHbone,
+                pod.name(),
+                peer,
+                local,
+                &inputs.metrics,
+            );
             log.src_identity = peer_identity;
-            log.finish(0, 0, Some(&RejectionWithAuthority(rejection, authority)));
+            let authority = req.uri().to_string();
+            log.finish(
+                0,
+                0,
+                Some(&ProxyError::BadRequest {
+                    authority,
+                    rejection,
+                }),
+            );
             return;
         }
     };
-    let mut log = ConnLog::new(Direction::InboundHbone, pod.name(), peer, target);
+    let mut log = ConnLog::new(
+        Direction::InboundHbone,
+        pod.name(),
+        peer,
+        target,
+        &inputs.metrics,
+    );
     log.src_identity = peer_identity;
     log.dst_identity = Some(pod.identity.clone());
-    log.dst_workload = Some(pod.name());
     log.security = "mtls";
-    // Authorization hook: the L4 policy engine decides here and answers 401 on deny.
+    if let Err(denied) = authorize(&mut log, pod, inputs) {
+        answer(&mut respond, StatusCode::UNAUTHORIZED);
+        log.finish(0, 0, Some(&denied));
+        return;
+    }
+    log.open();
+    let tracked = inputs.conns.track(ConnInfo::new(&log, pod), true);
     let app = match socket::connect(pod, target, Some(peer.ip())).await {
         Ok(app) => app,
         Err(e) => {
@@ -130,14 +156,36 @@ async fn stream(
             return;
         }
     };
-    let (t, r) = copy::hbone(app, send, Incoming::Open(req.into_body())).await;
-    let err = r.err().map(ProxyError::from);
-    log.finish(
-        t.sent,
-        t.received,
-        err.as_ref()
-            .map(|e| e as &(dyn std::error::Error + 'static)),
-    );
+    let (t, r) = tokio::select! {
+        (t, r) = copy::hbone(app, send, Incoming::Open(req.into_body())) => {
+            (t, r.map_err(ProxyError::from))
+        }
+        reason = tracked.revoked() => (Transferred::default(), Err(ProxyError::Revoked(reason))),
+    };
+    log.finish(t.sent, t.received, r.err().as_ref());
+}
+
+/// Fills in the workloads on both ends and applies L4 policy; `Err` is the denial.
+pub(super) fn authorize(
+    log: &mut ConnLog,
+    pod: &Pod,
+    inputs: &ProxyInputs,
+) -> Result<(), ProxyError> {
+    let state = inputs.state.load();
+    log.src_workload = state
+        .workload_by_ip(log.src.ip())
+        .map(|w| WorkloadRef::of(w));
+    log.dst_workload = Some(pod.workload(&state, log.dst.ip()));
+    let conn = Connection::new(log.src_identity.as_ref(), log.src.ip(), log.dst);
+    let verdict = state.authorize(&pod.uid, &pod.info.namespace, &conn);
+    log.dry_run = verdict.dry_run.map(|d| match d {
+        Decision::Allow => "allow".to_string(),
+        Decision::Deny(reason) => format!("deny ({reason})"),
+    });
+    match verdict.decision {
+        Decision::Allow => Ok(()),
+        Decision::Deny(reason) => Err(ProxyError::Denied(reason)),
+    }
 }
 
 fn answer(respond: &mut SendResponse<Bytes>, status: StatusCode) {
@@ -145,7 +193,3 @@ fn answer(respond: &mut SendResponse<Bytes>, status: StatusCode) {
     *resp.status_mut() = status;
     let _ = respond.send_response(resp, true);
 }
-
-#[derive(Debug, thiserror::Error)]
-#[error("CONNECT {1} refused with {0}")]
-struct RejectionWithAuthority(Rejection, String);

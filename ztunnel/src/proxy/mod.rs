@@ -13,7 +13,9 @@
 //! - [`hbone`]: CONNECT request building and validation (sans IO).
 //! - [`copy`]: byte shuttling with half-close, TCP↔HTTP/2 and TCP↔TCP.
 //! - [`socket`]: sockets in a pod's netns (mark 0x539, transparent bind, original dst);
-//! - [`readahead`]: large socket reads under TLS.
+//! - [`readahead`]: large socket reads under TLS;
+//! - [`tracker`]: live connections, for the debug view and for closing the ones a policy
+//!   change denies.
 
 pub mod copy;
 pub mod hbone;
@@ -24,6 +26,7 @@ pub mod pool;
 pub mod readahead;
 pub mod socket;
 pub mod spin;
+pub mod tracker;
 pub mod worker;
 
 use std::io;
@@ -34,11 +37,14 @@ use std::time::Duration;
 use mesh_netns::NetNs;
 use mesh_zds::client::WorkloadInfo;
 
+use crate::accesslog::WorkloadRef;
 use crate::config::Config;
 use crate::drain::Drain;
 use crate::identity::Identity;
 use crate::identity::manager::{CertHandle, CertManager};
-use crate::state::StateHandle;
+use crate::metrics::Metrics;
+use crate::state::authz::DenyReason;
+use crate::state::{State, StateHandle};
 use crate::tls::TlsContext;
 
 /// How long TCP connect plus TLS and HTTP/2 handshakes may take.
@@ -51,6 +57,8 @@ pub struct ProxyInputs {
     pub state: StateHandle,
     pub certs: Arc<CertManager>,
     pub tls: TlsContext,
+    pub metrics: Arc<Metrics>,
+    pub conns: Arc<tracker::ConnTracker>,
 }
 
 /// An enrolled pod on this node, as every worker sees it.
@@ -70,19 +78,23 @@ impl Pod {
     pub fn name(&self) -> String {
         format!("{}/{}", self.info.namespace, self.info.name)
     }
-}
 
-/// Whose fault a failed connection was, for logs, metrics and response flags.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Fault {
-    /// The local app or pod (bad destination, loop).
-    Downstream,
-    /// The remote side or the upstream app.
-    Upstream,
-    /// Our configuration or state (unknown destination in registry-only mode).
-    Config,
-    /// This proxy (socket setup, missing certificate).
-    Local,
+    /// This pod as logs and metrics name it: its workload entry when the state has one
+    /// (by uid, else by `ip`), else its ZDS name.
+    pub fn workload(&self, state: &State, ip: std::net::IpAddr) -> WorkloadRef {
+        state
+            .workloads
+            .get(&self.uid)
+            .or_else(|| {
+                state
+                    .workload_by_ip(ip)
+                    .filter(|w| w.namespace == self.info.namespace)
+            })
+            .map_or_else(
+                || WorkloadRef::pod(&self.info.namespace, &self.info.name),
+                |w| WorkloadRef::of(w),
+            )
+    }
 }
 
 /// Why a proxied connection failed.
@@ -123,25 +135,64 @@ pub enum ProxyError {
     Copy(#[from] copy::CopyError),
     #[error("terminated by drain")]
     Drained,
+    #[error("CONNECT {authority} refused with {}: {}", rejection.status, rejection.reason)]
+    BadRequest {
+        authority: String,
+        rejection: hbone::Rejection,
+    },
+    #[error("{0}")]
+    Denied(DenyReason),
+    #[error("closed after a policy change: {0}")]
+    Revoked(DenyReason),
 }
 
 impl ProxyError {
-    pub fn fault(&self) -> Fault {
+    /// Istio's `response_flags` label: `DENY` when policy refused the connection (here or at
+    /// the peer), `CONNECT` when it could not be established, `-` otherwise.
+    pub fn response_flags(&self) -> &'static str {
         match self {
-            ProxyError::Loop(_)
-            | ProxyError::Copy(copy::CopyError::AppRead(_) | copy::CopyError::AppWrite(_)) => {
-                Fault::Downstream
-            }
-            ProxyError::Copy(_) => Fault::Upstream,
-            ProxyError::RegistryOnly(_) | ProxyError::Unroutable { .. } => Fault::Config,
+            ProxyError::Denied(_)
+            | ProxyError::Revoked(_)
+            | ProxyError::Copy(copy::CopyError::Refused(http::StatusCode::UNAUTHORIZED)) => "DENY",
             ProxyError::Connect { .. }
             | ProxyError::Tls { .. }
-            | ProxyError::H2(_)
-            | ProxyError::Timeout(_) => Fault::Upstream,
-            ProxyError::OriginalDst(_)
-            | ProxyError::Socket(_)
             | ProxyError::TlsSetup(_)
-            | ProxyError::Drained => Fault::Local,
+            | ProxyError::H2(_)
+            | ProxyError::Timeout(_)
+            | ProxyError::Unroutable { .. }
+            | ProxyError::RegistryOnly(_)
+            | ProxyError::Loop(_)
+            | ProxyError::BadRequest { .. }
+            | ProxyError::Socket(_)
+            | ProxyError::OriginalDst(_)
+            | ProxyError::Copy(copy::CopyError::Refused(_)) => "CONNECT",
+            ProxyError::Copy(_) | ProxyError::Drained => "-",
+        }
+    }
+
+    /// A short stable name for the failure, the `reason` label of
+    /// `ztunnel_connection_failures_total`.
+    pub fn reason(&self) -> &'static str {
+        use copy::CopyError as C;
+        match self {
+            ProxyError::OriginalDst(_) => "original_dst",
+            ProxyError::Loop(_) => "loop",
+            ProxyError::RegistryOnly(_) => "registry_only",
+            ProxyError::Unroutable { .. } => "unroutable",
+            ProxyError::Socket(_) => "socket",
+            ProxyError::Connect { .. } => "connect",
+            ProxyError::Tls { .. } => "tls",
+            ProxyError::TlsSetup(_) => "tls_setup",
+            ProxyError::H2(_) => "http2",
+            ProxyError::Timeout(_) => "timeout",
+            ProxyError::Drained => "drained",
+            ProxyError::BadRequest { .. } => "bad_request",
+            ProxyError::Denied(_) => "policy_denied",
+            ProxyError::Revoked(_) => "policy_revoked",
+            ProxyError::Copy(C::Refused(http::StatusCode::UNAUTHORIZED)) => "peer_denied",
+            ProxyError::Copy(C::Refused(_)) => "peer_refused",
+            ProxyError::Copy(C::AppRead(_) | C::AppWrite(_)) => "app_reset",
+            ProxyError::Copy(C::Stream(_) | C::StreamGone | C::Upstream(_)) => "peer_reset",
         }
     }
 }

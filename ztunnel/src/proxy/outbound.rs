@@ -9,8 +9,9 @@ use tokio::net::TcpStream;
 use super::copy::{self, Transferred};
 use super::hbone::{self, Source};
 use super::pool::{Pool, PoolKey};
+use super::tracker::ConnInfo;
 use super::{Pod, ProxyError, ProxyInputs, socket};
-use crate::accesslog::{ConnLog, Direction};
+use crate::accesslog::{ConnLog, Direction, WorkloadRef};
 use crate::state::Upstream;
 
 /// Serves one outbound connection from `app` (whose address is `src`) to completion.
@@ -25,21 +26,23 @@ pub async fn serve(
         Ok(dst) => dst,
         Err(e) => {
             let local = app.local_addr().unwrap_or(src);
-            ConnLog::new(Direction::Outbound, pod.name(), src, local).finish(0, 0, Some(&e));
+            ConnLog::new(Direction::Outbound, pod.name(), src, local, &inputs.metrics).finish(
+                0,
+                0,
+                Some(&e),
+            );
             socket::reset(app);
             return;
         }
     };
-    let mut log = ConnLog::new(Direction::Outbound, pod.name(), src, dst);
+    let mut log = ConnLog::new(Direction::Outbound, pod.name(), src, dst, &inputs.metrics);
     log.src_identity = Some(pod.identity.clone());
+    log.src_workload = Some(pod.workload(&inputs.state.load(), src.ip()));
     let (transferred, result) = route(app, src, dst, pod, inputs, pool, &mut log).await;
     log.finish(
         transferred.sent,
         transferred.received,
-        result
-            .as_ref()
-            .err()
-            .map(|e| e as &(dyn std::error::Error + 'static)),
+        result.err().as_ref(),
     );
 }
 
@@ -71,10 +74,12 @@ async fn route(
         } => {
             let next_hop = SocketAddr::new(target.ip(), ports::HBONE);
             log.hbone = Some(next_hop);
-            log.dst_workload = Some(format!("{}/{}", workload.namespace, workload.name));
+            log.dst_workload = Some(WorkloadRef::of(&workload));
             log.dst_service = service.map(|s| s.hostname.clone());
             log.dst_identity = identities.first().cloned();
             log.security = "mtls";
+            log.open();
+            let _tracked = inputs.conns.track(ConnInfo::new(log, pod), false);
             let key = PoolKey::new(pod.identity.clone(), identities, next_hop, src.ip());
             let name = pod.info.name.clone();
             let req = hbone::connect_request(
@@ -98,14 +103,14 @@ async fn route(
             service,
             target,
         } => {
-            log.dst_workload = Some(format!("{}/{}", workload.namespace, workload.name));
+            log.dst_workload = Some(WorkloadRef::of(&workload));
             log.dst_service = service.map(|s| s.hostname.clone());
-            plain(app, target, pod).await
+            plain(app, target, pod, inputs, log).await
         }
         Upstream::Passthrough if inputs.config.registry_only => {
             refuse(app, ProxyError::RegistryOnly(dst))
         }
-        Upstream::Passthrough => plain(app, dst, pod).await,
+        Upstream::Passthrough => plain(app, dst, pod, inputs, log).await,
         Upstream::Unroutable { service, reason } => refuse(
             app,
             ProxyError::Unroutable {
@@ -121,7 +126,11 @@ async fn plain(
     app: TcpStream,
     target: SocketAddr,
     pod: &Pod,
+    inputs: &ProxyInputs,
+    log: &mut ConnLog,
 ) -> (Transferred, Result<(), ProxyError>) {
+    log.open();
+    let _tracked = inputs.conns.track(ConnInfo::new(log, pod), false);
     match socket::connect(pod, target, None).await {
         Ok(upstream) => {
             let (t, r) = copy::tcp(app, upstream).await;

@@ -1,41 +1,57 @@
 //! Port 15006: plain TCP into the pod from peers outside the mesh.
 //!
 //! The peer has no identity; the connection is forwarded to the app with the peer's address
-//! as its source. The L4 policy hook for identity-less peers sits before the app connect.
+//! as its source. L4 policy applies before the app connect, with no identity: a deny resets
+//! the connection.
 
 use std::net::SocketAddr;
 
 use mesh_contract::ports;
 use tokio::net::TcpStream;
 
-use super::copy;
-use super::{Pod, ProxyError, socket};
+use super::copy::{self, Transferred};
+use super::tracker::ConnInfo;
+use super::{Pod, ProxyError, ProxyInputs, inbound, socket};
 use crate::accesslog::{ConnLog, Direction};
 
 /// Serves one plaintext inbound connection to completion.
-pub async fn serve(tcp: TcpStream, peer: SocketAddr, pod: &Pod) {
+pub async fn serve(tcp: TcpStream, peer: SocketAddr, pod: &Pod, inputs: &ProxyInputs) {
     let dst = match socket::original_dst(&tcp) {
         Ok(dst) => dst,
         Err(e) => {
             let local = tcp.local_addr().unwrap_or(peer);
-            ConnLog::new(Direction::InboundPlaintext, pod.name(), peer, local).finish(
-                0,
-                0,
-                Some(&e),
+            let log = ConnLog::new(
+                Direction::InboundPlaintext,
+                pod.name(),
+                peer,
+                local,
+                &inputs.metrics,
             );
             socket::reset(tcp);
+            log.finish(0, 0, Some(&e));
             return;
         }
     };
-    let mut log = ConnLog::new(Direction::InboundPlaintext, pod.name(), peer, dst);
+    let mut log = ConnLog::new(
+        Direction::InboundPlaintext,
+        pod.name(),
+        peer,
+        dst,
+        &inputs.metrics,
+    );
     log.dst_identity = Some(pod.identity.clone());
-    log.dst_workload = Some(pod.name());
     if ports::LOOP_GUARD.contains(&dst.port()) {
         socket::reset(tcp);
         log.finish(0, 0, Some(&ProxyError::Loop(dst)));
         return;
     }
-    // Authorization hook: a deny resets the connection here.
+    if let Err(denied) = inbound::authorize(&mut log, pod, inputs) {
+        socket::reset(tcp);
+        log.finish(0, 0, Some(&denied));
+        return;
+    }
+    log.open();
+    let tracked = inputs.conns.track(ConnInfo::new(&log, pod), true);
     let app = match socket::connect(pod, dst, Some(peer.ip())).await {
         Ok(app) => app,
         Err(e) => {
@@ -44,12 +60,9 @@ pub async fn serve(tcp: TcpStream, peer: SocketAddr, pod: &Pod) {
             return;
         }
     };
-    let (t, r) = copy::tcp(tcp, app).await;
-    let err = r.err().map(ProxyError::from);
-    log.finish(
-        t.sent,
-        t.received,
-        err.as_ref()
-            .map(|e| e as &(dyn std::error::Error + 'static)),
-    );
+    let (t, r) = tokio::select! {
+        (t, r) = copy::tcp(tcp, app) => (t, r.map_err(ProxyError::from)),
+        reason = tracked.revoked() => (Transferred::default(), Err(ProxyError::Revoked(reason))),
+    };
+    log.finish(t.sent, t.received, r.err().as_ref());
 }

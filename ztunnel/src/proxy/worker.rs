@@ -163,7 +163,9 @@ async fn accept_loop(
                     ListenerKind::Outbound => {
                         outbound::serve(tcp, peer, &pod, &inputs, &pool).await
                     }
-                    ListenerKind::InboundPlaintext => plaintext::serve(tcp, peer, &pod).await,
+                    ListenerKind::InboundPlaintext => {
+                        plaintext::serve(tcp, peer, &pod, &inputs).await
+                    }
                     ListenerKind::Hbone => {
                         inbound::serve(tcp, peer, pod.clone(), inputs.clone()).await
                     }

@@ -6,6 +6,7 @@
 //! [`local`], later xDS) build a new snapshot and publish it. Resolution is a pure function of a
 //! snapshot and an address.
 
+pub mod authz;
 pub mod local;
 pub mod policy;
 
@@ -108,6 +109,8 @@ pub struct State {
     by_ip: HashMap<IpAddr, Arc<Workload>>,
     #[serde(skip)]
     by_vip: HashMap<IpAddr, Arc<Service>>,
+    #[serde(skip)]
+    authz: authz::PolicyIndex,
 }
 
 /// Where a connection to some address should go.
@@ -145,6 +148,7 @@ impl State {
         policies: Vec<policy::Authorization>,
     ) -> Self {
         let mut state = State {
+            authz: authz::PolicyIndex::new(&policies),
             policies,
             ..Default::default()
         };
@@ -180,6 +184,31 @@ impl State {
 
     pub fn service_by_vip(&self, ip: IpAddr) -> Option<&Arc<Service>> {
         self.by_vip.get(&ip)
+    }
+
+    /// Authorizes a connection into the enrolled pod `pod_uid` (namespace `pod_namespace`).
+    /// The pod's workload entry is found by uid, else by the destination address when that
+    /// workload is in the same namespace; without one, only global and namespace policies
+    /// apply.
+    pub fn authorize(
+        &self,
+        pod_uid: &str,
+        pod_namespace: &str,
+        conn: &authz::Connection<'_>,
+    ) -> authz::Verdict {
+        let workload = self.workloads.get(pod_uid).or_else(|| {
+            self.by_ip
+                .get(&conn.dst.ip())
+                .filter(|w| w.namespace == pod_namespace)
+        });
+        let dst = match workload {
+            Some(w) => authz::Destination::of(w),
+            None => authz::Destination {
+                namespace: pod_namespace,
+                selected: &[],
+            },
+        };
+        self.authz.authorize(dst, conn)
     }
 
     /// Resolves an original destination. `pick(n)` chooses one of `n` candidate endpoints
@@ -272,21 +301,40 @@ fn workload_upstream(
     }
 }
 
-/// The current snapshot, swappable as a whole.
-#[derive(Debug, Clone, Default)]
-pub struct StateHandle(Arc<ArcSwap<State>>);
+/// The current snapshot, swappable as a whole; subscribers hear of each new one.
+#[derive(Debug, Clone)]
+pub struct StateHandle {
+    current: Arc<ArcSwap<State>>,
+    /// Bumped on every store.
+    generation: Arc<tokio::sync::watch::Sender<u64>>,
+}
+
+impl Default for StateHandle {
+    fn default() -> Self {
+        Self::new(State::default())
+    }
+}
 
 impl StateHandle {
     pub fn new(state: State) -> Self {
-        Self(Arc::new(ArcSwap::from_pointee(state)))
+        Self {
+            current: Arc::new(ArcSwap::from_pointee(state)),
+            generation: Arc::new(tokio::sync::watch::Sender::new(0)),
+        }
     }
 
     pub fn load(&self) -> Arc<State> {
-        self.0.load_full()
+        self.current.load_full()
     }
 
     pub fn store(&self, state: State) {
-        self.0.store(Arc::new(state));
+        self.current.store(Arc::new(state));
+        self.generation.send_modify(|g| *g += 1);
+    }
+
+    /// Changes after this call mark the receiver changed.
+    pub fn subscribe(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.generation.subscribe()
     }
 }
 
