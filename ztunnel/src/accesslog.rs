@@ -231,7 +231,7 @@ impl ConnLog {
             bytes_sent = sent,
             bytes_received = received,
             duration_ms = format_args!("{duration_ms:.3}"),
-            response_flags = flags,
+            response_flags = %flags,
             dry_run = %Opt(&self.dry_run),
             reason = %reason,
             "connection complete"

@@ -24,6 +24,7 @@ pub mod demo;
 pub mod kube_mock;
 pub mod lab;
 pub mod mesh;
+pub mod metrics;
 pub mod podman;
 
 /// Why this machine cannot host a lab.

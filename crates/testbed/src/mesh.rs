@@ -17,6 +17,8 @@ pub struct Workload {
     pub namespace: String,
     pub service_account: String,
     pub hbone: bool,
+    /// Workload-selector policies (`namespace/name`) that apply to it.
+    pub policies: Vec<String>,
 }
 
 impl Workload {
@@ -26,6 +28,7 @@ impl Workload {
             namespace: namespace.into(),
             service_account: service_account.into(),
             hbone: true,
+            policies: Vec::new(),
         }
     }
 
@@ -56,6 +59,9 @@ pub fn config_yaml(workloads: &[&Workload], services: &[Service]) -> String {
         let _ = writeln!(y, "  workloadIps: [\"{}\"]", w.pod.ip);
         let _ = writeln!(y, "  protocol: {}", if w.hbone { "HBONE" } else { "TCP" });
         let _ = writeln!(y, "  node: {}", w.pod.node);
+        if !w.policies.is_empty() {
+            let _ = writeln!(y, "  authorizationPolicies: {:?}", w.policies);
+        }
         let svcs: Vec<String> = services
             .iter()
             .filter(|s| s.endpoints.contains(&w.pod.name))
@@ -119,8 +125,13 @@ impl Mesh {
     }
 
     pub fn write_config(&self, workloads: &[&Workload], services: &[Service]) {
+        self.write_config_text(&config_yaml(workloads, services));
+    }
+
+    /// Replaces the config file atomically with `yaml`.
+    pub fn write_config_text(&self, yaml: &str) {
         let tmp = self.config.with_extension("tmp");
-        std::fs::write(&tmp, config_yaml(workloads, services)).expect("write config");
+        std::fs::write(&tmp, yaml).expect("write config");
         std::fs::rename(&tmp, &self.config).expect("rename config");
     }
 

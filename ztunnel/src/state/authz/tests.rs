@@ -346,7 +346,7 @@ fn deny_wins_over_allow_and_allow_needs_one_match() {
     );
     assert!(allowed(&[allow_web.clone(), allow_x.clone()], &c));
     assert_eq!(
-        evaluate(&[allow_x.clone()], &c).decision,
+        evaluate(std::slice::from_ref(&allow_x), &c).decision,
         Decision::Deny(DenyReason::NoAllowMatch(1))
     );
     assert_eq!(
