@@ -206,3 +206,55 @@ fn cli_says_what_is_wrong_when_ztunnel_is_not_there() {
     assert!(!success);
     assert!(err.contains("is ztunnel running here?"), "{err}");
 }
+
+/// Sends `request` as raw bytes to `addr` inside `ns` and returns whatever comes back.
+fn raw(ns: &Ns, addr: std::net::SocketAddr, request: &[u8]) -> String {
+    let mut s = ns
+        .open()
+        .run(|| std::net::TcpStream::connect_timeout(&addr, T))
+        .unwrap()
+        .unwrap();
+    s.set_read_timeout(Some(T)).unwrap();
+    let _ = s.write_all(request);
+    let mut out = Vec::new();
+    let _ = s.read_to_end(&mut out);
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+#[test]
+fn hostile_admin_requests_get_errors_and_the_endpoint_survives() {
+    let mut s = Scene::new();
+    s.m.write_config(&[&s.wa], &[]);
+    s.m.start_ztunnel("a", &[]);
+    let a = s.m.lab.node("a").ns.clone();
+    let admin: std::net::SocketAddr = "127.0.0.1:15000".parse().unwrap();
+    let req = |line: &str| format!("{line} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n");
+    let long_path = format!("/{}", "A".repeat(200_000));
+    let cases: Vec<(String, &str)> = vec![
+        ("GARBAGE\r\n\r\n".to_string(), "400"),
+        (req("POST /logging"), "400 Bad Request"),
+        (
+            req("POST /logging?level=info%2C%5Bbad"),
+            "invalid log filter",
+        ),
+        (req("POST /logging?a%3D%3D=info"), "is not a module path"),
+        (req("POST /logging?ztunnel=%FF%FE"), "is not a level"),
+        (req("GET /quitquitquit"), "405"),
+        (req("DELETE /config_dump"), "404"),
+        (req(&format!("GET {long_path}")), "HTTP/1.1 4"),
+    ];
+    for (request, want) in cases {
+        let got = raw(&a, admin, request.as_bytes());
+        assert!(got.contains(want), "{:.60}... answered {got:.300}", request);
+    }
+    // Still serving, and the log filter was never changed by the bad requests.
+    let (status, _) = a.http_get(admin, "/config_dump").unwrap();
+    assert_eq!(status, 200);
+    assert_eq!(ok(&a, &["log"]).trim(), "info,ztunnel=debug");
+    assert!(
+        s.m.lab
+            .process("ztunnel-a")
+            .wait_timeout(Duration::ZERO)
+            .is_none()
+    );
+}

@@ -46,6 +46,9 @@ pub enum CopyError {
     Refused(http::StatusCode),
     #[error("upstream")]
     Upstream(#[source] io::Error),
+    /// The caller's stop signal fired (a policy change revoked the connection).
+    #[error("stopped")]
+    Stopped,
 }
 
 /// The receiving half of an HBONE stream: already open (server side) or still waiting for
@@ -71,11 +74,13 @@ impl Incoming {
     }
 }
 
-/// Copies between `app` and an HBONE stream until both directions end.
+/// Copies between `app` and an HBONE stream until both directions end, or until `stop`
+/// resolves (then both sides are reset and the result is [`CopyError::Stopped`]).
 pub async fn hbone(
     app: TcpStream,
     mut send: SendStream<Bytes>,
     incoming: Incoming,
+    stop: impl Future<Output = ()>,
 ) -> (Transferred, Result<(), CopyError>) {
     let mut app = app;
     let mut sent = 0u64;
@@ -87,7 +92,10 @@ pub async fn hbone(
             let mut recv = incoming.open().await?;
             stream_to_app(&mut recv, &mut wr, &mut received).await
         };
-        tokio::try_join!(up, down).map(|_| ())
+        tokio::select! {
+            r = async { tokio::try_join!(up, down) } => r.map(|_| ()),
+            () = stop => Err(CopyError::Stopped),
+        }
     };
     let transferred = Transferred { sent, received };
     match &result {
@@ -154,18 +162,80 @@ async fn stream_to_app<W: AsyncWrite + Unpin>(
     Ok(())
 }
 
-/// Copies between two TCP sockets until both directions end, resetting both on error.
+/// Copies between two TCP sockets until both directions end, resetting both on error or
+/// when `stop` resolves ([`CopyError::Stopped`]).
 pub async fn tcp(
-    mut app: TcpStream,
+    app: TcpStream,
     mut upstream: TcpStream,
+    stop: impl Future<Output = ()>,
 ) -> (Transferred, Result<(), CopyError>) {
     const BUF: usize = 64 * 1024;
-    match tokio::io::copy_bidirectional_with_sizes(&mut app, &mut upstream, BUF, BUF).await {
-        Ok((sent, received)) => (Transferred { sent, received }, Ok(())),
-        Err(e) => {
-            socket::reset(app);
-            socket::reset(upstream);
-            (Transferred::default(), Err(CopyError::Upstream(e)))
+    let mut app = Counted {
+        inner: app,
+        read: 0,
+        written: 0,
+    };
+    let result = tokio::select! {
+        r = tokio::io::copy_bidirectional_with_sizes(&mut app, &mut upstream, BUF, BUF) => {
+            r.map(|_| ()).map_err(CopyError::Upstream)
         }
+        () = stop => Err(CopyError::Stopped),
+    };
+    let transferred = Transferred {
+        sent: app.read,
+        received: app.written,
+    };
+    if result.is_err() {
+        socket::reset(app.inner);
+        socket::reset(upstream);
+    }
+    (transferred, result)
+}
+
+/// A socket that counts what passes through it, so byte counts survive an aborted copy.
+struct Counted {
+    inner: TcpStream,
+    read: u64,
+    written: u64,
+}
+
+impl AsyncRead for Counted {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<io::Result<()>> {
+        let before = buf.filled().len();
+        let poll = std::pin::Pin::new(&mut self.inner).poll_read(cx, buf);
+        self.read += (buf.filled().len() - before) as u64;
+        poll
+    }
+}
+
+impl AsyncWrite for Counted {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<io::Result<usize>> {
+        let poll = std::pin::Pin::new(&mut self.inner).poll_write(cx, buf);
+        if let std::task::Poll::Ready(Ok(n)) = poll {
+            self.written += n as u64;
+        }
+        poll
+    }
+
+    fn poll_flush(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<io::Result<()>> {
+        std::pin::Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<io::Result<()>> {
+        std::pin::Pin::new(&mut self.inner).poll_shutdown(cx)
     }
 }

@@ -13,7 +13,7 @@ use h2::server::SendResponse;
 use http::{Request, Response, StatusCode};
 use tokio::net::TcpStream;
 
-use super::copy::{self, Incoming, Transferred};
+use super::copy::{self, Incoming};
 use super::hbone;
 use super::pool::{CONNECTION_WINDOW, MAX_FRAME, SEND_BUFFER, STREAM_WINDOW, TLS_BUFFER};
 use super::readahead::ReadAhead;
@@ -156,12 +156,9 @@ async fn stream(
             return;
         }
     };
-    let (t, r) = tokio::select! {
-        (t, r) = copy::hbone(app, send, Incoming::Open(req.into_body())) => {
-            (t, r.map_err(ProxyError::from))
-        }
-        reason = tracked.revoked() => (Transferred::default(), Err(ProxyError::Revoked(reason))),
-    };
+    let body = Incoming::Open(req.into_body());
+    let (t, r) = copy::hbone(app, send, body, tracked.stopped()).await;
+    let r = r.map_err(|e| tracked.explain(e));
     log.finish(t.sent, t.received, r.err().as_ref());
 }
 

@@ -193,6 +193,7 @@ impl ProxyError {
             ProxyError::Copy(C::Refused(_)) => "peer_refused",
             ProxyError::Copy(C::AppRead(_) | C::AppWrite(_)) => "app_reset",
             ProxyError::Copy(C::Stream(_) | C::StreamGone | C::Upstream(_)) => "peer_reset",
+            ProxyError::Copy(C::Stopped) => "stopped",
         }
     }
 }

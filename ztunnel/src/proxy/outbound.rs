@@ -92,7 +92,7 @@ async fn route(
             );
             match pool.open(&key, pod, req).await {
                 Ok((send, incoming, _lease)) => {
-                    let (t, r) = copy::hbone(app, send, incoming).await;
+                    let (t, r) = copy::hbone(app, send, incoming, std::future::pending()).await;
                     (t, r.map_err(ProxyError::from))
                 }
                 Err(e) => refuse(app, e),
@@ -133,7 +133,7 @@ async fn plain(
     let _tracked = inputs.conns.track(ConnInfo::new(log, pod), false);
     match socket::connect(pod, target, None).await {
         Ok(upstream) => {
-            let (t, r) = copy::tcp(app, upstream).await;
+            let (t, r) = copy::tcp(app, upstream, std::future::pending()).await;
             (t, r.map_err(ProxyError::from))
         }
         Err(e) => {

@@ -9,7 +9,7 @@ use std::net::SocketAddr;
 use mesh_contract::ports;
 use tokio::net::TcpStream;
 
-use super::copy::{self, Transferred};
+use super::copy;
 use super::tracker::ConnInfo;
 use super::{Pod, ProxyError, ProxyInputs, inbound, socket};
 use crate::accesslog::{ConnLog, Direction};
@@ -60,9 +60,7 @@ pub async fn serve(tcp: TcpStream, peer: SocketAddr, pod: &Pod, inputs: &ProxyIn
             return;
         }
     };
-    let (t, r) = tokio::select! {
-        (t, r) = copy::tcp(tcp, app) => (t, r.map_err(ProxyError::from)),
-        reason = tracked.revoked() => (Transferred::default(), Err(ProxyError::Revoked(reason))),
-    };
+    let (t, r) = copy::tcp(tcp, app, tracked.stopped()).await;
+    let r = r.map_err(|e| tracked.explain(e));
     log.finish(t.sent, t.received, r.err().as_ref());
 }

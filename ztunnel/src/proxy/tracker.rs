@@ -15,7 +15,8 @@ use std::time::SystemTime;
 use serde::Serialize;
 use tokio_util::sync::CancellationToken;
 
-use super::Pod;
+use super::copy::CopyError;
+use super::{Pod, ProxyError};
 use crate::accesslog::{ConnLog, Direction};
 use crate::identity::Identity;
 use crate::state::State;
@@ -87,14 +88,18 @@ pub struct Tracked {
 }
 
 impl Tracked {
-    /// Resolves if a policy change revokes this connection, with the reason.
-    pub async fn revoked(&self) -> DenyReason {
+    /// Resolves if a policy change revokes this connection.
+    pub async fn stopped(&self) {
         self.conn.cancel.cancelled().await;
-        self.conn
-            .revoked
-            .get()
-            .cloned()
-            .unwrap_or(DenyReason::NoAllowMatch(0))
+    }
+
+    /// The error to report for a copy that ended with `e`: a stop becomes the revocation
+    /// with its reason.
+    pub fn explain(&self, e: CopyError) -> ProxyError {
+        match (e, self.conn.revoked.get()) {
+            (CopyError::Stopped, Some(reason)) => ProxyError::Revoked(reason.clone()),
+            (e, _) => ProxyError::Copy(e),
+        }
     }
 }
 
