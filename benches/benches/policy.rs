@@ -44,7 +44,7 @@ fn policy(i: usize, scope: Scope) -> Authorization {
         name: format!("p-{i}"),
         namespace: ns,
         scope,
-        action: if i % 3 == 0 {
+        action: if i.is_multiple_of(3) {
             Action::Deny
         } else {
             Action::Allow

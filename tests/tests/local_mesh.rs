@@ -69,6 +69,19 @@ fn the_local_mesh_report_shows_identities_and_mtls_and_nothing_is_left_behind() 
     let r = row(&report, "to outside the mesh");
     assert!(!r.mtls && r.server_identity.is_none(), "{r:#?}");
     assert_eq!(r.client_identity, id("shop", "frontend"));
+    // L4 policy: db's port 9000 is closed to everyone; db takes identity-less peers nowhere.
+    let r = row(&report, "policy: port 9000 denied");
+    assert!(r.expect_denied && r.denied && r.mtls, "{r:#?}");
+    assert_eq!(r.bytes_received, 0, "{r:#?}");
+    let r = row(&report, "policy: no identity");
+    assert!(r.denied && !r.mtls && r.client_identity.is_none(), "{r:#?}");
+    for label in [
+        "across namespaces",
+        "within one node",
+        "from outside the mesh",
+    ] {
+        assert!(!row(&report, label).denied, "{label}");
+    }
 
     let load = report.load.as_ref().expect("load summary");
     assert_eq!((load.flows, load.ok, load.mtls), (4, 4, 4), "{load:#?}");

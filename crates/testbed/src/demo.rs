@@ -22,6 +22,14 @@ pub const KEPT_ID: &str = "lmesh";
 
 const SERVICE_VIP: &str = "198.19.100.10";
 const LOAD_PORT: u16 = 7000;
+/// db's second port, which a namespace policy closes.
+const DB_ADMIN_PORT: u16 = 9000;
+/// L4 policies of the demo: db takes clients from the `shop` namespace only (so the pod
+/// outside the mesh, which has no identity, is refused), and nobody reaches its port 9000.
+const POLICIES: &str = "policies:
+- {name: db-clients, namespace: data, scope: WorkloadSelector, action: Allow, rules: [[[{namespaces: [!Exact shop]}]]]}
+- {name: no-admin-port, namespace: data, scope: Namespace, action: Deny, rules: [[[{destinationPorts: [9000]}]]]}
+";
 const T: Duration = Duration::from_secs(30);
 
 /// What to build.
@@ -70,7 +78,12 @@ pub struct Row {
     pub bytes_received: u64,
     /// Connect plus a 64 KiB echo round trip, as the client saw it.
     pub latency: Duration,
-    /// The echo came back intact.
+    /// The row expects L4 policy to deny this flow.
+    pub expect_denied: bool,
+    /// ztunnel logged the flow as denied by policy (`response_flags` `DENY`).
+    pub denied: bool,
+    /// As expected: the echo came back intact, or a flow expected to be denied was, and never
+    /// reached the app.
     pub ok: bool,
     pub error: Option<String>,
 }
@@ -256,11 +269,19 @@ impl LocalMesh {
             });
         }
 
-        progress("publishing the pods' addresses to every ztunnel (the local config)");
+        progress(
+            "publishing the pods' addresses and L4 policies to every ztunnel (the local config)",
+        );
         let workloads: Vec<Workload> = pods
             .iter()
             .filter(|p| p.in_mesh)
-            .map(|p| Workload::mesh(&p.pod, &p.namespace, &p.service_account))
+            .map(|p| {
+                let mut w = Workload::mesh(&p.pod, &p.namespace, &p.service_account);
+                if p.pod.name == "db" {
+                    w.policies = vec!["data/db-clients".into()];
+                }
+                w
+            })
             .collect();
         let service = Service {
             name: "backend".into(),
@@ -270,7 +291,8 @@ impl LocalMesh {
             target_port: 8080,
             endpoints: vec!["backend".into()],
         };
-        mesh.write_config(&workloads.iter().collect::<Vec<_>>(), &[service]);
+        let registry = crate::mesh::config_yaml(&workloads.iter().collect::<Vec<_>>(), &[service]);
+        mesh.write_config_text(&format!("{registry}{POLICIES}"));
         for node in &names {
             if !eventually(T, || {
                 mesh.ztunnel_log(node).contains("local config reloaded")
@@ -303,6 +325,7 @@ impl LocalMesh {
         self.servers = vec![
             EchoServer::start(&backend, 8080),
             EchoServer::start(&db, 5432),
+            EchoServer::start(&db, DB_ADMIN_PORT),
             EchoServer::start(&outsider, 9090),
         ];
         let load: Vec<Pod> = self
@@ -315,33 +338,51 @@ impl LocalMesh {
             self.servers.push(EchoServer::start(p, LOAD_PORT));
         }
         let vip: SocketAddr = format!("{SERVICE_VIP}:80").parse().expect("vip");
+        // (label, client, destination, destination's name, expected to be denied by policy)
         let flows = [
             (
                 "pod to pod, across nodes",
                 &frontend,
                 backend.addr(8080),
                 "backend",
+                false,
             ),
-            ("through a service VIP", &frontend, vip, "backend (svc)"),
-            ("across namespaces", &frontend, db.addr(5432), "db"),
-            ("within one node", &backend, db.addr(5432), "db"),
+            (
+                "through a service VIP",
+                &frontend,
+                vip,
+                "backend (svc)",
+                false,
+            ),
+            ("across namespaces", &frontend, db.addr(5432), "db", false),
+            ("within one node", &backend, db.addr(5432), "db", false),
             (
                 "from outside the mesh",
                 &outsider,
                 backend.addr(8080),
                 "backend",
+                false,
             ),
             (
                 "to outside the mesh",
                 &frontend,
                 outsider.addr(9090),
                 "outsider",
+                false,
             ),
+            (
+                "policy: port 9000 denied",
+                &frontend,
+                db.addr(DB_ADMIN_PORT),
+                "db",
+                true,
+            ),
+            ("policy: no identity", &outsider, db.addr(5432), "db", true),
         ];
         progress("driving a 64 KiB echo over each path");
         let measured: Vec<_> = flows
             .iter()
-            .map(|(_, from, to, _)| exchange(from, *to))
+            .map(|(_, from, to, _, _)| exchange(from, *to))
             .collect();
         let load_measured: Vec<_> = if load.is_empty() {
             Vec::new()
@@ -371,9 +412,9 @@ impl LocalMesh {
         });
 
         let mut rows = Vec::new();
-        for ((label, from, to, to_name), m) in flows.iter().zip(measured) {
+        for ((label, from, to, to_name, deny), m) in flows.iter().zip(measured) {
             let event = find_event(&events, from, *to);
-            rows.push(row(label, from, to_name, event, m));
+            rows.push(row(label, from, to_name, event, m, *deny));
         }
         let load_summary = (!load_measured.is_empty()).then(|| {
             let mut lat: Vec<Duration> = load_measured.iter().map(|(_, m)| m.latency).collect();
@@ -527,7 +568,7 @@ fn exchange(from: &Pod, to: SocketAddr) -> Measured {
 
 /// The access event of the proxy that saw the client's side of a flow: the source pod's
 /// ztunnel (outbound), or for a client outside the mesh the server's (inbound-plaintext).
-/// A destination port of 0 matches any address on that port.
+/// Flows are told apart by source address and destination port.
 fn find_event<'a>(events: &'a [Value], from: &Pod, to: SocketAddr) -> Option<&'a Value> {
     let src = format!("{}:", from.ip);
     let port = format!(":{}", to.port());
@@ -536,11 +577,18 @@ fn find_event<'a>(events: &'a [Value], from: &Pod, to: SocketAddr) -> Option<&'a
         let dst = e["dst.addr"].as_str().unwrap_or_default();
         e["src.addr"].as_str().is_some_and(|s| s.starts_with(&src))
             && (dir == "outbound" || dir == "inbound-plaintext")
-            && (dst.ends_with(&port) || dir == "inbound-plaintext")
+            && dst.ends_with(&port)
     })
 }
 
-fn row(label: &str, from: &Pod, to_name: &str, event: Option<&Value>, m: Measured) -> Row {
+fn row(
+    label: &str,
+    from: &Pod,
+    to_name: &str,
+    event: Option<&Value>,
+    m: Measured,
+    expect_denied: bool,
+) -> Row {
     let id = |key: &str| {
         event
             .and_then(|e| e[key].as_str())
@@ -552,6 +600,21 @@ fn row(label: &str, from: &Pod, to_name: &str, event: Option<&Value>, m: Measure
             .and_then(|e| e[key].as_u64().or_else(|| e[key].as_str()?.parse().ok()))
             .unwrap_or(0)
     };
+    let denied = event.is_some_and(|e| e["response_flags"] == "DENY");
+    let ok = match (expect_denied, event) {
+        (_, None) => false,
+        (false, Some(_)) => m.ok,
+        (true, Some(_)) => denied && !m.ok,
+    };
+    let error = if event.is_none() {
+        Some("no access log entry".to_string())
+    } else if expect_denied && !ok {
+        Some("expected a policy denial".to_string())
+    } else if expect_denied {
+        None
+    } else {
+        m.error
+    };
     Row {
         label: label.to_string(),
         source: from.name.clone(),
@@ -562,10 +625,10 @@ fn row(label: &str, from: &Pod, to_name: &str, event: Option<&Value>, m: Measure
         bytes_sent: num("bytes_sent"),
         bytes_received: num("bytes_received"),
         latency: m.latency,
-        ok: m.ok && event.is_some(),
-        error: m
-            .error
-            .or_else(|| event.is_none().then(|| "no access log entry".to_string())),
+        expect_denied,
+        denied,
+        ok,
+        error,
     }
 }
 
@@ -582,12 +645,13 @@ pub fn render(report: &Report) -> String {
     let mut out = String::new();
     let _ = writeln!(
         out,
-        "{:<26} {:<9} {:<14} {:<30} {:<5} {:>15} {:>9}",
+        "{:<26} {:<9} {:<14} {:<30} {:<5} {:<7} {:>15} {:>9}",
         "path",
         "source",
         "destination",
         "identities (client -> server)",
         "mTLS",
+        "policy",
         "bytes out/in",
         "latency"
     );
@@ -599,12 +663,13 @@ pub fn render(report: &Report) -> String {
         );
         let _ = writeln!(
             out,
-            "{:<26} {:<9} {:<14} {:<30} {:<5} {:>15} {:>7.2}ms{}",
+            "{:<26} {:<9} {:<14} {:<30} {:<5} {:<7} {:>15} {:>7.2}ms{}",
             r.label,
             r.source,
             r.destination,
             ids,
             if r.mtls { "yes" } else { "no" },
+            if r.denied { "DENIED" } else { "allowed" },
             format!("{}/{}", r.bytes_sent, r.bytes_received),
             r.latency.as_secs_f64() * 1000.0,
             r.error

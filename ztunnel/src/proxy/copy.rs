@@ -93,7 +93,7 @@ pub async fn hbone(
             stream_to_app(&mut recv, &mut wr, &mut received).await
         };
         tokio::select! {
-            r = async { tokio::try_join!(up, down) } => r.map(|_| ()),
+            r = join_explained(up, down) => r,
             () = stop => Err(CopyError::Stopped),
         }
     };
@@ -109,6 +109,50 @@ pub async fn hbone(
         }
     }
     (transferred, result)
+}
+
+/// How long the receiving half may take to explain a stream the peer closed under the
+/// sending half.
+const EXPLAIN_WINDOW: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// Runs both directions; the first error ends both, except that when the peer closes the
+/// stream under the sending half, the receiving half gets a moment to say why: a refusal
+/// sent with the stream's end (the server's 401 to early data) is the real cause, not the
+/// closed stream.
+async fn join_explained(
+    up: impl Future<Output = Result<(), CopyError>>,
+    down: impl Future<Output = Result<(), CopyError>>,
+) -> Result<(), CopyError> {
+    tokio::pin!(up, down);
+    let mut up_done: Option<Result<(), CopyError>> = None;
+    let mut down_done = false;
+    let mut deadline = std::pin::pin!(tokio::time::sleep(std::time::Duration::MAX));
+    let mut explaining = false;
+    loop {
+        tokio::select! {
+            r = &mut up, if up_done.is_none() => match r {
+                Err(e @ (CopyError::Stream(_) | CopyError::StreamGone)) if !down_done => {
+                    up_done = Some(Err(e));
+                    explaining = true;
+                    deadline
+                        .as_mut()
+                        .reset(tokio::time::Instant::now() + EXPLAIN_WINDOW);
+                }
+                Err(e) => return Err(e),
+                Ok(()) => up_done = Some(Ok(())),
+            },
+            r = &mut down, if !down_done => {
+                r?;
+                down_done = true;
+            }
+            () = &mut deadline, if explaining => {
+                return up_done.unwrap_or(Ok(()));
+            }
+        }
+        if down_done && let Some(up) = up_done.take() {
+            return up;
+        }
+    }
 }
 
 async fn app_to_stream<R: AsyncRead + Unpin>(

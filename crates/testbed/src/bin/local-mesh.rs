@@ -150,6 +150,14 @@ fn main() {
         println!(
             "  ip netns exec {node} curl -s 127.0.0.1:15021/healthz/ready  # ztunnel readiness"
         );
+        let admin = mesh_testbed::binary("ztunnel-admin");
+        println!(
+            "  ip netns exec {node} {} certs   # also: workloads, policies, connections, pool, log",
+            admin.display()
+        );
+        println!(
+            "  ip netns exec {node} curl -s 127.0.0.1:15020/metrics | grep istio_tcp   # Istio's metrics"
+        );
         println!(
             "  tail -f {}/ztunnel-node-1.log                  # ztunnel's access log (JSON)",
             dir.display()
