@@ -366,6 +366,24 @@ fn build(config: LocalConfig, trust_domain: &str) -> Result<State, LocalConfigEr
     if let Some(orphan) = endpoints.keys().min() {
         tracing::warn!(service = %orphan, "workloads name a service that is not defined");
     }
+    let mut policy_keys = std::collections::HashSet::new();
+    for (i, p) in config.policies.iter().enumerate() {
+        let key = crate::state::authz::key(p);
+        if !policy_keys.insert(key.clone()) {
+            return Err(invalid(
+                format!("policies[{i}]"),
+                format!("duplicate policy {key:?}"),
+            ));
+        }
+    }
+    if let Some((w, p)) = workloads.iter().find_map(|w| {
+        w.authorization_policies
+            .iter()
+            .find(|p| !policy_keys.contains(*p))
+            .map(|p| (w.uid.clone(), p.clone()))
+    }) {
+        tracing::warn!(workload = %w, policy = %p, "a workload names a policy that is not defined");
+    }
     Ok(State::new(workloads, services, config.policies))
 }
 

@@ -173,6 +173,36 @@ fn bad_files_name_the_field() {
             "policies: [{name: p, namespace: a, scope: Global, action: Deny, rules: [[[{sourceIps: [10.0.0.0/40]}]]]}]",
             "policies[0].rules[0][0][0].sourceIps[0]",
         ),
+        (
+            "unknown action",
+            "policies: [{name: p, namespace: a, scope: Global, action: Audit, rules: []}]",
+            "policies[0].action",
+        ),
+        (
+            "unknown scope",
+            "policies: [{name: p, namespace: a, scope: Cluster, action: Deny, rules: []}]",
+            "policies[0].scope",
+        ),
+        (
+            "port out of range in a match",
+            "policies: [{name: p, namespace: a, scope: Global, action: Deny, rules: [[[{destinationPorts: [70000]}]]]}]",
+            "policies[0].rules[0][0][0].destinationPorts[0]",
+        ),
+        (
+            "match at the wrong depth",
+            "policies: [{name: p, namespace: a, scope: Global, action: Deny, rules: [[{principals: []}]]}]",
+            "policies[0].rules[0][0]",
+        ),
+        (
+            "untagged string match",
+            "policies: [{name: p, namespace: a, scope: Global, action: Deny, rules: [[[{principals: [bob]}]]]}]",
+            "policies[0].rules[0][0][0].principals[0]",
+        ),
+        (
+            "duplicate policy",
+            "policies: [{name: p, namespace: a, scope: Global, action: Deny, rules: []}, {name: p, namespace: a, scope: Namespace, action: Allow, rules: []}]",
+            "policies[1]",
+        ),
         ("not a map", "- a\n- b", "(top level)"),
         ("huge nesting", &"[".repeat(10_000), ""),
     ];
