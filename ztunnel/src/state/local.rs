@@ -366,7 +366,7 @@ fn build(config: LocalConfig, trust_domain: &str) -> Result<State, LocalConfigEr
     if let Some(orphan) = endpoints.keys().min() {
         tracing::warn!(service = %orphan, "workloads name a service that is not defined");
     }
-    let mut policy_keys = std::collections::HashSet::new();
+    let mut policy_keys = HashSet::new();
     for (i, p) in config.policies.iter().enumerate() {
         let key = crate::state::authz::key(p);
         if !policy_keys.insert(key.clone()) {
