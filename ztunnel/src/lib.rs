@@ -31,3 +31,4 @@ pub mod proxy;
 pub mod readiness;
 pub mod state;
 pub mod tls;
+pub mod xds;

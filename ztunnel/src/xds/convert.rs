@@ -1,0 +1,291 @@
+//! istiod's resources → ztunnel's state types. Each resource converts on its own: a
+//! malformed one is refused with a reason (which becomes the NACK's message) and never keeps
+//! the others from applying. Nothing here panics on any input.
+
+use std::collections::BTreeMap;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+
+use super::proto::{security as sec, workload as wl};
+use crate::identity::Identity;
+use crate::state::policy::{
+    Action, Authorization, Cidr, RbacMatch, Scope, ServiceAccountMatch, StringMatch,
+};
+use crate::state::{HealthStatus, NetworkAddress, Protocol, Service, Workload};
+
+/// A workload and the services it backs (`namespace/hostname` → service port → target port),
+/// from which service endpoints are assembled.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct XdsWorkload {
+    pub workload: Workload,
+    pub services: BTreeMap<String, BTreeMap<u16, u16>>,
+}
+
+/// One `istio.workload.Address` resource.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum AddressResource {
+    Workload(Box<XdsWorkload>),
+    /// A service without endpoints; workloads name the services they back.
+    Service(Service),
+}
+
+/// Why a resource was refused.
+pub type Refusal = String;
+
+fn ip(bytes: &[u8], what: &str) -> Result<IpAddr, Refusal> {
+    match bytes.len() {
+        4 => {
+            let b: [u8; 4] = bytes
+                .try_into()
+                .map_err(|_| format!("{what}: bad length"))?;
+            Ok(IpAddr::V4(Ipv4Addr::from(b)))
+        }
+        16 => {
+            let b: [u8; 16] = bytes
+                .try_into()
+                .map_err(|_| format!("{what}: bad length"))?;
+            Ok(IpAddr::V6(Ipv6Addr::from(b)))
+        }
+        n => Err(format!("{what} has {n} bytes; an IP address has 4 or 16")),
+    }
+}
+
+fn port(p: u32, what: &str) -> Result<u16, Refusal> {
+    u16::try_from(p).map_err(|_| format!("{what} {p} is not a TCP port"))
+}
+
+/// Converts one Address resource. `default_trust_domain` fills in workloads that leave it
+/// out, as istiod does for the mesh's own trust domain.
+pub fn address(
+    resource: &wl::Address,
+    default_trust_domain: &str,
+) -> Result<AddressResource, Refusal> {
+    match &resource.r#type {
+        Some(wl::address::Type::Workload(w)) => {
+            workload(w, default_trust_domain).map(|w| AddressResource::Workload(Box::new(w)))
+        }
+        Some(wl::address::Type::Service(s)) => service(s).map(AddressResource::Service),
+        None => Err("Address has neither a workload nor a service".into()),
+    }
+}
+
+fn workload(w: &wl::Workload, default_trust_domain: &str) -> Result<XdsWorkload, Refusal> {
+    if w.uid.is_empty() {
+        return Err("workload has no uid".into());
+    }
+    if w.namespace.is_empty() {
+        return Err(format!("workload {} has no namespace", w.uid));
+    }
+    let td = if w.trust_domain.is_empty() {
+        default_trust_domain
+    } else {
+        &w.trust_domain
+    };
+    let sa = if w.service_account.is_empty() {
+        "default"
+    } else {
+        &w.service_account
+    };
+    let identity =
+        Identity::new(td, &w.namespace, sa).map_err(|e| format!("workload {}: {e}", w.uid))?;
+    let mut ips = Vec::with_capacity(w.addresses.len());
+    for (i, a) in w.addresses.iter().enumerate() {
+        ips.push(ip(a, &format!("workload {} address {i}", w.uid))?);
+    }
+    // Host-network workloads share the node's address: never resolve by it.
+    if w.network_mode == wl::NetworkMode::HostNetwork as i32 {
+        ips.clear();
+    }
+    let protocol = match wl::TunnelProtocol::try_from(w.tunnel_protocol) {
+        Ok(wl::TunnelProtocol::Hbone) => Protocol::Hbone,
+        Ok(wl::TunnelProtocol::None) => Protocol::Tcp,
+        Err(_) => {
+            return Err(format!(
+                "workload {}: unknown tunnel protocol {}",
+                w.uid, w.tunnel_protocol
+            ));
+        }
+    };
+    let status = match wl::WorkloadStatus::try_from(w.status) {
+        Ok(wl::WorkloadStatus::Healthy) => HealthStatus::Healthy,
+        // An unknown status is not a reason to send traffic there.
+        _ => HealthStatus::Unhealthy,
+    };
+    let workload_type = wl::WorkloadType::try_from(w.workload_type)
+        .map(|t| t.as_str_name().to_ascii_lowercase())
+        .unwrap_or_default();
+    let mut services = BTreeMap::new();
+    for (key, list) in &w.services {
+        if !key.contains('/') {
+            return Err(format!(
+                "workload {}: service key {key:?} is not \"<namespace>/<hostname>\"",
+                w.uid
+            ));
+        }
+        let mut ports = BTreeMap::new();
+        for p in &list.ports {
+            ports.insert(
+                port(p.service_port, "service port")?,
+                port(p.target_port, "target port")?,
+            );
+        }
+        services.insert(key.clone(), ports);
+    }
+    Ok(XdsWorkload {
+        workload: Workload {
+            uid: w.uid.clone(),
+            name: w.name.clone(),
+            namespace: w.namespace.clone(),
+            service_account: sa.to_string(),
+            trust_domain: td.to_string(),
+            workload_ips: ips,
+            protocol,
+            status,
+            node: w.node.clone(),
+            network: w.network.clone(),
+            workload_name: w.workload_name.clone(),
+            workload_type,
+            canonical_name: w.canonical_name.clone(),
+            canonical_revision: w.canonical_revision.clone(),
+            cluster_id: w.cluster_id.clone(),
+            authorization_policies: w.authorization_policies.clone(),
+            identity,
+        },
+        services,
+    })
+}
+
+fn service(s: &wl::Service) -> Result<Service, Refusal> {
+    if s.namespace.is_empty() || s.hostname.is_empty() {
+        return Err(format!(
+            "service {:?} needs a namespace and a hostname",
+            s.name
+        ));
+    }
+    let mut vips = Vec::with_capacity(s.addresses.len());
+    for (i, a) in s.addresses.iter().enumerate() {
+        vips.push(NetworkAddress {
+            network: a.network.clone(),
+            address: ip(&a.address, &format!("service {} address {i}", s.hostname))?,
+        });
+    }
+    let mut ports = BTreeMap::new();
+    for p in &s.ports {
+        ports.insert(
+            port(p.service_port, "service port")?,
+            port(p.target_port, "target port")?,
+        );
+    }
+    for san in &s.subject_alt_names {
+        san.parse::<Identity>()
+            .map_err(|e| format!("service {}: subject alt name: {e}", s.hostname))?;
+    }
+    Ok(Service {
+        name: s.name.clone(),
+        namespace: s.namespace.clone(),
+        hostname: s.hostname.clone(),
+        vips,
+        ports,
+        subject_alt_names: s.subject_alt_names.clone(),
+        endpoints: Vec::new(),
+    })
+}
+
+/// Converts one Authorization resource.
+pub fn authorization(a: &sec::Authorization) -> Result<Authorization, Refusal> {
+    if a.name.is_empty() || a.namespace.is_empty() {
+        return Err("authorization needs a name and a namespace".into());
+    }
+    let at = |what: String| format!("authorization {}/{}: {what}", a.namespace, a.name);
+    let scope = match sec::Scope::try_from(a.scope) {
+        Ok(sec::Scope::Global) => Scope::Global,
+        Ok(sec::Scope::Namespace) => Scope::Namespace,
+        Ok(sec::Scope::WorkloadSelector) => Scope::WorkloadSelector,
+        Err(_) => return Err(at(format!("unknown scope {}", a.scope))),
+    };
+    // An unknown action must not be guessed: reading a future "DENY-like" action as ALLOW
+    // would open what the policy closes.
+    let action = match sec::Action::try_from(a.action) {
+        Ok(sec::Action::Allow) => Action::Allow,
+        Ok(sec::Action::Deny) => Action::Deny,
+        Err(_) => return Err(at(format!("unknown action {}", a.action))),
+    };
+    let mut rules = Vec::with_capacity(a.rules.len());
+    for rule in &a.rules {
+        let mut clauses = Vec::with_capacity(rule.clauses.len());
+        for clause in &rule.clauses {
+            let mut matches = Vec::with_capacity(clause.matches.len());
+            for m in &clause.matches {
+                matches.push(rbac_match(m).map_err(&at)?);
+            }
+            clauses.push(matches);
+        }
+        rules.push(clauses);
+    }
+    Ok(Authorization {
+        name: a.name.clone(),
+        namespace: a.namespace.clone(),
+        scope,
+        action,
+        rules,
+        dry_run: a.dry_run,
+    })
+}
+
+fn rbac_match(m: &sec::Match) -> Result<RbacMatch, Refusal> {
+    let strings = |list: &[sec::StringMatch]| -> Result<Vec<StringMatch>, Refusal> {
+        list.iter()
+            .map(|s| match &s.match_type {
+                Some(sec::string_match::MatchType::Exact(v)) => Ok(StringMatch::Exact(v.clone())),
+                Some(sec::string_match::MatchType::Prefix(v)) => Ok(StringMatch::Prefix(v.clone())),
+                Some(sec::string_match::MatchType::Suffix(v)) => Ok(StringMatch::Suffix(v.clone())),
+                Some(sec::string_match::MatchType::Presence(_)) => {
+                    Ok(StringMatch::Presence(Vec::new()))
+                }
+                // An empty match would match nothing in a positive list and everything in a
+                // negative one: refuse rather than guess.
+                None => Err("a string match with no match type".to_string()),
+            })
+            .collect()
+    };
+    let cidrs = |list: &[sec::Address]| -> Result<Vec<Cidr>, Refusal> {
+        list.iter()
+            .map(|a| {
+                let addr = ip(&a.address, "policy address")?;
+                let max = if addr.is_ipv4() { 32 } else { 128 };
+                let prefix = u8::try_from(a.length)
+                    .ok()
+                    .filter(|l| *l <= max)
+                    .ok_or_else(|| format!("prefix length {} for {addr}", a.length))?;
+                Ok(Cidr { addr, prefix })
+            })
+            .collect()
+    };
+    let ports = |list: &[u32]| -> Result<Vec<u16>, Refusal> {
+        list.iter().map(|p| port(*p, "destination port")).collect()
+    };
+    let accounts = |list: &[sec::ServiceAccountMatch]| {
+        list.iter()
+            .map(|s| ServiceAccountMatch {
+                namespace: s.namespace.clone(),
+                service_account: s.service_account.clone(),
+            })
+            .collect()
+    };
+    Ok(RbacMatch {
+        namespaces: strings(&m.namespaces)?,
+        not_namespaces: strings(&m.not_namespaces)?,
+        service_accounts: accounts(&m.service_accounts),
+        not_service_accounts: accounts(&m.not_service_accounts),
+        principals: strings(&m.principals)?,
+        not_principals: strings(&m.not_principals)?,
+        source_ips: cidrs(&m.source_ips)?,
+        not_source_ips: cidrs(&m.not_source_ips)?,
+        destination_ips: cidrs(&m.destination_ips)?,
+        not_destination_ips: cidrs(&m.not_destination_ips)?,
+        destination_ports: ports(&m.destination_ports)?,
+        not_destination_ports: ports(&m.not_destination_ports)?,
+    })
+}
+
+#[cfg(test)]
+mod tests;
