@@ -24,7 +24,8 @@ use crate::logging::LogControl;
 use crate::metrics::{self, Metrics};
 use crate::proxy::ProxyInputs;
 use crate::proxy::worker::Workers;
-use crate::state::{State, StateHandle, local};
+use crate::state::parts::{Parts, Source, Sources};
+use crate::state::{StateHandle, local};
 use crate::tls::{self, TlsContext};
 
 /// Linux capabilities the data path needs, with what each is for.
@@ -92,7 +93,7 @@ pub fn run(config: Config, log: LogControl) -> anyhow::Result<()> {
     let initial = match &config.local_config {
         Some(file) => local::load(file, &config.trust_domain)
             .with_context(|| format!("local config {}", file.display()))?,
-        None => State::default(),
+        None => Parts::default(),
     };
     match config.zds_socket.parent() {
         Some(dir) if dir.as_os_str().is_empty() || dir.is_dir() => {}
@@ -130,7 +131,7 @@ async fn endpoint(
 async fn serve(
     config: Arc<Config>,
     ca: LocalCa,
-    initial: State,
+    initial: Parts,
     log: LogControl,
 ) -> anyhow::Result<()> {
     let certs = Arc::new(CertManager::new(
@@ -140,12 +141,14 @@ async fn serve(
         tokio::runtime::Handle::current(),
     ));
     let tls = TlsContext::new(certs.roots(), &config.trust_domain)?;
-    let state = StateHandle::new(initial);
+    let state = StateHandle::default();
+    let sources = Sources::new(state.clone());
+    sources.set(Source::LocalFile, initial);
     if let Some(file) = &config.local_config {
         tokio::spawn(local::watch(
             file.clone(),
             config.trust_domain.clone(),
-            state.clone(),
+            sources.clone(),
             config.config_poll,
         ));
     }

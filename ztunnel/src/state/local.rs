@@ -7,17 +7,16 @@
 //! `<namespace>/<name>`, a VIP may omit its `network/` prefix). [`watch`] re-reads the file when
 //! it changes; a bad file is reported and the previous state stays in force.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, HashSet};
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime};
 
 use serde::Deserialize;
 
+use super::parts::{Parts, Source, Sources};
 use super::policy::Authorization;
-use super::{
-    Endpoint, HealthStatus, NetworkAddress, Protocol, Service, State, StateHandle, Workload,
-};
+use super::{Endpoint, HealthStatus, NetworkAddress, Protocol, Service, State, Workload};
 use crate::identity::Identity;
 
 /// Why a config file was rejected. `path` is the YAML path of the offending field.
@@ -213,6 +212,11 @@ struct LocalService {
 /// Parses a config file's text into a state snapshot. `trust_domain` fills in workloads that
 /// do not name one.
 pub fn parse(text: &str, trust_domain: &str) -> Result<State, LocalConfigError> {
+    parse_parts(text, trust_domain).map(Parts::build)
+}
+
+/// Parses a config file's text into this source's [`Parts`].
+pub fn parse_parts(text: &str, trust_domain: &str) -> Result<Parts, LocalConfigError> {
     let config: LocalConfig = if text.trim().is_empty() {
         LocalConfig::default()
     } else {
@@ -231,11 +235,9 @@ pub fn parse(text: &str, trust_domain: &str) -> Result<State, LocalConfigError> 
     build(config, trust_domain)
 }
 
-fn build(config: LocalConfig, trust_domain: &str) -> Result<State, LocalConfigError> {
+fn build(config: LocalConfig, trust_domain: &str) -> Result<Parts, LocalConfigError> {
     let mut workloads = Vec::new();
     let mut uids = HashSet::new();
-    // Endpoints contributed by workloads' `services` maps, by service key.
-    let mut endpoints: HashMap<String, Vec<Endpoint>> = HashMap::new();
     for (i, w) in config.workloads.into_iter().enumerate() {
         let at = |field: &str| format!("workloads[{i}].{field}");
         if w.network_mode == NetworkMode::HostNetwork {
@@ -270,42 +272,39 @@ fn build(config: LocalConfig, trust_domain: &str) -> Result<State, LocalConfigEr
         };
         let identity = Identity::new(&td, &w.namespace, &sa)
             .map_err(|e| invalid(at("identity"), e.to_string()))?;
-        for (key, ports) in &w.services {
-            if !key.contains('/') {
-                return Err(invalid(
-                    at(&format!("services.{key}")),
-                    "service keys are \"<namespace>/<hostname>\"",
-                ));
-            }
-            endpoints.entry(key.clone()).or_default().push(Endpoint {
-                workload_uid: uid.clone(),
-                port: ports.clone(),
-            });
+        if let Some(key) = w.services.keys().find(|k| !k.contains('/')) {
+            return Err(invalid(
+                at(&format!("services.{key}")),
+                "service keys are \"<namespace>/<hostname>\"",
+            ));
         }
         let ips = if w.network_mode == NetworkMode::HostNetwork {
             Vec::new()
         } else {
             w.workload_ips
         };
-        workloads.push(Workload {
-            uid,
-            name: w.name,
-            namespace: w.namespace,
-            service_account: sa,
-            trust_domain: td,
-            workload_ips: ips,
-            protocol: w.protocol,
-            status: w.status,
-            node: w.node,
-            network: w.network,
-            workload_name: w.workload_name,
-            workload_type: w.workload_type,
-            canonical_name: w.canonical_name,
-            canonical_revision: w.canonical_revision,
-            cluster_id: w.cluster_id,
-            authorization_policies: w.authorization_policies,
-            identity,
-        });
+        workloads.push((
+            Workload {
+                uid,
+                name: w.name,
+                namespace: w.namespace,
+                service_account: sa,
+                trust_domain: td,
+                workload_ips: ips,
+                protocol: w.protocol,
+                status: w.status,
+                node: w.node,
+                network: w.network,
+                workload_name: w.workload_name,
+                workload_type: w.workload_type,
+                canonical_name: w.canonical_name,
+                canonical_revision: w.canonical_revision,
+                cluster_id: w.cluster_id,
+                authorization_policies: w.authorization_policies,
+                identity,
+            },
+            w.services,
+        ));
     }
     let mut services = Vec::new();
     let mut keys = HashSet::new();
@@ -340,7 +339,7 @@ fn build(config: LocalConfig, trust_domain: &str) -> Result<State, LocalConfigEr
                 return Err(invalid(at("subjectAltNames"), e.to_string()));
             }
         }
-        let mut eps = endpoints.remove(&key).unwrap_or_default();
+        let mut eps = Vec::new();
         for (uid, e) in s.endpoints {
             if uid != e.workload_uid {
                 return Err(invalid(
@@ -363,9 +362,6 @@ fn build(config: LocalConfig, trust_domain: &str) -> Result<State, LocalConfigEr
             endpoints: eps,
         });
     }
-    if let Some(orphan) = endpoints.keys().min() {
-        tracing::warn!(service = %orphan, "workloads name a service that is not defined");
-    }
     let mut policy_keys = HashSet::new();
     for (i, p) in config.policies.iter().enumerate() {
         let key = crate::state::authz::key(p);
@@ -376,7 +372,7 @@ fn build(config: LocalConfig, trust_domain: &str) -> Result<State, LocalConfigEr
             ));
         }
     }
-    if let Some((w, p)) = workloads.iter().find_map(|w| {
+    if let Some((w, p)) = workloads.iter().find_map(|(w, _)| {
         w.authorization_policies
             .iter()
             .find(|p| !policy_keys.contains(*p))
@@ -384,16 +380,20 @@ fn build(config: LocalConfig, trust_domain: &str) -> Result<State, LocalConfigEr
     }) {
         tracing::warn!(workload = %w, policy = %p, "a workload names a policy that is not defined");
     }
-    Ok(State::new(workloads, services, config.policies))
+    Ok(Parts {
+        workloads,
+        services,
+        policies: config.policies,
+    })
 }
 
 /// Reads and parses `file`.
-pub fn load(file: &Path, trust_domain: &str) -> Result<State, LocalConfigError> {
+pub fn load(file: &Path, trust_domain: &str) -> Result<Parts, LocalConfigError> {
     let text = std::fs::read_to_string(file).map_err(|source| LocalConfigError::Read {
         file: file.to_path_buf(),
         source,
     })?;
-    parse(&text, trust_domain)
+    parse_parts(&text, trust_domain)
 }
 
 /// What identifies a version of the file on disk (a rename over it changes the inode).
@@ -403,13 +403,13 @@ fn stamp(file: &Path) -> Option<(SystemTime, u64, u64)> {
     Some((m.modified().ok()?, m.len(), m.ino()))
 }
 
-/// Polls `file` and publishes a new snapshot whenever it changes and parses. The file's
+/// Polls `file` and hands its parts to `sources` whenever it changes and parses. The file's
 /// current version is noted when this is called (not when the future first runs), so a change
 /// made right after loading is not missed. The future never completes.
 pub fn watch(
     file: PathBuf,
     trust_domain: String,
-    state: StateHandle,
+    sources: Sources,
     every: Duration,
 ) -> impl Future<Output = ()> + Send {
     let mut last = stamp(&file);
@@ -430,7 +430,7 @@ pub fn watch(
                         policies = next.policies.len(),
                         "local config reloaded"
                     );
-                    state.store(next);
+                    sources.set(Source::LocalFile, next);
                 }
                 Err(e) => tracing::error!(
                     file = %file.display(),

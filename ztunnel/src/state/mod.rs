@@ -3,11 +3,13 @@
 //!
 //! [`State`] is an immutable snapshot; [`StateHandle`] swaps whole snapshots atomically, so the
 //! data path reads without locks and never sees half an update. Sources (the local file in
-//! [`local`], later xDS) build a new snapshot and publish it. Resolution is a pure function of a
+//! [`local`], the control plane in [`crate::xds`]) deliver [`parts::Parts`]; [`parts::Sources`]
+//! publishes their union. Resolution is a pure function of a
 //! snapshot and an address.
 
 pub mod authz;
 pub mod local;
+pub mod parts;
 pub mod policy;
 
 use std::collections::{BTreeMap, HashMap};

@@ -226,11 +226,13 @@ async fn watch_reloads_and_keeps_old_state_on_error() {
     let file = dir.path().join("config.yaml");
     let one = "workloads: [{name: a, namespace: ns, workloadIps: [198.18.0.1]}]";
     std::fs::write(&file, one).unwrap();
-    let handle = StateHandle::new(load(&file, "td").unwrap());
+    let handle = crate::state::StateHandle::default();
+    let sources = Sources::new(handle.clone());
+    sources.set(Source::LocalFile, load(&file, "td").unwrap());
     let task = tokio::spawn(watch(
         file.clone(),
         "td".into(),
-        handle.clone(),
+        sources,
         Duration::from_millis(20),
     ));
     let wait_for = |n: usize| {
