@@ -9,12 +9,14 @@ use std::sync::{Arc, Mutex};
 use super::policy::Authorization;
 use super::{Endpoint, Service, State, StateHandle, Workload};
 
+/// The services a workload backs: `namespace/hostname` → service port → target port.
+pub type BackedServices = BTreeMap<String, BTreeMap<u16, u16>>;
+
 /// What one source knows.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Parts {
-    /// Each workload with the services it backs: `namespace/hostname` → service port →
-    /// target port.
-    pub workloads: Vec<(Workload, BTreeMap<String, BTreeMap<u16, u16>>)>,
+    /// Each workload with the services it backs.
+    pub workloads: Vec<(Workload, BackedServices)>,
     /// Services, with any endpoints they list themselves.
     pub services: Vec<Service>,
     pub policies: Vec<Authorization>,

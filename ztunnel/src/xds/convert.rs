@@ -10,14 +10,14 @@ use crate::identity::Identity;
 use crate::state::policy::{
     Action, Authorization, Cidr, RbacMatch, Scope, ServiceAccountMatch, StringMatch,
 };
+use crate::state::parts::BackedServices;
 use crate::state::{HealthStatus, NetworkAddress, Protocol, Service, Workload};
 
-/// A workload and the services it backs (`namespace/hostname` → service port → target port),
-/// from which service endpoints are assembled.
+/// A workload and the services it backs, from which service endpoints are assembled.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct XdsWorkload {
     pub workload: Workload,
-    pub services: BTreeMap<String, BTreeMap<u16, u16>>,
+    pub services: BackedServices,
 }
 
 /// One `istio.workload.Address` resource.
