@@ -7,10 +7,10 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use super::proto::{security as sec, workload as wl};
 use crate::identity::Identity;
+use crate::state::parts::BackedServices;
 use crate::state::policy::{
     Action, Authorization, Cidr, RbacMatch, Scope, ServiceAccountMatch, StringMatch,
 };
-use crate::state::parts::BackedServices;
 use crate::state::{HealthStatus, NetworkAddress, Protocol, Service, Workload};
 
 /// A workload and the services it backs, from which service endpoints are assembled.

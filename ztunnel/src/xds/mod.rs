@@ -2,9 +2,11 @@
 //! [`crate::state`] model the local config feeds.
 //!
 //! - [`proto`]: generated from `proto/` (Istio's and Envoy's field numbers);
+//! - [`client`]: the delta ADS stream, applying resources as the control plane's source;
 //! - [`convert`]: `istio.workload.Address` and `istio.security.Authorization` to state types,
 //!   rejecting a malformed resource on its own with a reason (the NACK's text).
 
+pub mod client;
 pub mod convert;
 
 /// Generated messages and gRPC stubs.
