@@ -346,8 +346,18 @@ fn bad_startup_inputs_fail_with_a_clear_message() {
             "ztunnel generate-ca",
         ),
         (
-            "Istio control plane mode before it exists",
-            vec!["--xds-address".into(), "istiod:15012".into()],
+            "xDS without its roots",
+            vec![
+                "--ca-dir".into(),
+                ca.clone(),
+                "--xds-address".into(),
+                "https://istiod:15012".into(),
+            ],
+            "--xds-root-cert",
+        ),
+        (
+            "Istio CA before it exists",
+            vec!["--ca-address".into(), "istiod:15012".into()],
             "not implemented yet",
         ),
         ("no CA in standalone mode", vec![], "--ca-dir"),

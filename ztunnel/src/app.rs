@@ -27,6 +27,7 @@ use crate::proxy::worker::Workers;
 use crate::state::parts::{Parts, Source, Sources};
 use crate::state::{StateHandle, local};
 use crate::tls::{self, TlsContext};
+use crate::xds::{self, client::XdsStatus};
 
 /// Linux capabilities the data path needs, with what each is for.
 const REQUIRED_CAPS: [(u32, &str, &str); 2] = [
@@ -71,16 +72,21 @@ fn check_capabilities() -> anyhow::Result<()> {
 /// Runs ztunnel until SIGTERM/SIGINT (or `/quitquitquit`), then drains.
 pub fn run(config: Config, log: LogControl) -> anyhow::Result<()> {
     check_capabilities()?;
-    if let Some(addr) = config.xds_address.as_ref().or(config.ca_address.as_ref()) {
+    if let Some(addr) = &config.ca_address {
         bail!(
-            "Istio control plane mode (XDS_ADDRESS/CA_ADDRESS = {addr}) is not implemented yet; \
-             run standalone with --local-config and --ca-dir (see daemonset/README.md)"
+            "the Istio CA client (CA_ADDRESS = {addr}) is not implemented yet; sign workload \
+             certificates with a local CA (--ca-dir), with or without XDS_ADDRESS (see daemonset/README.md)"
+        );
+    }
+    if config.xds_address.is_some() && config.xds_root_cert.is_none() {
+        bail!(
+            "--xds-address needs --xds-root-cert (XDS_ROOT_CA): the roots that sign istiod's certificate"
         );
     }
     let ca_dir = config
         .ca_dir
         .clone()
-        .context("--ca-dir is required in standalone mode")?;
+        .context("--ca-dir is required (the local CA signs workload certificates)")?;
     Identity::new(&config.trust_domain, "probe", "probe")
         .with_context(|| format!("invalid --trust-domain {:?}", config.trust_domain))?;
     let ca = LocalCa::load_dir(&ca_dir).with_context(|| {
@@ -162,6 +168,15 @@ async fn serve(
         conns: Arc::default(),
     });
     tokio::spawn(revoke_on_change(inputs.clone()));
+    let xds = config.xds_address.as_ref().map(|address| {
+        let status = Arc::new(XdsStatus::default());
+        tokio::spawn(xds::client::run(
+            xds_config(&config, address),
+            sources.clone(),
+            status.clone(),
+        ));
+        status
+    });
     let workers = Arc::new(
         Workers::start(config.worker_count(), inputs.clone()).context("starting workers")?,
     );
@@ -172,7 +187,7 @@ async fn serve(
         "readiness",
         "--readiness-addr",
         config.readiness_addr,
-        crate::readiness::handler(status.clone(), certs.clone()),
+        crate::readiness::handler(status.clone(), certs.clone(), xds),
     )
     .await?;
     let registry = Arc::new(metrics::registry(
@@ -227,6 +242,30 @@ async fn serve(
     zds.abort();
     tracing::info!(connections_cut = cut, "drained; exiting");
     Ok(())
+}
+
+/// How this ztunnel introduces itself to istiod.
+fn xds_config(config: &Config, address: &str) -> xds::client::XdsConfig {
+    let ns = &config.pod_namespace;
+    xds::client::XdsConfig {
+        address: address.to_string(),
+        root_cert: config.xds_root_cert.clone().unwrap_or_default(),
+        token_file: Some(config.token_file.clone()).filter(|f| f.exists()),
+        node_id: format!(
+            "ztunnel~{}~{}.{ns}~{ns}.svc.cluster.local",
+            config.instance_ip, config.pod_name
+        ),
+        metadata: [
+            ("NAMESPACE", ns.clone()),
+            ("NODE_NAME", config.node_name.clone()),
+            ("CLUSTER_ID", config.cluster_id.clone()),
+            ("ISTIO_VERSION", env!("CARGO_PKG_VERSION").to_string()),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v))
+        .collect(),
+        trust_domain: config.trust_domain.clone(),
+    }
 }
 
 /// After every state change, closes live inbound connections the new policies deny.

@@ -32,18 +32,36 @@ pub struct Config {
     #[arg(long, env = "ZTUNNEL_CA_DIR", required_unless_present_any = ["ca_address", "xds_address"])]
     pub ca_dir: Option<PathBuf>,
 
-    /// Istio control plane mode: the istiod xDS address (e.g. `istiod.istio-system.svc:15012`).
-    /// Not implemented yet: ztunnel refuses to start with it rather than run without policy.
+    /// Istio control plane mode: istiod's xDS address (`https://istiod.istio-system.svc:15012`);
+    /// workloads, services and policies then come from it (merged with `--local-config`, if
+    /// given, the control plane winning clashes).
     #[arg(long, env = "XDS_ADDRESS")]
     pub xds_address: Option<String>,
 
+    /// PEM roots that sign istiod's serving certificate (required with `--xds-address`).
+    #[arg(long, env = "XDS_ROOT_CA")]
+    pub xds_root_cert: Option<PathBuf>,
+
     /// Istio control plane mode: the CA address that signs workload certificates.
-    /// Not implemented yet, like `--xds-address`.
+    /// Not implemented yet: ztunnel refuses to start with it rather than run without it.
     #[arg(long, env = "CA_ADDRESS")]
     pub ca_address: Option<String>,
 
+    /// This ztunnel's pod, namespace and address, and the node and cluster it runs in: its
+    /// identity towards the control plane (node id `ztunnel~<ip>~<pod>.<ns>~<ns>.svc.cluster.local`).
+    #[arg(long, env = "POD_NAME", default_value = "ztunnel")]
+    pub pod_name: String,
+    #[arg(long, env = "POD_NAMESPACE", default_value = "istio-system")]
+    pub pod_namespace: String,
+    #[arg(long, env = "INSTANCE_IP", default_value = "0.0.0.0")]
+    pub instance_ip: std::net::IpAddr,
+    #[arg(long, env = "NODE_NAME", default_value = "")]
+    pub node_name: String,
+    #[arg(long, env = "CLUSTER_ID", default_value = "Kubernetes")]
+    pub cluster_id: String,
+
     /// Istio control plane mode: the projected service-account token (audience `istio-ca`)
-    /// presented to xDS and the CA.
+    /// presented to xDS and the CA; re-read for every connection. Not sent when missing.
     #[arg(
         long,
         env = "ZTUNNEL_TOKEN_FILE",

@@ -12,11 +12,25 @@ use hyper::{Method, StatusCode};
 use crate::http::{Handler, text};
 use crate::identity::manager::CertManager;
 use crate::inpod::client::ZdsStatus;
+use crate::xds::client::XdsStatus;
 
 /// What readiness still waits for, or `None` when ready. `uncertified` lists identities of
-/// enrolled pods that have no certificate yet.
-pub fn waiting_for(zds: &ZdsStatus, uncertified: &[String]) -> Option<String> {
-    if !zds.connected.load(Ordering::Acquire) {
+/// enrolled pods that have no certificate yet; `xds` is the control plane's status in Istio
+/// mode.
+pub fn waiting_for(
+    zds: &ZdsStatus,
+    uncertified: &[String],
+    xds: Option<&XdsStatus>,
+) -> Option<String> {
+    if let Some(xds) = xds
+        && !xds.synced.load(Ordering::Acquire)
+    {
+        Some(if xds.connected.load(Ordering::Acquire) {
+            "the control plane's first push of workloads and policies".into()
+        } else {
+            "a connection to the control plane (XDS_ADDRESS)".into()
+        })
+    } else if !zds.connected.load(Ordering::Acquire) {
         Some("a connection to the node agent's ZDS socket".into())
     } else if !zds.snapshot_received.load(Ordering::Acquire) {
         Some("the node agent's snapshot of this node's pods".into())
@@ -42,15 +56,21 @@ fn uncertified(certs: &CertManager) -> Vec<String> {
 }
 
 /// The readiness handler: `/healthz/ready` and 404 for everything else.
-pub fn handler(zds: Arc<ZdsStatus>, certs: Arc<CertManager>) -> Handler {
+pub fn handler(
+    zds: Arc<ZdsStatus>,
+    certs: Arc<CertManager>,
+    xds: Option<Arc<XdsStatus>>,
+) -> Handler {
     Arc::new(move |req, _peer| match (req.method(), req.uri().path()) {
-        (&Method::GET, "/healthz/ready") => match waiting_for(&zds, &uncertified(&certs)) {
-            None => text(StatusCode::OK, "ready"),
-            Some(what) => text(
-                StatusCode::SERVICE_UNAVAILABLE,
-                format!("not ready: waiting for {what}"),
-            ),
-        },
+        (&Method::GET, "/healthz/ready") => {
+            match waiting_for(&zds, &uncertified(&certs), xds.as_deref()) {
+                None => text(StatusCode::OK, "ready"),
+                Some(what) => text(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    format!("not ready: waiting for {what}"),
+                ),
+            }
+        }
         _ => text(StatusCode::NOT_FOUND, "not found"),
     })
 }
@@ -62,18 +82,32 @@ mod tests {
     #[test]
     fn readiness_names_what_it_waits_for() {
         let zds = ZdsStatus::default();
-        assert!(waiting_for(&zds, &[]).unwrap().contains("connection"));
+        assert!(waiting_for(&zds, &[], None).unwrap().contains("connection"));
         zds.connected.store(true, Ordering::Release);
-        assert!(waiting_for(&zds, &[]).unwrap().contains("snapshot"));
+        assert!(waiting_for(&zds, &[], None).unwrap().contains("snapshot"));
         zds.snapshot_received.store(true, Ordering::Release);
         let ids = [
             "spiffe://td/ns/a/sa/b".to_string(),
             "spiffe://td/ns/a/sa/c".into(),
         ];
         assert_eq!(
-            waiting_for(&zds, &ids).unwrap(),
+            waiting_for(&zds, &ids, None).unwrap(),
             "a workload certificate for spiffe://td/ns/a/sa/b and 1 more"
         );
-        assert_eq!(waiting_for(&zds, &[]), None);
+        assert_eq!(waiting_for(&zds, &[], None), None);
+        let xds = XdsStatus::default();
+        assert!(
+            waiting_for(&zds, &[], Some(&xds))
+                .unwrap()
+                .contains("XDS_ADDRESS")
+        );
+        xds.connected.store(true, Ordering::Release);
+        assert!(
+            waiting_for(&zds, &[], Some(&xds))
+                .unwrap()
+                .contains("first push")
+        );
+        xds.synced.store(true, Ordering::Release);
+        assert_eq!(waiting_for(&zds, &[], Some(&xds)), None);
     }
 }
