@@ -20,6 +20,7 @@ pub mod agent;
 pub mod apps;
 pub mod capture;
 pub mod cni;
+pub mod control_plane;
 pub mod demo;
 pub mod kube_mock;
 pub mod lab;

@@ -1,0 +1,258 @@
+//! A stand-in for istiod's workload discovery: a delta ADS server over TLS, built from
+//! ztunnel's own protos, listening inside a simulated node's namespace so every node's ztunnel
+//! can reach it. Each new stream gets the full set of workloads and policies; every change
+//! is pushed to every open stream as a delta (added/changed resources, removed names).
+
+use std::collections::BTreeMap;
+use std::net::{IpAddr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+use prost::Message;
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::{TcpListenerStream, UnboundedReceiverStream};
+use ztunnel::xds::proto::discovery::aggregated_discovery_service_server::{
+    AggregatedDiscoveryService, AggregatedDiscoveryServiceServer,
+};
+use ztunnel::xds::proto::discovery::{DeltaDiscoveryRequest, DeltaDiscoveryResponse, Resource};
+use ztunnel::xds::proto::{security as sec, workload as wl};
+use ztunnel::xds::{ADDRESS_TYPE, AUTHORIZATION_TYPE};
+
+use crate::lab::Ns;
+use crate::mesh::Workload;
+
+type Reply = Result<DeltaDiscoveryResponse, tonic::Status>;
+
+#[derive(Default)]
+struct Inner {
+    /// type URL → name → encoded resource.
+    resources: BTreeMap<&'static str, BTreeMap<String, Vec<u8>>>,
+    sessions: Vec<mpsc::UnboundedSender<Reply>>,
+    version: u64,
+    /// Every request received (ACKs and NACKs included), for assertions.
+    requests: Vec<DeltaDiscoveryRequest>,
+}
+
+impl Inner {
+    fn response(
+        &mut self,
+        type_url: &'static str,
+        names: Option<&[String]>,
+        removed: Vec<String>,
+    ) -> DeltaDiscoveryResponse {
+        self.version += 1;
+        let version = self.version.to_string();
+        let all = self.resources.entry(type_url).or_default();
+        let resources = all
+            .iter()
+            .filter(|(n, _)| names.is_none_or(|names| names.contains(n)))
+            .map(|(name, value)| Resource {
+                name: name.clone(),
+                version: version.clone(),
+                resource: Some(prost_types::Any {
+                    type_url: type_url.into(),
+                    value: value.clone(),
+                }),
+                ..Default::default()
+            })
+            .collect();
+        DeltaDiscoveryResponse {
+            type_url: type_url.into(),
+            nonce: format!("nonce-{version}"),
+            system_version_info: version,
+            resources,
+            removed_resources: removed,
+        }
+    }
+
+    /// Replaces every resource of `type_url`, pushing the difference to every stream.
+    fn replace(&mut self, type_url: &'static str, next: BTreeMap<String, Vec<u8>>) {
+        let old = self.resources.remove(type_url).unwrap_or_default();
+        let changed: Vec<String> = next
+            .iter()
+            .filter(|(n, v)| old.get(*n) != Some(*v))
+            .map(|(n, _)| n.clone())
+            .collect();
+        let removed: Vec<String> = old
+            .keys()
+            .filter(|n| !next.contains_key(*n))
+            .cloned()
+            .collect();
+        self.resources.insert(type_url, next);
+        if changed.is_empty() && removed.is_empty() {
+            return;
+        }
+        let resp = self.response(type_url, Some(&changed), removed);
+        self.sessions.retain(|s| s.send(Ok(resp.clone())).is_ok());
+    }
+}
+
+#[derive(Clone)]
+struct Service(Arc<Mutex<Inner>>);
+
+#[tonic::async_trait]
+impl AggregatedDiscoveryService for Service {
+    type DeltaAggregatedResourcesStream = UnboundedReceiverStream<Reply>;
+
+    async fn delta_aggregated_resources(
+        &self,
+        req: tonic::Request<tonic::Streaming<DeltaDiscoveryRequest>>,
+    ) -> Result<tonic::Response<Self::DeltaAggregatedResourcesStream>, tonic::Status> {
+        let mut inbound = req.into_inner();
+        let (tx, rx) = mpsc::unbounded_channel();
+        {
+            let mut inner = self.0.lock().expect("not poisoned");
+            for type_url in [ADDRESS_TYPE, AUTHORIZATION_TYPE] {
+                let full = inner.response(type_url, None, Vec::new());
+                let _ = tx.send(Ok(full));
+            }
+            inner.sessions.push(tx);
+        }
+        let inner = self.0.clone();
+        tokio::spawn(async move {
+            while let Ok(Some(m)) = inbound.message().await {
+                inner.lock().expect("not poisoned").requests.push(m);
+            }
+        });
+        Ok(tonic::Response::new(UnboundedReceiverStream::new(rx)))
+    }
+}
+
+/// A running stand-in control plane.
+pub struct ControlPlane {
+    inner: Arc<Mutex<Inner>>,
+    addr: SocketAddr,
+    root: PathBuf,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl std::fmt::Debug for ControlPlane {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ControlPlane")
+            .field("addr", &self.addr)
+            .finish_non_exhaustive()
+    }
+}
+
+impl ControlPlane {
+    /// Serves on `ip:15012` inside `ns`, with a fresh self-signed certificate for `ip` whose
+    /// PEM is written into `dir`.
+    pub fn start(ns: &Ns, ip: IpAddr, dir: &Path) -> Self {
+        let addr = SocketAddr::new(ip, 15012);
+        let cert = rcgen::generate_simple_self_signed(vec![ip.to_string()]).expect("certificate");
+        let root = dir.join("istiod-root.pem");
+        std::fs::write(&root, cert.cert.pem()).expect("root file");
+        let identity =
+            tonic::transport::Identity::from_pem(cert.cert.pem(), cert.signing_key.serialize_pem());
+        let listener = ns
+            .open()
+            .run(|| std::net::TcpListener::bind(addr))
+            .expect("enter netns")
+            .expect("bind the control plane");
+        listener.set_nonblocking(true).expect("nonblocking");
+        let inner = Arc::new(Mutex::new(Inner::default()));
+        let service = Service(inner.clone());
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let thread = std::thread::spawn(move || {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .expect("runtime");
+            runtime.block_on(async move {
+                let listener = tokio::net::TcpListener::from_std(listener).expect("listener");
+                let server = tonic::transport::Server::builder()
+                    .tls_config(tonic::transport::ServerTlsConfig::new().identity(identity))
+                    .expect("TLS")
+                    .add_service(AggregatedDiscoveryServiceServer::new(service))
+                    .serve_with_incoming_shutdown(TcpListenerStream::new(listener), async {
+                        let _ = stopped.await;
+                    });
+                let _ = server.await;
+            });
+        });
+        Self {
+            inner,
+            addr,
+            root,
+            stop: Some(stop),
+            thread: Some(thread),
+        }
+    }
+
+    /// `--xds-address` for ztunnel.
+    pub fn url(&self) -> String {
+        format!("https://{}", self.addr)
+    }
+
+    /// `--xds-root-cert` for ztunnel.
+    pub fn root_cert(&self) -> &Path {
+        &self.root
+    }
+
+    /// Publishes exactly these workloads (by uid).
+    pub fn set_workloads(&self, workloads: &[&Workload]) {
+        let next = workloads
+            .iter()
+            .map(|w| {
+                let addr = wl::Address {
+                    r#type: Some(wl::address::Type::Workload(to_proto(w))),
+                };
+                (w.uid(), addr.encode_to_vec())
+            })
+            .collect();
+        self.inner
+            .lock()
+            .expect("not poisoned")
+            .replace(ADDRESS_TYPE, next);
+    }
+
+    /// Publishes exactly these policies.
+    pub fn set_policies(&self, policies: &[sec::Authorization]) {
+        let next = policies
+            .iter()
+            .map(|p| (format!("{}/{}", p.namespace, p.name), p.encode_to_vec()))
+            .collect();
+        self.inner
+            .lock()
+            .expect("not poisoned")
+            .replace(AUTHORIZATION_TYPE, next);
+    }
+
+    /// Requests received so far (initial requests, ACKs, NACKs).
+    pub fn requests(&self) -> Vec<DeltaDiscoveryRequest> {
+        self.inner.lock().expect("not poisoned").requests.clone()
+    }
+}
+
+impl Drop for ControlPlane {
+    fn drop(&mut self) {
+        // Open streams end with the runtime; do not wait for clients to hang up.
+        self.inner.lock().expect("not poisoned").sessions.clear();
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+fn to_proto(w: &Workload) -> wl::Workload {
+    let addresses = vec![w.pod.ip.octets().to_vec()];
+    wl::Workload {
+        uid: w.uid(),
+        name: w.pod.name.clone(),
+        namespace: w.namespace.clone(),
+        addresses,
+        tunnel_protocol: if w.hbone {
+            wl::TunnelProtocol::Hbone as i32
+        } else {
+            wl::TunnelProtocol::None as i32
+        },
+        service_account: w.service_account.clone(),
+        node: w.pod.node.clone(),
+        authorization_policies: w.policies.clone(),
+        ..Default::default()
+    }
+}
