@@ -356,9 +356,9 @@ fn bad_startup_inputs_fail_with_a_clear_message() {
             "--xds-root-cert",
         ),
         (
-            "Istio CA before it exists",
-            vec!["--ca-address".into(), "istiod:15012".into()],
-            "not implemented yet",
+            "Istio CA without its roots",
+            vec!["--ca-address".into(), "https://istiod:15012".into()],
+            "--ca-root-cert",
         ),
         ("no CA in standalone mode", vec![], "--ca-dir"),
         (

@@ -125,3 +125,58 @@ fn two_nodes_fed_by_xds_tunnel_and_enforce_its_policies() {
     );
     drop(cp);
 }
+
+#[test]
+fn certificates_from_the_istio_ca_carry_pod_identities_across_nodes() {
+    let mut m = Mesh::new(&["a", "b"]);
+    m.local_ca = false;
+    let a1 = m.lab.add_pod("a", "a1");
+    let b1 = m.lab.add_pod("b", "b1");
+    let wa = Workload::mesh(&a1, "ns-a", "client");
+    let wb = Workload::mesh(&b1, "ns-b", "server");
+    let node_a = m.lab.node("a").clone();
+    let cp = ControlPlane::start(&node_a.ns, node_a.ip.into(), m.lab.dir());
+    cp.set_workloads(&[&wa, &wb]);
+    let url = cp.url();
+    let root = cp.root_cert().display().to_string();
+    let flags = [
+        "--xds-address",
+        url.as_str(),
+        "--xds-root-cert",
+        root.as_str(),
+        "--ca-address",
+        url.as_str(),
+    ];
+    m.start_ztunnel("a", &flags);
+    m.start_ztunnel("b", &flags);
+    m.enroll(&wa);
+    m.enroll(&wb);
+    let _server = EchoServer::start(&b1, 8080);
+    assert!(
+        eventually(T, || reaches(&a1, b1.addr(8080))),
+        "{}\n{}",
+        m.ztunnel_log("a"),
+        m.ztunnel_log("b")
+    );
+    // The server side verified a1 by the identity the Istio CA issued for it.
+    assert!(eventually(T, || m.ztunnel_log("b").contains(
+        "src.identity=spiffe://cluster.local/ns/ns-a/sa/client"
+    )));
+    let issued = cp.issued();
+    for id in [
+        "spiffe://cluster.local/ns/ns-a/sa/client",
+        "spiffe://cluster.local/ns/ns-b/sa/server",
+    ] {
+        assert!(
+            issued.iter().any(|i| i == id),
+            "{id} not requested: {issued:?}"
+        );
+    }
+    // The admin view shows the CA-issued certificate.
+    let (_, certs) = node_a
+        .ns
+        .http_get("127.0.0.1:15000".parse().unwrap(), "/config_dump")
+        .unwrap();
+    assert!(certs.contains("\"state\": \"valid\""), "{certs}");
+    drop(cp);
+}

@@ -16,7 +16,8 @@ use crate::admin::Admin;
 use crate::config::Config;
 use crate::drain::Drain;
 use crate::identity::Identity;
-use crate::identity::ca::LocalCa;
+use crate::identity::ca::{CertificateSource, LocalCa};
+use crate::identity::istio_ca::IstioCa;
 use crate::identity::manager::CertManager;
 use crate::inpod::client::{self, ZdsStatus};
 use crate::inpod::manager::PodManager;
@@ -72,30 +73,43 @@ fn check_capabilities() -> anyhow::Result<()> {
 /// Runs ztunnel until SIGTERM/SIGINT (or `/quitquitquit`), then drains.
 pub fn run(config: Config, log: LogControl) -> anyhow::Result<()> {
     check_capabilities()?;
-    if let Some(addr) = &config.ca_address {
-        bail!(
-            "the Istio CA client (CA_ADDRESS = {addr}) is not implemented yet; sign workload \
-             certificates with a local CA (--ca-dir), with or without XDS_ADDRESS (see daemonset/README.md)"
-        );
-    }
     if config.xds_address.is_some() && config.xds_root_cert.is_none() {
         bail!(
             "--xds-address needs --xds-root-cert (XDS_ROOT_CA): the roots that sign istiod's certificate"
         );
     }
-    let ca_dir = config
-        .ca_dir
-        .clone()
-        .context("--ca-dir is required (the local CA signs workload certificates)")?;
     Identity::new(&config.trust_domain, "probe", "probe")
         .with_context(|| format!("invalid --trust-domain {:?}", config.trust_domain))?;
-    let ca = LocalCa::load_dir(&ca_dir).with_context(|| {
-        format!(
-            "loading the local CA from {} (create one with `ztunnel generate-ca --dir {}`)",
-            ca_dir.display(),
-            ca_dir.display()
-        )
-    })?;
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("building the control runtime")?;
+    // The Istio CA's gRPC channel starts its worker on the current runtime.
+    let entered = rt.enter();
+    let ca: Arc<dyn CertificateSource> = match (&config.ca_address, &config.ca_dir) {
+        (Some(address), _) => {
+            let roots = config
+                .ca_root_cert
+                .as_ref()
+                .or(config.xds_root_cert.as_ref())
+                .context("--ca-address needs --ca-root-cert (CA_ROOT_CA) or --xds-root-cert")?;
+            let token = Some(config.token_file.clone()).filter(|f| f.exists());
+            Arc::new(
+                IstioCa::new(address, roots, token, &config.cluster_id)
+                    .with_context(|| format!("the Istio CA at {address}"))?,
+            )
+        }
+        (None, Some(dir)) => Arc::new(LocalCa::load_dir(dir).with_context(|| {
+            format!(
+                "loading the local CA from {} (create one with `ztunnel generate-ca --dir {}`)",
+                dir.display(),
+                dir.display()
+            )
+        })?),
+        (None, None) => bail!(
+            "no certificate authority: give --ca-dir (a local CA) or --ca-address (Istio's CA)"
+        ),
+    };
     let initial = match &config.local_config {
         Some(file) => local::load(file, &config.trust_domain)
             .with_context(|| format!("local config {}", file.display()))?,
@@ -113,10 +127,7 @@ pub fn run(config: Config, log: LogControl) -> anyhow::Result<()> {
         ),
     }
 
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .context("building the control runtime")?;
+    drop(entered);
     rt.block_on(serve(Arc::new(config), ca, initial, log))
 }
 
@@ -136,12 +147,12 @@ async fn endpoint(
 
 async fn serve(
     config: Arc<Config>,
-    ca: LocalCa,
+    ca: Arc<dyn CertificateSource>,
     initial: Parts,
     log: LogControl,
 ) -> anyhow::Result<()> {
     let certs = Arc::new(CertManager::new(
-        Arc::new(ca),
+        ca,
         config.cert_lifetime,
         tls::provider(),
         tokio::runtime::Handle::current(),

@@ -29,7 +29,7 @@ pub struct Config {
 
     /// Directory holding the local CA (`ca-cert.pem`, `ca-key.pem`); create one with
     /// `ztunnel generate-ca`.
-    #[arg(long, env = "ZTUNNEL_CA_DIR", required_unless_present_any = ["ca_address", "xds_address"])]
+    #[arg(long, env = "ZTUNNEL_CA_DIR", required_unless_present = "ca_address")]
     pub ca_dir: Option<PathBuf>,
 
     /// Istio control plane mode: istiod's xDS address (`https://istiod.istio-system.svc:15012`);
@@ -42,10 +42,15 @@ pub struct Config {
     #[arg(long, env = "XDS_ROOT_CA")]
     pub xds_root_cert: Option<PathBuf>,
 
-    /// Istio control plane mode: the CA address that signs workload certificates.
-    /// Not implemented yet: ztunnel refuses to start with it rather than run without it.
-    #[arg(long, env = "CA_ADDRESS")]
+    /// Istio control plane mode: the CA that signs workload certificates
+    /// (`https://istiod.istio-system.svc:15012`); replaces `--ca-dir`.
+    #[arg(long, env = "CA_ADDRESS", conflicts_with = "ca_dir")]
     pub ca_address: Option<String>,
+
+    /// PEM roots of the Istio CA: they sign its serving certificate and every workload
+    /// certificate (default: `--xds-root-cert`).
+    #[arg(long, env = "CA_ROOT_CA")]
+    pub ca_root_cert: Option<PathBuf>,
 
     /// This ztunnel's pod, namespace and address, and the node and cluster it runs in: its
     /// identity towards the control plane (node id `ztunnel~<ip>~<pod>.<ns>~<ns>.svc.cluster.local`).

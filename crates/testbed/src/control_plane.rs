@@ -1,7 +1,9 @@
-//! A stand-in for istiod's workload discovery: a delta ADS server over TLS, built from
-//! ztunnel's own protos, listening inside a simulated node's namespace so every node's ztunnel
-//! can reach it. Each new stream gets the full set of workloads and policies; every change
-//! is pushed to every open stream as a delta (added/changed resources, removed names).
+//! A stand-in for istiod: a delta ADS server and Istio's certificate service over TLS, built
+//! from ztunnel's own protos, listening inside a simulated node's namespace so every node's
+//! ztunnel can reach it. Each new stream gets the full set of workloads and policies; every
+//! change is pushed to every open stream as a delta (added/changed resources, removed names).
+//! The CA signs each CSR for the identity it asks for with a root that also signs the
+//! server's own certificate, like istiod's self-signed mode.
 
 use std::collections::BTreeMap;
 use std::net::{IpAddr, SocketAddr};
@@ -11,6 +13,10 @@ use std::sync::{Arc, Mutex};
 use prost::Message;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::{TcpListenerStream, UnboundedReceiverStream};
+use ztunnel::xds::proto::ca::istio_certificate_service_server::{
+    IstioCertificateService, IstioCertificateServiceServer,
+};
+use ztunnel::xds::proto::ca::{IstioCertificateRequest, IstioCertificateResponse};
 use ztunnel::xds::proto::discovery::aggregated_discovery_service_server::{
     AggregatedDiscoveryService, AggregatedDiscoveryServiceServer,
 };
@@ -118,11 +124,55 @@ impl AggregatedDiscoveryService for Service {
     }
 }
 
+struct Ca {
+    issuer: rcgen::Issuer<'static, rcgen::KeyPair>,
+    root_pem: String,
+    issued: Arc<Mutex<Vec<String>>>,
+}
+
+#[tonic::async_trait]
+impl IstioCertificateService for Ca {
+    async fn create_certificate(
+        &self,
+        req: tonic::Request<IstioCertificateRequest>,
+    ) -> Result<tonic::Response<IstioCertificateResponse>, tonic::Status> {
+        let req = req.into_inner();
+        let mut csr = rcgen::CertificateSigningRequestParams::from_pem(&req.csr)
+            .map_err(|e| tonic::Status::invalid_argument(e.to_string()))?;
+        let now = std::time::SystemTime::now();
+        csr.params.not_before = (now - std::time::Duration::from_secs(60)).into();
+        let life =
+            std::time::Duration::from_secs(u64::try_from(req.validity_duration).unwrap_or(3600));
+        csr.params.not_after = (now + life).into();
+        csr.params.extended_key_usages = vec![
+            rcgen::ExtendedKeyUsagePurpose::ServerAuth,
+            rcgen::ExtendedKeyUsagePurpose::ClientAuth,
+        ];
+        let cert = csr
+            .signed_by(&self.issuer)
+            .map_err(|e| tonic::Status::internal(e.to_string()))?;
+        let who = req
+            .metadata
+            .and_then(
+                |m| match m.fields.get("ImpersonatedIdentity")?.kind.clone()? {
+                    prost_types::value::Kind::StringValue(s) => Some(s),
+                    _ => None,
+                },
+            )
+            .unwrap_or_default();
+        self.issued.lock().expect("not poisoned").push(who);
+        Ok(tonic::Response::new(IstioCertificateResponse {
+            cert_chain: vec![cert.pem(), self.root_pem.clone()],
+        }))
+    }
+}
+
 /// A running stand-in control plane.
 pub struct ControlPlane {
     inner: Arc<Mutex<Inner>>,
     addr: SocketAddr,
     root: PathBuf,
+    issued: Arc<Mutex<Vec<String>>>,
     stop: Option<tokio::sync::oneshot::Sender<()>>,
     thread: Option<std::thread::JoinHandle<()>>,
 }
@@ -140,11 +190,27 @@ impl ControlPlane {
     /// PEM is written into `dir`.
     pub fn start(ns: &Ns, ip: IpAddr, dir: &Path) -> Self {
         let addr = SocketAddr::new(ip, 15012);
-        let cert = rcgen::generate_simple_self_signed(vec![ip.to_string()]).expect("certificate");
+        let root_key = rcgen::KeyPair::generate().expect("key");
+        let mut root_params = rcgen::CertificateParams::default();
+        root_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        let root_cert = root_params.self_signed(&root_key).expect("root");
+        let root_pem = root_cert.pem();
+        let issuer = rcgen::Issuer::from_ca_cert_der(root_cert.der(), root_key).expect("issuer");
+        let serving_key = rcgen::KeyPair::generate().expect("key");
+        let serving = rcgen::CertificateParams::new(vec![ip.to_string()])
+            .expect("params")
+            .signed_by(&serving_key, &issuer)
+            .expect("serving certificate");
         let root = dir.join("istiod-root.pem");
-        std::fs::write(&root, cert.cert.pem()).expect("root file");
+        std::fs::write(&root, &root_pem).expect("root file");
         let identity =
-            tonic::transport::Identity::from_pem(cert.cert.pem(), cert.signing_key.serialize_pem());
+            tonic::transport::Identity::from_pem(serving.pem(), serving_key.serialize_pem());
+        let issued = Arc::new(Mutex::new(Vec::new()));
+        let ca = Ca {
+            issuer,
+            root_pem,
+            issued: issued.clone(),
+        };
         let listener = ns
             .open()
             .run(|| std::net::TcpListener::bind(addr))
@@ -165,6 +231,7 @@ impl ControlPlane {
                     .tls_config(tonic::transport::ServerTlsConfig::new().identity(identity))
                     .expect("TLS")
                     .add_service(AggregatedDiscoveryServiceServer::new(service))
+                    .add_service(IstioCertificateServiceServer::new(ca))
                     .serve_with_incoming_shutdown(TcpListenerStream::new(listener), async {
                         let _ = stopped.await;
                     });
@@ -175,6 +242,7 @@ impl ControlPlane {
             inner,
             addr,
             root,
+            issued,
             stop: Some(stop),
             thread: Some(thread),
         }
@@ -217,6 +285,11 @@ impl ControlPlane {
             .lock()
             .expect("not poisoned")
             .replace(AUTHORIZATION_TYPE, next);
+    }
+
+    /// The identities certificates were issued for, in order.
+    pub fn issued(&self) -> Vec<String> {
+        self.issued.lock().expect("not poisoned").clone()
     }
 
     /// Requests received so far (initial requests, ACKs, NACKs).

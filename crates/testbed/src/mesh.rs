@@ -96,6 +96,9 @@ pub struct Mesh {
     pub log: String,
     /// Nodes whose pods are enrolled by the real node agent, not the stand-in.
     pub real_agents: std::collections::BTreeSet<String>,
+    /// ztunnel signs with the lab's local CA (`--ca-dir`); false when a test gives
+    /// `--ca-address` instead.
+    pub local_ca: bool,
 }
 
 impl Mesh {
@@ -121,6 +124,7 @@ impl Mesh {
             config,
             log: "info,ztunnel=debug".into(),
             real_agents: Default::default(),
+            local_ca: true,
         }
     }
 
@@ -151,8 +155,6 @@ impl Mesh {
             "run",
             "--zds-socket",
             &sock.to_string_lossy(),
-            "--ca-dir",
-            &self.ca_dir.to_string_lossy(),
             "--local-config",
             &self.config.to_string_lossy(),
             "--workers",
@@ -167,6 +169,9 @@ impl Mesh {
         .iter()
         .map(|s| s.to_string())
         .collect();
+        if self.local_ca {
+            args.extend(["--ca-dir".to_string(), self.ca_dir.display().to_string()]);
+        }
         args.extend(extra.iter().map(|s| s.to_string()));
         let ns = self.lab.node(node).ns.clone();
         let bin = crate::binary("ztunnel");

@@ -7,6 +7,7 @@
 //! modules except as rustls signing keys, and are never logged.
 
 pub mod ca;
+pub mod istio_ca;
 pub mod manager;
 
 use std::fmt;

@@ -8,6 +8,8 @@
 
 mod verify;
 
+pub use verify::verify_issued;
+
 use std::sync::Arc;
 
 use rustls::client::ResolvesClientCert;

@@ -69,6 +69,39 @@ pub fn identities_in(cert: &CertificateDer<'_>) -> Result<Vec<Identity>, Identit
     Ok(ids)
 }
 
+/// Checks a certificate chain a CA returned for `want`: it must lead to `roots` and the leaf
+/// must name exactly that identity. Returns why not.
+pub fn verify_issued(
+    chain: &[CertificateDer<'_>],
+    roots: &RootCertStore,
+    want: &Identity,
+) -> Result<(), String> {
+    let Some((leaf, intermediates)) = chain.split_first() else {
+        return Err("the CA returned no certificate".into());
+    };
+    let parsed = ParsedCertificate::try_from(leaf).map_err(|e| e.to_string())?;
+    let provider = super::provider();
+    rustls::client::verify_server_cert_signed_by_trust_anchor(
+        &parsed,
+        roots,
+        intermediates,
+        UnixTime::now(),
+        provider.signature_verification_algorithms.all,
+    )
+    .map_err(|e| format!("the chain does not lead to our roots: {e}"))?;
+    let ids = identities_in(leaf).map_err(|e| e.to_string())?;
+    if ids.as_slice() != std::slice::from_ref(want) {
+        return Err(format!(
+            "the certificate is for [{}], not {want}",
+            ids.iter()
+                .map(ToString::to_string)
+                .collect::<Vec<_>>()
+                .join(", ")
+        ));
+    }
+    Ok(())
+}
+
 /// Client side: the chain must lead to our roots and the leaf must name an expected identity.
 pub(super) struct SpiffeServerVerifier {
     roots: Arc<RootCertStore>,
