@@ -147,8 +147,20 @@ fn certificates_from_the_istio_ca_carry_pod_identities_across_nodes() {
         "--ca-address",
         url.as_str(),
     ];
-    m.start_ztunnel("a", &flags);
-    m.start_ztunnel("b", &flags);
+    for node in ["a", "b"] {
+        let mut with_node = flags.to_vec();
+        with_node.extend(["--node-name", node]);
+        m.start_ztunnel(node, &with_node);
+    }
+    // Certificates for the pods the control plane places on each node are fetched before
+    // the pods are enrolled (prefetch).
+    let issued_for = |id: &str| cp.issued().iter().any(|i| i == id);
+    assert!(
+        eventually(T, || issued_for("spiffe://cluster.local/ns/ns-a/sa/client")
+            && issued_for("spiffe://cluster.local/ns/ns-b/sa/server")),
+        "no prefetch: {:?}",
+        cp.issued()
+    );
     m.enroll(&wa);
     m.enroll(&wb);
     let _server = EchoServer::start(&b1, 8080);

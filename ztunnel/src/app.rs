@@ -179,6 +179,12 @@ async fn serve(
         conns: Arc::default(),
     });
     tokio::spawn(revoke_on_change(inputs.clone()));
+    if !config.node_name.is_empty() {
+        tokio::spawn(prefetch_certificates(
+            inputs.clone(),
+            config.node_name.clone(),
+        ));
+    }
     let xds = config.xds_address.as_ref().map(|address| {
         let status = Arc::new(XdsStatus::default());
         tokio::spawn(xds::client::run(
@@ -276,6 +282,33 @@ fn xds_config(config: &Config, address: &str) -> xds::client::XdsConfig {
         .map(|(k, v)| (k.to_string(), v))
         .collect(),
         trust_domain: config.trust_domain.clone(),
+    }
+}
+
+/// Keeps certificates for the workloads the control plane places on this node, so a pod's
+/// certificate is usually ready before its first connection (or even its ZDS add).
+async fn prefetch_certificates(inputs: Arc<ProxyInputs>, node: String) {
+    let mut held: std::collections::HashMap<Identity, crate::identity::manager::CertHandle> =
+        std::collections::HashMap::new();
+    let mut changes = inputs.state.subscribe();
+    loop {
+        let state = inputs.state.load();
+        let wanted: std::collections::HashSet<&Identity> = state
+            .workloads
+            .values()
+            .filter(|w| w.node == node && w.protocol == crate::state::Protocol::Hbone)
+            .map(|w| &w.identity)
+            .collect();
+        held.retain(|id, _| wanted.contains(id));
+        for id in wanted {
+            if !held.contains_key(id) {
+                held.insert(id.clone(), inputs.certs.track(id));
+            }
+        }
+        drop(state);
+        if changes.changed().await.is_err() {
+            return;
+        }
     }
 }
 

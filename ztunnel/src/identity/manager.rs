@@ -282,6 +282,25 @@ mod tests {
         );
     }
 
+    #[tokio::test(start_paused = true)]
+    async fn renewal_starts_at_half_life() {
+        let day = Duration::from_secs(24 * 3600);
+        let (m, src, _dir) = manager(false, day);
+        let id = Identity::new("cluster.local", "ns", "sa").unwrap();
+        let h = m.track(&id);
+        assert!(h.ready(Duration::from_secs(5)).await);
+        let calls = || src.calls.load(Ordering::SeqCst);
+        assert_eq!(calls(), 1);
+        tokio::time::advance(day / 2 - Duration::from_secs(600)).await;
+        tokio::task::yield_now().await;
+        assert_eq!(calls(), 1, "renewed before half-life");
+        tokio::time::advance(Duration::from_secs(1200)).await;
+        for _ in 0..10 {
+            tokio::task::yield_now().await;
+        }
+        assert_eq!(calls(), 2, "not renewed at half-life");
+    }
+
     #[tokio::test]
     async fn short_lived_certificates_are_renewed() {
         // Two-second certificates are renewed after about one second.
