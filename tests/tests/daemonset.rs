@@ -486,12 +486,30 @@ fn standalone_sources(w: &Workload, c: &ztunnel::config::Config, objects: &[Obje
         .unwrap_or_else(|e| panic!("the example in {}: {e}\n{example}", w.file));
 }
 
-/// Istio mode: xDS and CA addresses, and the token file on a projected token for istiod.
+/// Istio mode: xDS and CA addresses, istiod's roots from the ConfigMap istiod publishes, and
+/// the token file on a projected token for istiod.
 fn istio_sources(w: &Workload, c: &ztunnel::config::Config) {
     let what = w.what();
     assert!(
         c.xds_address.is_some() && c.ca_address.is_some() && c.ca_dir.is_none(),
         "{what}"
+    );
+    for url in [&c.xds_address, &c.ca_address].into_iter().flatten() {
+        assert!(
+            url.starts_with("https://"),
+            "{what}: {url} must be an https URL"
+        );
+    }
+    let roots = c.xds_root_cert.as_ref().expect("XDS_ROOT_CA");
+    let (_, volume) = w.mount_for(roots);
+    assert_eq!(
+        volume.config_map.as_ref().map(|m| m.name.as_str()),
+        Some("istio-ca-root-cert"),
+        "{what}: istiod's root certificate"
+    );
+    assert!(
+        !c.node_name.is_empty() && c.pod_name != "ztunnel",
+        "{what}: node and pod identity"
     );
     assert_eq!(
         c.token_file,

@@ -98,6 +98,8 @@ impl Workload {
                         match from.field_ref.as_ref().map(|f| f.field_path.as_str()) {
                             Some("spec.nodeName") => "node-1".into(),
                             Some("metadata.namespace") => NAMESPACE.into(),
+                            Some("metadata.name") => "ztunnel-x7k2p".into(),
+                            Some("status.podIP") => "10.244.1.9".into(),
                             other => panic!("{}: {} comes from {other:?}", self.what(), e.name),
                         }
                     }

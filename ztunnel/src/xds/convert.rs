@@ -287,5 +287,33 @@ fn rbac_match(m: &sec::Match) -> Result<RbacMatch, Refusal> {
     })
 }
 
+/// Fuzz entry point (`ztunnel/fuzz`): bytes as an Address resource, decoded and converted.
+/// Converted workloads must keep the invariants the data path relies on.
+pub fn fuzz_address(data: &[u8]) {
+    use prost::Message;
+    if let Ok(a) = wl::Address::decode(data)
+        && let Ok(AddressResource::Workload(w)) = address(&a, "cluster.local")
+    {
+        assert!(!w.workload.uid.is_empty());
+        assert_eq!(w.workload.identity.namespace(), w.workload.namespace);
+    }
+}
+
+/// Fuzz entry point (`ztunnel/fuzz`): bytes as an Authorization resource.
+pub fn fuzz_authorization(data: &[u8]) {
+    use prost::Message;
+    if let Ok(a) = sec::Authorization::decode(data)
+        && let Ok(p) = authorization(&a)
+    {
+        assert!(
+            p.rules
+                .iter()
+                .flatten()
+                .flatten()
+                .all(|m| { m.source_ips.iter().all(|c| c.prefix <= 128) })
+        );
+    }
+}
+
 #[cfg(test)]
 mod tests;
