@@ -346,7 +346,8 @@ fn fuzz_entry_points_survive_random_and_mutated_inputs() {
         authorization(&sec::Authorization::decode(golden_authorization().as_slice()).unwrap())
             .is_ok()
     );
-    let targets: [(fn(&[u8]), Vec<u8>); 2] = [
+    type Target = fn(&[u8]);
+    let targets: [(Target, Vec<u8>); 2] = [
         (fuzz_address, golden_workload()),
         (fuzz_authorization, golden_authorization()),
     ];
