@@ -108,7 +108,6 @@ fn two_nodes_fed_by_xds_tunnel_and_enforce_its_policies() {
     }));
 
     // A workload withdrawn from the control plane is no longer tunnelled to.
-    cp.set_workloads(&[&wa]);
     let dump = || {
         node_a
             .ns
