@@ -91,10 +91,12 @@ fn removing_a_pod_removes_its_proxy_and_rules() {
     s.m.write_pods("a", &[], "");
     assert!(eventually(T, || unproxied(&s.a1)), "proxy still up");
     assert!(eventually(T, || !has_rules(&s.a1)), "rules left behind");
-    let rule = s.a1.ns.exec("ip", &["rule", "list"]);
+    // The nft table and the policy route go in two steps; wait for both.
+    let rule = || s.a1.ns.exec("ip", &["rule", "list"]);
     assert!(
-        !rule.contains("lookup 100"),
-        "policy rule left behind: {rule}"
+        eventually(T, || !rule().contains("lookup 100")),
+        "policy rule left behind: {}",
+        rule()
     );
 }
 
