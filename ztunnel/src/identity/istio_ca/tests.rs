@@ -109,6 +109,7 @@ struct Setup {
     ca: IstioCa,
     mode: Arc<Mutex<Mode>>,
     seen: Arc<Mutex<Seen>>,
+    token: PathBuf,
     _dir: tempfile::TempDir,
 }
 
@@ -145,11 +146,18 @@ async fn setup() -> Setup {
             .add_service(IstioCertificateServiceServer::new(service))
             .serve_with_incoming(TcpListenerStream::new(listener)),
     );
-    let ca = IstioCa::new(&format!("https://{addr}"), &roots, Some(token), "cluster1").unwrap();
+    let ca = IstioCa::new(
+        &format!("https://{addr}"),
+        &roots,
+        Some(token.clone()),
+        "cluster1",
+    )
+    .unwrap();
     Setup {
         ca,
         mode,
         seen,
+        token,
         _dir: dir,
     }
 }
@@ -182,6 +190,10 @@ async fn a_good_answer_becomes_a_workload_certificate() {
     );
     assert_eq!(seen.validity, 3600);
     assert_eq!(s.ca.roots().len(), 1);
+    // A rotated token is read for the next request.
+    std::fs::write(&s.token, "tok2").unwrap();
+    s.ca.fetch(&pod(), Duration::from_secs(3600)).await.unwrap();
+    assert_eq!(s.seen.lock().unwrap().token.as_deref(), Some("Bearer tok2"));
 }
 
 #[tokio::test]
