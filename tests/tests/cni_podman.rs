@@ -9,10 +9,12 @@ use mesh_testbed::podman::{NodeNet, Podman};
 
 const T: Duration = Duration::from_secs(20);
 
+// Fields drop in order: the containers go while the lab (their config, network and netns)
+// still exists.
 struct Scene {
-    m: Mesh,
     podman: Podman,
     nets: Vec<NodeNet>,
+    m: Mesh,
 }
 
 fn text(out: &std::process::Output) -> String {

@@ -15,7 +15,8 @@ pub struct Podman {
     conf: PathBuf,
     root: PathBuf,
     prefix: String,
-    containers: Vec<String>,
+    /// Containers made, with their network config dir.
+    containers: Vec<(String, PathBuf)>,
 }
 
 /// Panics with a clear message unless podman and the reference plugins are installed.
@@ -91,7 +92,7 @@ impl Podman {
     ) -> Output {
         let full = self.name(name);
         let root = self.rootfs(name);
-        self.containers.push(full.clone());
+        self.containers.push((full.clone(), net.conf_dir.clone()));
         let mut args: Vec<String> = vec![
             "--network-config-dir".into(),
             net.conf_dir.display().to_string(),
@@ -144,10 +145,14 @@ impl Podman {
 }
 
 impl Drop for Podman {
+    /// Removes every container this made, with its network's config so CNI DEL runs. Must
+    /// run before the lab (which holds that config) is removed.
     fn drop(&mut self) {
-        for c in &self.containers {
+        for (c, conf_dir) in &self.containers {
             let _ = std::process::Command::new("podman")
                 .env("CONTAINERS_CONF", &self.conf)
+                .arg("--network-config-dir")
+                .arg(conf_dir)
                 .args(["rm", "-f", "-t", "0", c])
                 .output();
         }
