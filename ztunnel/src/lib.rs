@@ -6,8 +6,10 @@
 //!
 //! - [`inpod`]: ZDS client and the set of pod proxies;
 //! - [`proxy`]: the data path (listeners, HBONE client and server, pool, copy);
-//! - [`identity`], [`tls`]: SPIFFE identities, the local CA, certificates and rustls setup;
-//! - [`state`]: workloads, services and policies, from the local config file;
+//! - [`identity`], [`tls`]: SPIFFE identities, the local and Istio CAs, certificates and rustls
+//!   setup;
+//! - [`state`]: workloads, services and policies, from the local config file and istiod;
+//! - [`xds`]: istiod's protos, their conversion and the delta ADS client;
 //! - [`admin`], [`metrics`], [`readiness`] (over [`http`]), [`accesslog`], [`logging`]: what
 //!   operators see;
 //! - [`drain`], [`errors`], [`config`], [`app`]: operations and wiring.

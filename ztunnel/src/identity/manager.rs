@@ -4,7 +4,7 @@
 //! renewal task on the control runtime keeps a valid certificate in it (fetch, sleep until
 //! half-life, fetch again; on failure back off and keep serving the old certificate until it
 //! expires). Dropping the last handle stops the task. TLS code reads the current certificate
-//! without locks through [`CertHandle::current`].
+//! without locks through [`CertEntry::current`].
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, Weak};

@@ -1,8 +1,9 @@
 //! L4 authorization policies in Istio's local-config shape.
 //!
-//! These are the parsed values; evaluation arrives with the policy engine. Unlike Istio,
-//! unknown keys inside a match are rejected: a misspelled `notPrincipals` silently widening a
-//! policy is the kind of mistake a zero-trust proxy must not make quietly.
+//! These are the parsed values (from the local file or converted from xDS); [`super::authz`]
+//! evaluates them. Unlike Istio, unknown keys inside a match are rejected: a misspelled
+//! `notPrincipals` silently widening a policy is the kind of mistake a zero-trust proxy must
+//! not make quietly.
 
 use std::fmt;
 use std::net::IpAddr;
