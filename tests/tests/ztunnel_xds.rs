@@ -39,9 +39,22 @@ fn deny_port(port: u32) -> sec::Authorization {
     }
 }
 
-#[test]
-fn two_nodes_fed_by_xds_tunnel_and_enforce_its_policies() {
+/// Nodes a and b, client a1 (ns-a) and server b1 (ns-b), and a stand-in istiod in node a's
+/// namespace that lists both. Returns ztunnel's flags for it; `--ca-address` too when asked.
+struct Scene {
+    cp: ControlPlane,
+    a1: Pod,
+    b1: Pod,
+    wa: Workload,
+    wb: Workload,
+    node_a: mesh_testbed::lab::Node,
+    flags: Vec<String>,
+    m: Mesh,
+}
+
+fn scene(istio_ca: bool) -> Scene {
     let mut m = Mesh::new(&["a", "b"]);
+    m.local_ca = !istio_ca;
     let a1 = m.lab.add_pod("a", "a1");
     let b1 = m.lab.add_pod("b", "b1");
     let wa = Workload::mesh(&a1, "ns-a", "client");
@@ -49,15 +62,41 @@ fn two_nodes_fed_by_xds_tunnel_and_enforce_its_policies() {
     let node_a = m.lab.node("a").clone();
     let cp = ControlPlane::start(&node_a.ns, node_a.ip.into(), m.lab.dir());
     cp.set_workloads(&[&wa, &wb]);
-    cp.set_policies(&[deny_port(9000)]);
-    let url = cp.url();
-    let root = cp.root_cert().display().to_string();
-    let flags = [
-        "--xds-address",
-        url.as_str(),
-        "--xds-root-cert",
-        root.as_str(),
+    let mut flags = vec![
+        "--xds-address".to_string(),
+        cp.url(),
+        "--xds-root-cert".into(),
+        cp.root_cert().display().to_string(),
     ];
+    if istio_ca {
+        flags.extend(["--ca-address".to_string(), cp.url()]);
+    }
+    Scene {
+        cp,
+        a1,
+        b1,
+        wa,
+        wb,
+        node_a,
+        flags,
+        m,
+    }
+}
+
+#[test]
+fn two_nodes_fed_by_xds_tunnel_and_enforce_its_policies() {
+    let Scene {
+        cp,
+        a1,
+        b1,
+        wa,
+        wb,
+        node_a,
+        flags,
+        mut m,
+    } = scene(false);
+    cp.set_policies(&[deny_port(9000)]);
+    let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
     // The local file stays empty: everything comes from the control plane.
     m.start_ztunnel("a", &flags);
     m.start_ztunnel("b", &flags);
@@ -127,25 +166,17 @@ fn two_nodes_fed_by_xds_tunnel_and_enforce_its_policies() {
 
 #[test]
 fn certificates_from_the_istio_ca_carry_pod_identities_across_nodes() {
-    let mut m = Mesh::new(&["a", "b"]);
-    m.local_ca = false;
-    let a1 = m.lab.add_pod("a", "a1");
-    let b1 = m.lab.add_pod("b", "b1");
-    let wa = Workload::mesh(&a1, "ns-a", "client");
-    let wb = Workload::mesh(&b1, "ns-b", "server");
-    let node_a = m.lab.node("a").clone();
-    let cp = ControlPlane::start(&node_a.ns, node_a.ip.into(), m.lab.dir());
-    cp.set_workloads(&[&wa, &wb]);
-    let url = cp.url();
-    let root = cp.root_cert().display().to_string();
-    let flags = [
-        "--xds-address",
-        url.as_str(),
-        "--xds-root-cert",
-        root.as_str(),
-        "--ca-address",
-        url.as_str(),
-    ];
+    let Scene {
+        cp,
+        a1,
+        b1,
+        wa,
+        wb,
+        node_a,
+        flags,
+        mut m,
+    } = scene(true);
+    let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
     for node in ["a", "b"] {
         let mut with_node = flags.to_vec();
         with_node.extend(["--node-name", node]);

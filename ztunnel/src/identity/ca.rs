@@ -91,6 +91,11 @@ pub trait CertificateSource: Send + Sync + fmt::Debug + 'static {
     fn roots(&self) -> Vec<CertificateDer<'static>>;
 }
 
+/// The URI SAN that carries `identity` in a workload certificate (or a request for one).
+pub fn spiffe_san(identity: &Identity) -> Result<SanType, rcgen::Error> {
+    Ok(SanType::URI(identity.to_string().try_into()?))
+}
+
 /// File names inside a CA directory.
 pub const CERT_FILE: &str = "ca-cert.pem";
 pub const KEY_FILE: &str = "ca-key.pem";
@@ -186,12 +191,7 @@ impl LocalCa {
             KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256).map_err(|e| fail(e.to_string()))?;
         let mut params = CertificateParams::default();
         params.distinguished_name = DistinguishedName::new();
-        params.subject_alt_names = vec![SanType::URI(
-            identity
-                .to_string()
-                .try_into()
-                .map_err(|e: rcgen::Error| fail(e.to_string()))?,
-        )];
+        params.subject_alt_names = vec![spiffe_san(identity).map_err(|e| fail(e.to_string()))?];
         params.extended_key_usages = vec![
             ExtendedKeyUsagePurpose::ServerAuth,
             ExtendedKeyUsagePurpose::ClientAuth,

@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
-use rcgen::{CertificateParams, DistinguishedName, KeyPair, PKCS_ECDSA_P256_SHA256, SanType};
+use rcgen::{CertificateParams, DistinguishedName, KeyPair, PKCS_ECDSA_P256_SHA256};
 use rustls::RootCertStore;
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer};
@@ -85,12 +85,8 @@ impl IstioCa {
         let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256).map_err(|e| e.to_string())?;
         let mut params = CertificateParams::default();
         params.distinguished_name = DistinguishedName::new();
-        params.subject_alt_names = vec![SanType::URI(
-            identity
-                .to_string()
-                .try_into()
-                .map_err(|e: rcgen::Error| e.to_string())?,
-        )];
+        params.subject_alt_names =
+            vec![super::ca::spiffe_san(identity).map_err(|e| e.to_string())?];
         let csr = params
             .serialize_request(&key)
             .and_then(|r| r.pem())
@@ -110,12 +106,8 @@ impl IstioCa {
             metadata: Some(metadata),
         });
         if let Some(file) = &self.token_file {
-            let token = std::fs::read_to_string(file)
-                .map_err(|e| format!("reading the token {}: {e}", file.display()))?;
-            let value = format!("Bearer {}", token.trim())
-                .parse()
-                .map_err(|_| format!("the token in {} is not a header value", file.display()))?;
-            req.metadata_mut().insert("authorization", value);
+            crate::xds::attach_token(&mut req, file)
+                .map_err(|e| crate::errors::Chain(&e).to_string())?;
         }
         if let Ok(v) = self.cluster_id.parse() {
             req.metadata_mut().insert("clusterid", v);

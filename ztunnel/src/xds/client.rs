@@ -139,10 +139,8 @@ enum StreamError {
     Connect(String, #[source] tonic::transport::Error),
     #[error("reading the root certificate {0}")]
     Roots(PathBuf, #[source] std::io::Error),
-    #[error("reading the token {0}")]
-    Token(PathBuf, #[source] std::io::Error),
-    #[error("the token in {0} is not a valid header value")]
-    BadToken(PathBuf),
+    #[error(transparent)]
+    Token(#[from] super::TokenError),
     #[error("control plane")]
     Grpc(#[from] tonic::Status),
     #[error("TLS configuration")]
@@ -245,12 +243,7 @@ async fn stream_inner(
     }
     let mut request = tonic::Request::new(ReceiverStream::new(rx));
     if let Some(file) = &config.token_file {
-        let token =
-            std::fs::read_to_string(file).map_err(|e| StreamError::Token(file.clone(), e))?;
-        let value = format!("Bearer {}", token.trim())
-            .parse()
-            .map_err(|_| StreamError::BadToken(file.clone()))?;
-        request.metadata_mut().insert("authorization", value);
+        super::attach_token(&mut request, file)?;
     }
     let mut responses = client
         .delta_aggregated_resources(request)

@@ -4,7 +4,7 @@
 
 use std::sync::Mutex;
 
-use rcgen::{BasicConstraints, CertificateSigningRequestParams, IsCa, Issuer};
+use rcgen::{BasicConstraints, CertificateSigningRequestParams, IsCa, Issuer, SanType};
 use tokio_stream::wrappers::TcpListenerStream;
 
 use super::*;
