@@ -4,8 +4,10 @@
 //! The policy set is shaped like a large cluster's: one namespace per 10 policies, half of
 //! them namespace-wide and half attached to workloads by selector, plus two global ones; each
 //! has two rules over principals, namespaces, CIDRs and ports. A decision goes through
-//! `State::authorize`, the data path's call. A second row, "all in scope", puts every policy
-//! in the destination's scope (all global): the worst case, where cost grows with the list.
+//! `State::authorize`, the data path's call. "all global" puts every policy in the
+//! destination's scope (the port prefilter still skips policies about other ports); "global,
+//! any port" also drops the port conditions, so every policy is evaluated: the worst case,
+//! where cost grows with the list.
 //!
 //! Run: `./x bench-policy` (or `cargo bench -p benches --bench policy -- [--decisions N]`).
 
@@ -18,7 +20,18 @@ use ztunnel::state::authz::Connection;
 use ztunnel::state::policy::{Action, Authorization, Cidr, RbacMatch, Scope, StringMatch};
 use ztunnel::state::{HealthStatus, Protocol, State, Workload};
 
-fn policy(i: usize, scope: Scope) -> Authorization {
+/// How the policy set is shaped.
+#[derive(Clone, Copy, PartialEq)]
+enum Shape {
+    /// Cluster-like: a namespace per 10 policies, half namespace-wide, half by selector.
+    ByScope,
+    /// Every policy global, each limited to a destination port.
+    AllGlobal,
+    /// Every policy global and none limited to a port: every policy is evaluated.
+    AllGlobalAnyPort,
+}
+
+fn policy(i: usize, scope: Scope, any_port: bool) -> Authorization {
     let ns = format!("ns-{}", i / 10);
     let rule = |n: usize| {
         vec![
@@ -34,7 +47,11 @@ fn policy(i: usize, scope: Scope) -> Authorization {
                     addr: IpAddr::V4(Ipv4Addr::new(10, (n % 250) as u8, 0, 0)),
                     prefix: 16,
                 }],
-                destination_ports: vec![8000 + (n % 1000) as u16],
+                destination_ports: if any_port {
+                    Vec::new()
+                } else {
+                    vec![8000 + (n % 1000) as u16]
+                },
                 not_destination_ports: vec![15000],
                 ..Default::default()
             }],
@@ -83,7 +100,9 @@ fn workload(i: usize, policies: Vec<String>) -> Workload {
 }
 
 /// A state with `n` policies, and the destinations decisions are made for.
-fn state(n: usize, all_global: bool) -> (State, Vec<Workload>) {
+fn state(n: usize, shape: Shape) -> (State, Vec<Workload>) {
+    let all_global = shape != Shape::ByScope;
+    let any_port = shape == Shape::AllGlobalAnyPort;
     let mut policies = Vec::with_capacity(n + 2);
     for i in 0..n {
         let scope = if all_global {
@@ -93,11 +112,11 @@ fn state(n: usize, all_global: bool) -> (State, Vec<Workload>) {
         } else {
             Scope::WorkloadSelector
         };
-        policies.push(policy(i, scope));
+        policies.push(policy(i, scope, any_port));
     }
     if !all_global {
-        policies.push(policy(n, Scope::Global));
-        policies.push(policy(n + 1, Scope::Global));
+        policies.push(policy(n, Scope::Global, any_port));
+        policies.push(policy(n + 1, Scope::Global, any_port));
     }
     let namespaces = n.div_ceil(10).max(1);
     let workloads: Vec<Workload> = (0..namespaces)
@@ -116,8 +135,8 @@ fn state(n: usize, all_global: bool) -> (State, Vec<Workload>) {
     )
 }
 
-fn ns_per_decision(n: usize, all_global: bool, decisions: usize) -> f64 {
-    let (state, workloads) = state(n, all_global);
+fn ns_per_decision(n: usize, shape: Shape, decisions: usize) -> f64 {
+    let (state, workloads) = state(n, shape);
     let client = Identity::new("cluster.local", "team-7-x", "client").unwrap();
     let conns: Vec<(String, String, SocketAddr)> = workloads
         .iter()
@@ -160,23 +179,22 @@ fn main() {
         .unwrap_or(200_000);
     println!("L4 policy evaluation, {decisions} decisions per row");
     println!(
-        "{:<14} {:>9} {:>14} {:>12}",
+        "{:<16} {:>9} {:>14} {:>12}",
         "scoping", "policies", "ns/decision", "vs 10"
     );
-    for all_global in [false, true] {
-        let label = if all_global {
-            "all in scope"
-        } else {
-            "by scope"
-        };
-        let base = ns_per_decision(10, all_global, decisions);
+    for (shape, label) in [
+        (Shape::ByScope, "by scope"),
+        (Shape::AllGlobal, "all global"),
+        (Shape::AllGlobalAnyPort, "global, any port"),
+    ] {
+        let base = ns_per_decision(10, shape, decisions);
         for n in [10, 1_000, 10_000] {
             let ns = if n == 10 {
                 base
             } else {
-                ns_per_decision(n, all_global, decisions)
+                ns_per_decision(n, shape, decisions)
             };
-            println!("{label:<14} {n:>9} {ns:>14.0} {:>11.2}x", ns / base);
+            println!("{label:<16} {n:>9} {ns:>14.0} {:>11.2}x", ns / base);
         }
     }
 }

@@ -9,9 +9,12 @@
 //! positive identity condition (`principals`, `namespaces`, `serviceAccounts`) and satisfies
 //! every negative one, as in Envoy's RBAC: `DENY notPrincipals [x]` denies plaintext peers.
 //!
-//! Policies are indexed by scope at snapshot build time, so a decision only looks at the
+//! Policies are indexed at snapshot build time by scope, so a decision only looks at the
 //! policies that can apply to its destination (global, the workload's namespace, the ones the
-//! workload names) rather than the whole list.
+//! workload names), and within a scope by the destination ports a policy can match at all, so
+//! a policy about port 9000 is not evaluated for a connection to 8080. ALLOW policies are still
+//! counted whether or not they are evaluated: their presence is what turns the default from
+//! allow to deny.
 
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
@@ -88,9 +91,115 @@ pub struct Verdict {
 /// Policies grouped by scope.
 #[derive(Debug, Default)]
 pub struct PolicyIndex {
-    global: Vec<Arc<Authorization>>,
-    by_namespace: HashMap<String, Vec<Arc<Authorization>>>,
-    by_key: HashMap<String, Arc<Authorization>>,
+    global: Group,
+    by_namespace: HashMap<String, Group>,
+    by_key: HashMap<String, Indexed>,
+}
+
+/// A policy with the destination ports it can match (`None`: any).
+#[derive(Debug)]
+struct Indexed {
+    policy: Arc<Authorization>,
+    ports: Option<Box<[u16]>>,
+}
+
+impl Indexed {
+    fn new(policy: Arc<Authorization>) -> Self {
+        let ports = ports_of(&policy).map(|set| set.into_iter().collect());
+        Indexed { policy, ports }
+    }
+
+    fn may_match(&self, port: u16) -> bool {
+        self.ports.as_ref().is_none_or(|p| p.contains(&port))
+    }
+}
+
+/// The ports a policy can match at all, or `None` when it may match any port. A match limits
+/// ports when it lists `destinationPorts`; a clause when all its matches do (their union); a
+/// rule when any of its clauses does (their intersection); a policy when all its rules do.
+fn ports_of(p: &Authorization) -> Option<std::collections::BTreeSet<u16>> {
+    use std::collections::BTreeSet;
+    let mut policy = Some(BTreeSet::new());
+    for rule in &p.rules {
+        let mut rule_ports: Option<BTreeSet<u16>> = None;
+        for clause in rule {
+            let mut clause_ports = Some(BTreeSet::new());
+            for m in clause {
+                match (&mut clause_ports, m.destination_ports.is_empty()) {
+                    (Some(set), false) => set.extend(&m.destination_ports),
+                    _ => clause_ports = None,
+                }
+            }
+            if let Some(c) = clause_ports {
+                rule_ports = Some(match rule_ports {
+                    None => c,
+                    Some(r) => r.intersection(&c).copied().collect(),
+                });
+            }
+        }
+        match (&mut policy, rule_ports) {
+            (Some(set), Some(r)) => set.extend(r),
+            _ => policy = None,
+        }
+    }
+    policy
+}
+
+/// One scope's policies, in order, with a port prefilter.
+#[derive(Debug, Default)]
+struct Group {
+    policies: Vec<Arc<Authorization>>,
+    /// Positions of the policies that may match any port.
+    any_port: Vec<usize>,
+    /// Positions of the policies limited to certain ports, by port.
+    by_port: HashMap<u16, Vec<usize>>,
+    /// ALLOW policies: enforced ones, and all including dry-run ones.
+    allows: (usize, usize),
+}
+
+impl Group {
+    fn push(&mut self, policy: Arc<Authorization>) {
+        let at = self.policies.len();
+        match ports_of(&policy) {
+            None => self.any_port.push(at),
+            Some(ports) => {
+                for port in ports {
+                    self.by_port.entry(port).or_default().push(at);
+                }
+            }
+        }
+        if policy.action == Action::Allow {
+            self.allows.1 += 1;
+            self.allows.0 += usize::from(!policy.dry_run);
+        }
+        self.policies.push(policy);
+    }
+
+    /// The policies that may match a connection to `port`, in order.
+    fn candidates(&self, port: u16) -> impl Iterator<Item = &Authorization> {
+        let limited = self.by_port.get(&port).map_or(&[][..], Vec::as_slice);
+        Merge(&self.any_port, limited).map(|i| self.policies[i].as_ref())
+    }
+}
+
+/// Two ascending, disjoint position lists as one ascending sequence.
+struct Merge<'a>(&'a [usize], &'a [usize]);
+
+impl Iterator for Merge<'_> {
+    type Item = usize;
+
+    fn next(&mut self) -> Option<usize> {
+        let take_a = match (self.0.first(), self.1.first()) {
+            (Some(a), Some(b)) => a < b,
+            (Some(_), None) => true,
+            (None, Some(_)) => false,
+            (None, None) => return None,
+        };
+        let side = if take_a { &mut self.0 } else { &mut self.1 };
+        let (first, rest) = side.split_first()?;
+        *side = rest;
+        Some(*first)
+    }
 }
 
 impl PolicyIndex {
@@ -107,7 +216,7 @@ impl PolicyIndex {
                     .push(p.clone()),
                 Scope::WorkloadSelector => {}
             }
-            index.by_key.insert(key(&p), p);
+            index.by_key.insert(key(&p), Indexed::new(p));
         }
         index
     }
@@ -119,21 +228,60 @@ impl PolicyIndex {
         &'a self,
         dst: Destination<'a>,
     ) -> impl Iterator<Item = &'a Authorization> + 'a {
-        let ns = self.by_namespace.get(dst.namespace).into_iter().flatten();
-        let selected = dst
-            .selected
-            .iter()
-            .filter_map(|k| self.by_key.get(k))
-            .filter(|p| p.scope == Scope::WorkloadSelector);
+        let ns = self
+            .by_namespace
+            .get(dst.namespace)
+            .into_iter()
+            .flat_map(|g| g.policies.iter());
         self.global
+            .policies
             .iter()
             .chain(ns)
-            .chain(selected)
             .map(|p| p.as_ref())
+            .chain(self.selected(dst).map(|i| i.policy.as_ref()))
     }
 
+    fn selected<'a>(&'a self, dst: Destination<'a>) -> impl Iterator<Item = &'a Indexed> + 'a {
+        dst.selected
+            .iter()
+            .filter_map(|k| self.by_key.get(k))
+            .filter(|i| i.policy.scope == Scope::WorkloadSelector)
+    }
+
+    /// The same decision as [`evaluate`] over [`Self::applicable`], evaluating only the
+    /// policies that can match the destination port.
     pub fn authorize(&self, dst: Destination<'_>, conn: &Connection<'_>) -> Verdict {
-        evaluate(self.applicable(dst), conn)
+        let port = conn.dst.port();
+        let ns = self.by_namespace.get(dst.namespace);
+        let mut enforced = Tally::default();
+        let mut with_dry_run = Tally::default();
+        for g in std::iter::once(&self.global).chain(ns) {
+            enforced.allows += g.allows.0;
+            with_dry_run.allows += g.allows.1;
+        }
+        for i in self.selected(dst) {
+            if i.policy.action == Action::Allow {
+                with_dry_run.allows += 1;
+                enforced.allows += usize::from(!i.policy.dry_run);
+            }
+        }
+        let candidates = self
+            .global
+            .candidates(port)
+            .chain(ns.into_iter().flat_map(|g| g.candidates(port)))
+            .chain(
+                self.selected(dst)
+                    .filter(|i| i.may_match(port))
+                    .map(|i| i.policy.as_ref()),
+            );
+        for p in candidates {
+            let matched = matches(p, conn);
+            with_dry_run.record(p, matched);
+            if !p.dry_run {
+                enforced.record(p, matched);
+            }
+        }
+        verdict(enforced, with_dry_run)
     }
 }
 
@@ -156,6 +304,10 @@ pub fn evaluate<'a>(
             enforced.add(p, matched);
         }
     }
+    verdict(enforced, with_dry_run)
+}
+
+fn verdict(enforced: Tally, with_dry_run: Tally) -> Verdict {
     let decision = enforced.decide();
     let would = with_dry_run.decide();
     Verdict {
@@ -172,14 +324,18 @@ struct Tally {
 }
 
 impl Tally {
+    /// Counts an ALLOW policy in scope, and records its match.
     fn add(&mut self, p: &Authorization, matched: bool) {
+        self.allows += usize::from(p.action == Action::Allow);
+        self.record(p, matched);
+    }
+
+    /// Records whether a policy matched (ALLOW policies counted separately).
+    fn record(&mut self, p: &Authorization, matched: bool) {
         match p.action {
             Action::Deny if matched && self.denied_by.is_none() => self.denied_by = Some(key(p)),
             Action::Deny => {}
-            Action::Allow => {
-                self.allows += 1;
-                self.allowed |= matched;
-            }
+            Action::Allow => self.allowed |= matched,
         }
     }
 

@@ -420,3 +420,122 @@ fn scope_decides_which_policies_apply() {
         Decision::Deny(_)
     ));
 }
+
+/// The indexed decision (scope, then port prefilter) equals the plain evaluation of every
+/// applicable policy, on random policy sets and connections, including which DENY policy is
+/// named and what dry-run policies would have done.
+#[test]
+fn the_port_index_decides_like_the_plain_evaluation() {
+    use rand::{Rng, SeedableRng};
+    let mut rng = rand::rngs::StdRng::seed_from_u64(42);
+    let ports = [80u16, 8080, 9000];
+    let ids = [id("a", "x"), id("b", "y"), id("c", "z")];
+    for round in 0..300 {
+        let mut policies = Vec::new();
+        for n in 0..rng.random_range(0..8) {
+            let mut rules = Vec::new();
+            for _ in 0..rng.random_range(0..3) {
+                let mut clauses = Vec::new();
+                for _ in 0..rng.random_range(0..3) {
+                    let mut matches = Vec::new();
+                    for _ in 0..rng.random_range(0..3) {
+                        let mut m = RbacMatch::default();
+                        if rng.random_bool(0.6) {
+                            m.destination_ports = (0..rng.random_range(1..3))
+                                .map(|_| ports[rng.random_range(0..3)])
+                                .collect();
+                        }
+                        if rng.random_bool(0.3) {
+                            m.not_destination_ports = vec![ports[rng.random_range(0..3)]];
+                        }
+                        if rng.random_bool(0.4) {
+                            m.namespaces = vec![StringMatch::Exact(
+                                ["a", "b", "c"][rng.random_range(0..3)].into(),
+                            )];
+                        }
+                        matches.push(m);
+                    }
+                    clauses.push(matches);
+                }
+                rules.push(clauses);
+            }
+            let scope =
+                [Scope::Global, Scope::Namespace, Scope::WorkloadSelector][rng.random_range(0..3)];
+            policies.push(Authorization {
+                name: format!("p{n}"),
+                namespace: ["web", "other"][rng.random_range(0..2)].into(),
+                scope,
+                action: if rng.random_bool(0.5) {
+                    Action::Allow
+                } else {
+                    Action::Deny
+                },
+                rules,
+                dry_run: rng.random_bool(0.2),
+            });
+        }
+        let index = PolicyIndex::new(&policies);
+        let selected: Vec<String> = policies
+            .iter()
+            .filter(|_| rng.random_bool(0.5))
+            .map(key)
+            .collect();
+        let dst = Destination {
+            namespace: "web",
+            selected: &selected,
+        };
+        for port in ports {
+            for src in [None, Some(&ids[0]), Some(&ids[1]), Some(&ids[2])] {
+                let c = Connection::new(
+                    src,
+                    "198.18.0.9".parse().unwrap(),
+                    SocketAddr::new("198.18.1.2".parse().unwrap(), port),
+                );
+                let plain = evaluate(index.applicable(dst), &c);
+                assert_eq!(
+                    index.authorize(dst, &c),
+                    plain,
+                    "round {round}, port {port}, src {src:?}: {policies:#?}"
+                );
+            }
+        }
+    }
+}
+
+#[test]
+fn port_sets_follow_the_rule_structure() {
+    let ports = |yaml: &str| {
+        ports_of(&pol(&format!(
+            "{{name: p, namespace: n, scope: Global, action: Deny, rules: {yaml}}}"
+        )))
+        .map(|s| s.into_iter().collect::<Vec<_>>())
+    };
+    assert_eq!(ports("[]"), Some(vec![]), "no rules: matches nothing");
+    assert_eq!(
+        ports("[[]]"),
+        None,
+        "a rule without clauses matches anything"
+    );
+    assert_eq!(ports("[[[{destinationPorts: [80]}]]]"), Some(vec![80]));
+    assert_eq!(
+        ports("[[[{destinationPorts: [80]}, {}]]]"),
+        None,
+        "a clause with an unlimited match"
+    );
+    assert_eq!(
+        ports("[[[{destinationPorts: [80, 81]}], [{destinationPorts: [81, 82]}]]]"),
+        Some(vec![81]),
+        "clauses intersect"
+    );
+    assert_eq!(
+        ports("[[[{destinationPorts: [80]}]], [[{destinationPorts: [90]}]]]"),
+        Some(vec![80, 90]),
+        "rules unite"
+    );
+    assert_eq!(ports("[[[{destinationPorts: [80]}]], [[{}]]]"), None);
+    assert_eq!(
+        ports("[[[]]]"),
+        Some(vec![]),
+        "an empty clause matches nothing"
+    );
+}
