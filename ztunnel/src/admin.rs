@@ -129,13 +129,11 @@ impl Admin {
             );
         };
         let mut result = Ok(String::new());
-        for pair in query.split('&') {
-            let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
-            let v = percent_decode(v);
+        for (k, v) in query_pairs(query) {
             result = if k == "level" {
                 self.log.set(&v)
             } else {
-                self.log.set_module(k, &v)
+                self.log.set_module(&k, &v)
             };
             if result.is_err() {
                 break;
@@ -190,30 +188,12 @@ impl Admin {
     }
 }
 
-/// Decodes `%XX` escapes (and `+` as space) in a query value; bad escapes stay as written.
-fn percent_decode(s: &str) -> String {
-    let bytes = s.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        match bytes[i] {
-            b'%' if i + 2 < bytes.len() => {
-                let hex = |b: u8| (b as char).to_digit(16);
-                match (hex(bytes[i + 1]), hex(bytes[i + 2])) {
-                    (Some(hi), Some(lo)) => {
-                        out.push((hi * 16 + lo) as u8);
-                        i += 3;
-                        continue;
-                    }
-                    _ => out.push(b'%'),
-                }
-            }
-            b'+' => out.push(b' '),
-            b => out.push(b),
-        }
-        i += 1;
-    }
-    String::from_utf8_lossy(&out).into_owned()
+/// A query string's `key=value` pairs, percent- and `+`-decoded (bad escapes stay as written,
+/// invalid UTF-8 is replaced).
+fn query_pairs(query: &str) -> Vec<(String, String)> {
+    form_urlencoded::parse(query.as_bytes())
+        .into_owned()
+        .collect()
 }
 
 #[cfg(test)]
@@ -222,14 +202,15 @@ mod tests {
 
     #[test]
     fn query_values_decode() {
+        let value = |v: &str| query_pairs(&format!("level={v}"))[0].1.clone();
         assert_eq!(
-            percent_decode("info%2Cztunnel%3A%3Aproxy%3Ddebug"),
+            value("info%2Cztunnel%3A%3Aproxy%3Ddebug"),
             "info,ztunnel::proxy=debug"
         );
-        assert_eq!(percent_decode("a+b"), "a b");
-        assert_eq!(percent_decode("100%"), "100%");
-        assert_eq!(percent_decode("%zz%4"), "%zz%4");
-        assert_eq!(percent_decode("%E2%9C%93"), "✓");
-        assert_eq!(percent_decode("%✓✓"), "%✓✓");
+        assert_eq!(value("a+b"), "a b");
+        assert_eq!(value("100%"), "100%");
+        assert_eq!(value("%zz%4"), "%zz%4");
+        assert_eq!(value("%E2%9C%93"), "✓");
+        assert_eq!(value("%✓✓"), "%✓✓");
     }
 }

@@ -275,7 +275,7 @@ async fn run(cli: Cli) -> anyhow::Result<String> {
         What::Log { filter: None } => ("GET", "/logging".to_string()),
         What::Log { filter: Some(f) } => {
             let query = match f.split_once('=') {
-                Some((module, level)) => format!("{module}={}", encode(level)),
+                Some((module, level)) => format!("{}={}", encode(module), encode(level)),
                 None => format!("level={}", encode(f)),
             };
             ("POST", format!("/logging?{query}"))
@@ -295,16 +295,9 @@ async fn run(cli: Cli) -> anyhow::Result<String> {
     Ok(render(&cli.what, &value))
 }
 
-/// Percent-encodes everything but unreserved characters.
+/// Query-string encoding (`application/x-www-form-urlencoded`), as the admin endpoint decodes.
 fn encode(s: &str) -> String {
-    s.bytes()
-        .map(|b| match b {
-            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => {
-                (b as char).to_string()
-            }
-            _ => format!("%{b:02X}"),
-        })
-        .collect()
+    form_urlencoded::byte_serialize(s.as_bytes()).collect()
 }
 
 fn main() -> std::process::ExitCode {

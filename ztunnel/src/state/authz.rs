@@ -253,17 +253,13 @@ impl PolicyIndex {
     pub fn authorize(&self, dst: Destination<'_>, conn: &Connection<'_>) -> Verdict {
         let port = conn.dst.port();
         let ns = self.by_namespace.get(dst.namespace);
-        let mut enforced = Tally::default();
-        let mut with_dry_run = Tally::default();
+        let mut tallies = Tallies::default();
         for g in std::iter::once(&self.global).chain(ns) {
-            enforced.allows += g.allows.0;
-            with_dry_run.allows += g.allows.1;
+            tallies.enforced.allows += g.allows.0;
+            tallies.with_dry_run.allows += g.allows.1;
         }
         for i in self.selected(dst) {
-            if i.policy.action == Action::Allow {
-                with_dry_run.allows += 1;
-                enforced.allows += usize::from(!i.policy.dry_run);
-            }
+            tallies.count_allow(&i.policy);
         }
         let candidates = self
             .global
@@ -275,13 +271,9 @@ impl PolicyIndex {
                     .map(|i| i.policy.as_ref()),
             );
         for p in candidates {
-            let matched = matches(p, conn);
-            with_dry_run.record(p, matched);
-            if !p.dry_run {
-                enforced.record(p, matched);
-            }
+            tallies.record(p, conn);
         }
-        verdict(enforced, with_dry_run)
+        tallies.verdict()
     }
 }
 
@@ -295,24 +287,46 @@ pub fn evaluate<'a>(
     policies: impl IntoIterator<Item = &'a Authorization>,
     conn: &Connection<'_>,
 ) -> Verdict {
-    let mut enforced = Tally::default();
-    let mut with_dry_run = Tally::default();
+    let mut tallies = Tallies::default();
     for p in policies {
-        let matched = matches(p, conn);
-        with_dry_run.add(p, matched);
-        if !p.dry_run {
-            enforced.add(p, matched);
-        }
+        tallies.count_allow(p);
+        tallies.record(p, conn);
     }
-    verdict(enforced, with_dry_run)
+    tallies.verdict()
 }
 
-fn verdict(enforced: Tally, with_dry_run: Tally) -> Verdict {
-    let decision = enforced.decide();
-    let would = with_dry_run.decide();
-    Verdict {
-        dry_run: (would != decision).then_some(would),
-        decision,
+/// What enforced policies decide, beside what they would decide with dry-run ones included.
+#[derive(Default)]
+struct Tallies {
+    enforced: Tally,
+    with_dry_run: Tally,
+}
+
+impl Tallies {
+    /// Counts an ALLOW policy as in scope (whether or not it is evaluated).
+    fn count_allow(&mut self, p: &Authorization) {
+        if p.action == Action::Allow {
+            self.with_dry_run.allows += 1;
+            self.enforced.allows += usize::from(!p.dry_run);
+        }
+    }
+
+    /// Evaluates one policy and records whether it matched.
+    fn record(&mut self, p: &Authorization, conn: &Connection<'_>) {
+        let matched = matches(p, conn);
+        self.with_dry_run.record(p, matched);
+        if !p.dry_run {
+            self.enforced.record(p, matched);
+        }
+    }
+
+    fn verdict(self) -> Verdict {
+        let decision = self.enforced.decide();
+        let would = self.with_dry_run.decide();
+        Verdict {
+            dry_run: (would != decision).then_some(would),
+            decision,
+        }
     }
 }
 
@@ -324,12 +338,6 @@ struct Tally {
 }
 
 impl Tally {
-    /// Counts an ALLOW policy in scope, and records its match.
-    fn add(&mut self, p: &Authorization, matched: bool) {
-        self.allows += usize::from(p.action == Action::Allow);
-        self.record(p, matched);
-    }
-
     /// Records whether a policy matched (ALLOW policies counted separately).
     fn record(&mut self, p: &Authorization, matched: bool) {
         match p.action {
