@@ -263,8 +263,11 @@ impl rustls::client::danger::ServerCertVerifier for AcceptAnything {
     }
 }
 
+/// Clients whose certificate must not pass: each is refused at the handshake, reaches no app,
+/// and leaves an inbound access-log event with the reason.
 #[test]
-fn tls_without_a_client_certificate_is_refused() {
+fn tls_clients_without_one_valid_identity_are_refused_with_the_reason() {
+    use std::time::SystemTime;
     let mut m = Mesh::new(&["a", "b"]);
     let x1 = m.lab.add_pod("a", "x1");
     let b1 = m.lab.add_pod("b", "b1");
@@ -273,47 +276,110 @@ fn tls_without_a_client_certificate_is_refused() {
     m.start_ztunnel("b", &[]);
     m.enroll(&wb);
     let server = EchoServer::start(&b1, 8080);
+    let foreign = m.lab.dir().join("foreign-ca");
+    ztunnel::identity::ca::generate(&foreign, "cluster.local", Duration::from_secs(86400)).unwrap();
+    let me = "spiffe://cluster.local/ns/ns-x/sa/prober";
+    let hour = Duration::from_secs(3600);
+    let now = SystemTime::now();
+    let (past, future) = (now - 24 * hour, now + 24 * hour);
+    let ca = m.ca_dir.clone();
+    let cases: Vec<(
+        &str,
+        Option<(&std::path::Path, Vec<&str>, SystemTime, SystemTime)>,
+        &str,
+    )> = vec![
+        ("no certificate", None, "peersentnocertificates"),
+        (
+            "expired",
+            Some((&ca, vec![me], past, now - hour)),
+            "expired",
+        ),
+        (
+            "not yet valid",
+            Some((&ca, vec![me], now + hour, future)),
+            "notvalidyet",
+        ),
+        // Same subject name as the mesh's CA: the signature check against our root fails.
+        (
+            "foreign CA",
+            Some((&foreign, vec![me], past, future)),
+            "badsignature",
+        ),
+        (
+            "wrong trust domain",
+            Some((
+                &ca,
+                vec!["spiffe://other.domain/ns/ns-x/sa/prober"],
+                past,
+                future,
+            )),
+            "outsidetrustdomain",
+        ),
+        (
+            "several identities",
+            Some((
+                &ca,
+                vec![me, "spiffe://cluster.local/ns/kube-system/sa/admin"],
+                past,
+                future,
+            )),
+            "exactlyonespiffeidentity",
+        ),
+    ];
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .unwrap();
-    let result: Result<u16, String> = rt.block_on(async {
-        let mut config = rustls::ClientConfig::builder_with_provider(ztunnel::tls::provider())
+    for (name, cert, reason) in cases {
+        let builder = rustls::ClientConfig::builder_with_provider(ztunnel::tls::provider())
             .with_protocol_versions(&[&rustls::version::TLS13])
             .unwrap()
             .dangerous()
-            .with_custom_certificate_verifier(Arc::new(AcceptAnything))
-            .with_no_client_auth();
+            .with_custom_certificate_verifier(Arc::new(AcceptAnything));
+        let mut config = match cert {
+            None => builder.with_no_client_auth(),
+            Some((dir, uris, from, to)) => {
+                let (cert, key) = mesh_testbed::certs::leaf(dir, &uris, from, to);
+                builder.with_client_auth_cert(vec![cert], key).unwrap()
+            }
+        };
         config.alpn_protocols = vec![b"h2".to_vec()];
-        let tcp = tcp_from(&x1, b1.addr(15008)).await?;
-        let tls = tokio_rustls::TlsConnector::from(Arc::new(config))
-            .connect(ServerName::IpAddress(b1.ip.into()), tcp)
-            .await
-            .map_err(|e| format!("tls: {e}"))?;
-        // TLS 1.3 clients finish before the server judges their (absent) certificate; the
-        // refusal arrives as an alert on the first read.
-        let (sender, conn) = h2::client::handshake(tls)
-            .await
-            .map_err(|e| e.to_string())?;
-        tokio::spawn(conn);
-        let req = http::Request::builder()
-            .method("CONNECT")
-            .uri(format!("{}:8080", b1.ip))
-            .body(())
-            .unwrap();
-        let mut s = sender.ready().await.map_err(|e| e.to_string())?;
-        let (resp, _send) = s.send_request(req, false).map_err(|e| e.to_string())?;
-        let resp = resp.await.map_err(|e| e.to_string())?;
-        Ok(resp.status().as_u16())
-    });
-    assert!(
-        result.is_err(),
-        "a client without a certificate got {result:?}"
-    );
-    assert!(server.peers().is_empty());
-    assert!(eventually(T, || m
-        .ztunnel_log("b")
-        .contains("HBONE handshake failed")));
+        let result: Result<u16, String> = rt.block_on(async {
+            let tcp = tcp_from(&x1, b1.addr(15008)).await?;
+            let tls = tokio_rustls::TlsConnector::from(Arc::new(config))
+                .connect(ServerName::IpAddress(b1.ip.into()), tcp)
+                .await
+                .map_err(|e| format!("tls: {e}"))?;
+            // TLS 1.3 clients finish before the server judges their certificate; the refusal
+            // arrives as an alert on the first read.
+            let (sender, conn) = h2::client::handshake(tls)
+                .await
+                .map_err(|e| e.to_string())?;
+            tokio::spawn(conn);
+            let req = http::Request::builder()
+                .method("CONNECT")
+                .uri(format!("{}:8080", b1.ip))
+                .body(())
+                .unwrap();
+            let mut s = sender.ready().await.map_err(|e| e.to_string())?;
+            let (resp, _send) = s.send_request(req, false).map_err(|e| e.to_string())?;
+            let resp = resp.await.map_err(|e| e.to_string())?;
+            Ok(resp.status().as_u16())
+        });
+        assert!(result.is_err(), "{name}: the client got {result:?}");
+        assert!(server.peers().is_empty(), "{name}: reached the app");
+        let logged = eventually(T, || {
+            m.ztunnel_log("b").lines().any(|l| {
+                let flat = l.to_lowercase().replace(' ', "");
+                l.contains("direction=inbound ") && flat.contains(reason)
+            })
+        });
+        assert!(
+            logged,
+            "{name}: no access-log event naming {reason:?}:\n{}",
+            m.ztunnel_log("b")
+        );
+    }
 }
 
 #[test]

@@ -6,6 +6,7 @@
 //!   ztunnel alone;
 //! - [`apps`]: echo servers and clients living in pod namespaces;
 //! - [`capture`]: packet capture on a link and a small pcap reader;
+//! - [`certs`]: crafted certificates (expired, several identities, foreign CA, ...);
 //! - [`mesh`]: nodes running real ztunnel processes with a CA and a local config;
 //! - [`kube_mock`]: an in-process Kubernetes API server speaking list/watch JSON;
 //! - [`demo`]: the local mesh (`local-mesh`) and its report;
@@ -19,6 +20,7 @@
 pub mod agent;
 pub mod apps;
 pub mod capture;
+pub mod certs;
 pub mod cni;
 pub mod control_plane;
 pub mod demo;

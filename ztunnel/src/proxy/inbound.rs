@@ -52,10 +52,18 @@ pub async fn serve(tcp: TcpStream, peer: SocketAddr, pod: Arc<Pod>, inputs: Arc<
         Ok(Ok(ok)) => ok,
         Ok(Err(e)) => {
             tracing::warn!(pod = %pod.name(), %peer, error = %Chain(&e), "HBONE handshake failed");
+            refused_handshake(peer, local, &pod, &inputs, &e);
             return;
         }
         Err(_) => {
             tracing::warn!(pod = %pod.name(), %peer, "HBONE handshake timed out");
+            refused_handshake(
+                peer,
+                local,
+                &pod,
+                &inputs,
+                &ProxyError::Timeout("the TLS handshake"),
+            );
             return;
         }
     };
@@ -89,6 +97,26 @@ pub async fn serve(tcp: TcpStream, peer: SocketAddr, pod: Arc<Pod>, inputs: Arc<
             }
         }
     }
+}
+
+/// One access-log event for a peer refused before any CONNECT: a certificate that did not
+/// verify (expired, foreign CA, several identities, ...), a failed or slow handshake.
+fn refused_handshake(
+    peer: SocketAddr,
+    local: SocketAddr,
+    pod: &Pod,
+    inputs: &ProxyInputs,
+    error: &ProxyError,
+) {
+    let mut log = ConnLog::new(
+        Direction::InboundHbone,
+        pod.name(),
+        peer,
+        local,
+        &inputs.metrics,
+    );
+    log.dst_identity = Some(pod.identity.clone());
+    log.finish(0, 0, Some(error));
 }
 
 async fn stream(

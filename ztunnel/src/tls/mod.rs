@@ -22,7 +22,7 @@ use rustls_pki_types::CertificateDer;
 use crate::identity::Identity;
 use crate::identity::manager::CertHandle;
 
-pub use verify::identities_in;
+pub use verify::identity_in;
 
 /// ALPN protocol id for HBONE.
 pub const ALPN_H2: &[u8] = b"h2";
@@ -164,12 +164,12 @@ impl ResolvesClientCert for CurrentCert {
     }
 }
 
-/// The SPIFFE identity a verified peer presented (its first URI SAN that parses).
+/// The SPIFFE identity a verified peer presented: the same one, read the same way, that the
+/// verifier checked ([`identity_in`]).
 pub fn peer_identity(certs: Option<&[CertificateDer<'_>]>) -> Option<Identity> {
     certs
         .and_then(|c| c.first())
-        .and_then(|leaf| identities_in(leaf).ok())
-        .and_then(|ids| ids.into_iter().next())
+        .and_then(|leaf| identity_in(leaf).ok())
 }
 
 #[cfg(test)]

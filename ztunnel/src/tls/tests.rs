@@ -1,11 +1,12 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use rustls_pki_types::ServerName;
+use rustls_pki_types::pem::PemObject;
+use rustls_pki_types::{ServerName, UnixTime};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use super::*;
-use crate::identity::ca::{LocalCa, generate};
+use crate::identity::ca::{CertificateSource, LocalCa, generate};
 use crate::identity::manager::CertManager;
 
 struct Ca {
@@ -155,22 +156,186 @@ async fn foreign_roots_and_trust_domains_are_refused() {
     assert!(err.contains("outside trust domain"), "{err}");
 }
 
-#[test]
-fn identities_are_read_from_uri_sans_only() {
+/// A leaf signed by the CA in `dir` with exactly these URI SANs and this validity.
+fn crafted_leaf(
+    dir: &std::path::Path,
+    uris: &[&str],
+    not_before: (i32, u8, u8),
+    not_after: (i32, u8, u8),
+) -> CertificateDer<'static> {
+    use crate::identity::ca::{CERT_FILE, KEY_FILE};
+    let ca_key =
+        rcgen::KeyPair::from_pem(&std::fs::read_to_string(dir.join(KEY_FILE)).unwrap()).unwrap();
+    let ca_cert = CertificateDer::from_pem_slice(
+        std::fs::read_to_string(dir.join(CERT_FILE))
+            .unwrap()
+            .as_bytes(),
+    )
+    .unwrap();
+    let issuer = rcgen::Issuer::from_ca_cert_der(&ca_cert, ca_key).unwrap();
+    let mut params = rcgen::CertificateParams::default();
+    params.subject_alt_names = uris
+        .iter()
+        .map(|u| rcgen::SanType::URI((*u).try_into().unwrap()))
+        .collect();
+    params.extended_key_usages = vec![
+        rcgen::ExtendedKeyUsagePurpose::ServerAuth,
+        rcgen::ExtendedKeyUsagePurpose::ClientAuth,
+    ];
+    params.not_before = rcgen::date_time_ymd(not_before.0, not_before.1, not_before.2);
+    params.not_after = rcgen::date_time_ymd(not_after.0, not_after.1, not_after.2);
     let key = rcgen::KeyPair::generate().unwrap();
-    let mut params = rcgen::CertificateParams::new(vec!["example.com".to_string()]).unwrap();
-    params.subject_alt_names.push(rcgen::SanType::URI(
-        "https://not-spiffe.example".try_into().unwrap(),
-    ));
-    let no_spiffe = params.self_signed(&key).unwrap();
-    assert!(identities_in(no_spiffe.der()).is_err());
-    params.subject_alt_names.push(rcgen::SanType::URI(
-        "spiffe://cluster.local/ns/a/sa/b".try_into().unwrap(),
-    ));
-    let with = params.self_signed(&key).unwrap();
-    assert_eq!(
-        identities_in(with.der()).unwrap(),
-        vec![id("cluster.local", "a", "b")]
+    params.signed_by(&key, &issuer).unwrap().der().clone()
+}
+
+#[test]
+fn exactly_one_spiffe_identity_is_read_from_uri_sans() {
+    let key = rcgen::KeyPair::generate().unwrap();
+    let cert = |uris: &[&str]| {
+        let mut params = rcgen::CertificateParams::new(vec!["example.com".to_string()]).unwrap();
+        for u in uris {
+            params
+                .subject_alt_names
+                .push(rcgen::SanType::URI((*u).try_into().unwrap()));
+        }
+        params.self_signed(&key).unwrap().der().clone()
+    };
+    let spiffe = "spiffe://cluster.local/ns/a/sa/b";
+    let cases: [(&str, &[&str], Result<Identity, &str>); 5] = [
+        (
+            "one SPIFFE id",
+            &[spiffe],
+            Ok(id("cluster.local", "a", "b")),
+        ),
+        ("DNS SAN only", &[], Err("no SPIFFE identity")),
+        (
+            "a URI that is not SPIFFE",
+            &["https://not-spiffe.example"],
+            Err("is not a SPIFFE identity"),
+        ),
+        (
+            "SPIFFE id beside another URI",
+            &["https://not-spiffe.example", spiffe],
+            Err("2 URI SANs"),
+        ),
+        (
+            "two SPIFFE ids",
+            &[spiffe, "spiffe://cluster.local/ns/kube-system/sa/admin"],
+            Err("2 URI SANs"),
+        ),
+    ];
+    for (name, uris, want) in cases {
+        let got = identity_in(&cert(uris)).map_err(|e| e.to_string());
+        match want {
+            Ok(id) => assert_eq!(got.as_ref(), Ok(&id), "{name}"),
+            Err(why) => assert!(
+                got.as_ref().is_err_and(|e| e.contains(why)),
+                "{name}: {got:?}"
+            ),
+        }
+    }
+    assert!(identity_in(&CertificateDer::from(vec![0x30, 0x03, 0x01])).is_err());
+}
+
+/// The server's client-certificate check, case by case, with the reason it gives.
+#[test]
+fn client_certificates_are_refused_with_the_reason() {
+    let td = "cluster.local";
+    let main = tempfile::tempdir().unwrap();
+    let foreign = tempfile::tempdir().unwrap();
+    generate(main.path(), td, Duration::from_secs(86400)).unwrap();
+    generate(foreign.path(), td, Duration::from_secs(86400)).unwrap();
+    let roots = Arc::new(
+        LocalCa::load_dir(main.path())
+            .unwrap()
+            .roots()
+            .into_iter()
+            .fold(RootCertStore::empty(), |mut store, c| {
+                store.add(c).unwrap();
+                store
+            }),
     );
-    assert!(identities_in(&CertificateDer::from(vec![0x30, 0x03, 0x01])).is_err());
+    let verifier = verify::SpiffeClientVerifier::new(roots, provider(), td.to_string()).unwrap();
+    let me = "spiffe://cluster.local/ns/a/sa/client";
+    let now = (2020, 1, 1);
+    let later = (2090, 1, 1);
+    let cases: [(
+        &str,
+        &std::path::Path,
+        &[&str],
+        (i32, u8, u8),
+        (i32, u8, u8),
+        Option<&str>,
+    ); 7] = [
+        ("valid", main.path(), &[me], now, later, None),
+        (
+            "expired",
+            main.path(),
+            &[me],
+            (2019, 1, 1),
+            now,
+            Some("expired"),
+        ),
+        (
+            "not yet valid",
+            main.path(),
+            &[me],
+            (2089, 1, 1),
+            later,
+            Some("not valid yet"),
+        ),
+        // Both CAs carry the same subject name, so the chain is tried against our root and
+        // its signature fails.
+        (
+            "foreign CA",
+            foreign.path(),
+            &[me],
+            now,
+            later,
+            Some("BadSignature"),
+        ),
+        (
+            "wrong trust domain",
+            main.path(),
+            &["spiffe://other.domain/ns/a/sa/client"],
+            now,
+            later,
+            Some("outside trust domain"),
+        ),
+        (
+            "several SANs",
+            main.path(),
+            &[me, "spiffe://cluster.local/ns/kube-system/sa/admin"],
+            now,
+            later,
+            Some("exactly one SPIFFE identity"),
+        ),
+        (
+            "no URI SAN",
+            main.path(),
+            &[],
+            now,
+            later,
+            Some("no SPIFFE identity"),
+        ),
+    ];
+    let at = UnixTime::since_unix_epoch(Duration::from_secs(1_800_000_000)); // 2027
+    for (name, ca_dir, uris, from, to, want) in cases {
+        let leaf = crafted_leaf(ca_dir, uris, from, to);
+        let got = rustls::server::danger::ClientCertVerifier::verify_client_cert(
+            &verifier,
+            &leaf,
+            &[],
+            at,
+        )
+        .map(|_| ())
+        .map_err(|e| e.to_string());
+        match want {
+            None => assert!(got.is_ok(), "{name}: {got:?}"),
+            Some(why) => assert!(
+                got.as_ref().is_err_and(|e| e.contains(why)),
+                "{name}: {got:?}"
+            ),
+        }
+    }
 }

@@ -24,6 +24,10 @@ pub enum IdentityMismatch {
     Unparsable(String),
     #[error("certificate carries no SPIFFE identity")]
     NoIdentity,
+    #[error("certificate carries {0} URI SANs; exactly one SPIFFE identity is accepted")]
+    SeveralIdentities(usize),
+    #[error("certificate URI SAN {0:?} is not a SPIFFE identity")]
+    NotSpiffe(String),
     #[error("peer is {got}, expected one of [{}]", expected.iter().map(|i| i.to_string()).collect::<Vec<_>>().join(", "))]
     Unexpected {
         got: String,
@@ -43,9 +47,10 @@ fn reject(e: IdentityMismatch) -> Error {
     Error::InvalidCertificate(CertificateError::Other(OtherError(Arc::new(e))))
 }
 
-/// Every SPIFFE identity in the certificate's URI SANs. URIs that are not valid SPIFFE ids
-/// are skipped; DNS and IP SANs are ignored.
-pub fn identities_in(cert: &CertificateDer<'_>) -> Result<Vec<Identity>, IdentityMismatch> {
+/// The certificate's one SPIFFE identity. A certificate must carry exactly one URI SAN and it
+/// must be a SPIFFE id: several identities would leave open which one was checked and which
+/// one policy sees, so such a certificate is refused. DNS and IP SANs are ignored.
+pub fn identity_in(cert: &CertificateDer<'_>) -> Result<Identity, IdentityMismatch> {
     let (_, parsed) = x509_parser::parse_x509_certificate(cert)
         .map_err(|e| IdentityMismatch::Unparsable(e.to_string()))?;
     let san = parsed
@@ -54,19 +59,17 @@ pub fn identities_in(cert: &CertificateDer<'_>) -> Result<Vec<Identity>, Identit
     let Some(san) = san else {
         return Err(IdentityMismatch::NoIdentity);
     };
-    let ids: Vec<Identity> = san
-        .value
-        .general_names
-        .iter()
-        .filter_map(|n| match n {
-            GeneralName::URI(uri) => uri.parse().ok(),
-            _ => None,
-        })
-        .collect();
-    if ids.is_empty() {
-        return Err(IdentityMismatch::NoIdentity);
+    let mut uris = san.value.general_names.iter().filter_map(|n| match n {
+        GeneralName::URI(uri) => Some(*uri),
+        _ => None,
+    });
+    match (uris.next(), uris.count()) {
+        (None, _) => Err(IdentityMismatch::NoIdentity),
+        (Some(uri), 0) => uri
+            .parse()
+            .map_err(|_| IdentityMismatch::NotSpiffe(uri.to_string())),
+        (Some(_), more) => Err(IdentityMismatch::SeveralIdentities(more + 1)),
     }
-    Ok(ids)
 }
 
 /// Checks a certificate chain a CA returned for `want`: it must lead to `roots` and the leaf
@@ -89,15 +92,9 @@ pub fn verify_issued(
         provider.signature_verification_algorithms.all,
     )
     .map_err(|e| format!("the chain does not lead to our roots: {e}"))?;
-    let ids = identities_in(leaf).map_err(|e| e.to_string())?;
-    if ids.as_slice() != std::slice::from_ref(want) {
-        return Err(format!(
-            "the certificate is for [{}], not {want}",
-            ids.iter()
-                .map(ToString::to_string)
-                .collect::<Vec<_>>()
-                .join(", ")
-        ));
+    let got = identity_in(leaf).map_err(|e| e.to_string())?;
+    if &got != want {
+        return Err(format!("the certificate is for {got}, not {want}"));
     }
     Ok(())
 }
@@ -148,12 +145,12 @@ impl ServerCertVerifier for SpiffeServerVerifier {
             now,
             self.provider.signature_verification_algorithms.all,
         )?;
-        let ids = identities_in(end_entity).map_err(reject)?;
-        if ids.iter().any(|id| self.expected.contains(id)) {
+        let got = identity_in(end_entity).map_err(reject)?;
+        if self.expected.contains(&got) {
             return Ok(ServerCertVerified::assertion());
         }
         Err(reject(IdentityMismatch::Unexpected {
-            got: ids[0].to_string(),
+            got: got.to_string(),
             expected: self.expected.clone(),
         }))
     }
@@ -241,12 +238,12 @@ impl ClientCertVerifier for SpiffeClientVerifier {
     ) -> Result<ClientCertVerified, Error> {
         self.inner
             .verify_client_cert(end_entity, intermediates, now)?;
-        let ids = identities_in(end_entity).map_err(reject)?;
-        if ids.iter().any(|id| id.trust_domain() == self.trust_domain) {
+        let got = identity_in(end_entity).map_err(reject)?;
+        if got.trust_domain() == self.trust_domain {
             return Ok(ClientCertVerified::assertion());
         }
         Err(reject(IdentityMismatch::TrustDomain {
-            got: ids[0].clone(),
+            got,
             want: self.trust_domain.clone(),
         }))
     }
