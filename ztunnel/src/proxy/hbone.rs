@@ -90,7 +90,7 @@ pub fn validate_connect<B>(req: &Request<B>, local: IpAddr) -> Result<SocketAddr
     if target.port() == 0 {
         return Err(bad_request("authority port 0"));
     }
-    if canonical(target.ip()) != canonical(local) {
+    if !same_ip(target.ip(), local) {
         return Err(bad_request(format!(
             "destination {} does not match this pod's address {local}",
             target.ip()
@@ -105,11 +105,15 @@ pub fn validate_connect<B>(req: &Request<B>, local: IpAddr) -> Result<SocketAddr
     Ok(target)
 }
 
-fn canonical(ip: IpAddr) -> IpAddr {
-    match ip {
-        IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(ip, IpAddr::V4),
-        v4 => v4,
+/// Whether two addresses are the same, an IPv4-mapped IPv6 address counting as its IPv4 one.
+pub fn same_ip(a: IpAddr, b: IpAddr) -> bool {
+    fn canonical(ip: IpAddr) -> IpAddr {
+        match ip {
+            IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(ip, IpAddr::V4),
+            v4 => v4,
+        }
     }
+    canonical(a) == canonical(b)
 }
 
 #[cfg(test)]

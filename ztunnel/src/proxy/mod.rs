@@ -104,6 +104,8 @@ pub enum ProxyError {
     OriginalDst(#[source] io::Error),
     #[error("destination {0} is a proxy port; refusing the loop")]
     Loop(SocketAddr),
+    #[error("destination {dst} is not this pod's address {pod_ip}")]
+    NotThisPod { dst: SocketAddr, pod_ip: String },
     #[error("destination {0} is not a known workload (registry-only mode)")]
     RegistryOnly(SocketAddr),
     #[error("service {service} cannot take this connection: {reason}")]
@@ -162,6 +164,7 @@ impl ProxyError {
             | ProxyError::Unroutable { .. }
             | ProxyError::RegistryOnly(_)
             | ProxyError::Loop(_)
+            | ProxyError::NotThisPod { .. }
             | ProxyError::BadRequest { .. }
             | ProxyError::Socket(_)
             | ProxyError::OriginalDst(_)
@@ -177,6 +180,7 @@ impl ProxyError {
         match self {
             ProxyError::OriginalDst(_) => "original_dst",
             ProxyError::Loop(_) => "loop",
+            ProxyError::NotThisPod { .. } => "not_this_pod",
             ProxyError::RegistryOnly(_) => "registry_only",
             ProxyError::Unroutable { .. } => "unroutable",
             ProxyError::Socket(_) => "socket",

@@ -1,8 +1,10 @@
 //! Port 15006: plain TCP into the pod from peers outside the mesh.
 //!
 //! The peer has no identity; the connection is forwarded to the app with the peer's address
-//! as its source. L4 policy applies before the app connect, with no identity: a deny resets
-//! the connection.
+//! as its source. Its original destination must be this pod's own address (the one the
+//! redirect delivered it to), as on the HBONE path: ztunnel never connects onward to another
+//! address on a plaintext peer's behalf. L4 policy applies before the app connect, with no
+//! identity: a deny resets the connection.
 
 use std::net::SocketAddr;
 
@@ -11,7 +13,7 @@ use tokio::net::TcpStream;
 
 use super::copy;
 use super::tracker::ConnInfo;
-use super::{Pod, ProxyError, ProxyInputs, inbound, socket};
+use super::{Pod, ProxyError, ProxyInputs, hbone, inbound, socket};
 use crate::accesslog::{ConnLog, Direction};
 
 /// Serves one plaintext inbound connection to completion.
@@ -44,6 +46,17 @@ pub async fn serve(tcp: TcpStream, peer: SocketAddr, pod: &Pod, inputs: &ProxyIn
         socket::reset(tcp);
         log.finish(0, 0, Some(&ProxyError::Loop(dst)));
         return;
+    }
+    // REDIRECT delivers to the receiving interface's address; a packet that was addressed
+    // elsewhere (routed through the pod) must not make ztunnel connect there.
+    match tcp.local_addr() {
+        Ok(local) if hbone::same_ip(dst.ip(), local.ip()) => {}
+        local => {
+            socket::reset(tcp);
+            let pod_ip = local.map_or_else(|_| "unknown".to_string(), |a| a.ip().to_string());
+            log.finish(0, 0, Some(&ProxyError::NotThisPod { dst, pod_ip }));
+            return;
+        }
     }
     if let Err(denied) = inbound::authorize(&mut log, pod, inputs) {
         socket::reset(tcp);

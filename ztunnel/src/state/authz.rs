@@ -77,6 +77,8 @@ pub enum DenyReason {
     DenyPolicy(String),
     #[error("no ALLOW policy matched ({0} in scope)")]
     NoAllowMatch(usize),
+    #[error("the destination pod has no workload entry yet, so its policies are unknown")]
+    UnknownDestination,
 }
 
 /// A decision plus what dry-run policies would have done.

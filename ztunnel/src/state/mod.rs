@@ -190,8 +190,8 @@ impl State {
 
     /// Authorizes a connection into the enrolled pod `pod_uid` (namespace `pod_namespace`).
     /// The pod's workload entry is found by uid, else by the destination address when that
-    /// workload is in the same namespace; without one, only global and namespace policies
-    /// apply.
+    /// workload is in the same namespace. Without one the connection is denied: the
+    /// selector policies that protect the pod cannot be known, so allowing would fail open.
     pub fn authorize(
         &self,
         pod_uid: &str,
@@ -203,14 +203,13 @@ impl State {
                 .get(&conn.dst.ip())
                 .filter(|w| w.namespace == pod_namespace)
         });
-        let dst = match workload {
-            Some(w) => authz::Destination::of(w),
-            None => authz::Destination {
-                namespace: pod_namespace,
-                selected: &[],
+        match workload {
+            Some(w) => self.authz.authorize(authz::Destination::of(w), conn),
+            None => authz::Verdict {
+                decision: authz::Decision::Deny(authz::DenyReason::UnknownDestination),
+                dry_run: None,
             },
-        };
-        self.authz.authorize(dst, conn)
+        }
     }
 
     /// Resolves an original destination. `pick(n)` chooses one of `n` candidate endpoints

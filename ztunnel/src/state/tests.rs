@@ -109,3 +109,53 @@ fn endpoint_choice_uses_the_picker() {
     assert_eq!(kind(&state.resolve(dst, |_| 0)), "hbone 198.18.1.2:80");
     assert_eq!(kind(&state.resolve(dst, |n| n - 1)), "hbone 198.18.1.3:80");
 }
+
+/// A pod the state has no entry for cannot have its selector policies applied: its inbound
+/// is denied (never allow-all) until the entry arrives, by uid or by address.
+#[test]
+fn a_pod_without_a_workload_entry_is_denied_inbound() {
+    let known = workload(
+        "known",
+        "198.18.1.2",
+        Protocol::Hbone,
+        HealthStatus::Healthy,
+    );
+    let state = State::new(vec![known], vec![], vec![]);
+    let peer: IpAddr = "198.18.9.9".parse().unwrap();
+    let to =
+        |ip: &str| authz::Connection::new(None, peer, SocketAddr::new(ip.parse().unwrap(), 80));
+    let deny = authz::Decision::Deny(authz::DenyReason::UnknownDestination);
+    let cases = [
+        (
+            "known by uid",
+            "known",
+            "ns",
+            "198.18.1.2",
+            authz::Decision::Allow,
+        ),
+        (
+            "known by address, same namespace",
+            "other-uid",
+            "ns",
+            "198.18.1.2",
+            authz::Decision::Allow,
+        ),
+        (
+            "address of a workload in another namespace",
+            "other-uid",
+            "elsewhere",
+            "198.18.1.2",
+            deny.clone(),
+        ),
+        (
+            "unknown uid and address",
+            "new-pod",
+            "ns",
+            "198.18.1.7",
+            deny.clone(),
+        ),
+    ];
+    for (name, uid, ns, ip, want) in cases {
+        assert_eq!(state.authorize(uid, ns, &to(ip)).decision, want, "{name}");
+    }
+}
