@@ -204,7 +204,7 @@ async fn serve(
         "readiness",
         "--readiness-addr",
         config.readiness_addr,
-        crate::readiness::handler(status.clone(), certs.clone(), xds),
+        crate::readiness::handler(status.clone(), certs.clone(), xds.clone()),
     )
     .await?;
     let registry = Arc::new(metrics::registry(
@@ -213,6 +213,7 @@ async fn serve(
             pods: pods.clone(),
             certs: certs.clone(),
             zds: status.clone(),
+            xds: xds.clone(),
         },
     ));
     endpoint(
@@ -233,12 +234,23 @@ async fn serve(
         allow_remote: config.admin_allow_remote,
     });
     endpoint("admin", "--admin-addr", config.admin_addr, admin.handler()).await?;
-    let zds = tokio::spawn(client::run(
-        config.zds_socket.clone(),
-        pods.clone(),
-        drain.clone(),
-        status,
-    ));
+    // In Istio mode no pod is taken before istiod's first push: until then every destination
+    // would look unknown (plaintext passthrough) and every pod would have no policies
+    // (allow-all). Without a ZDS connection the node agent reports no ztunnel, so CNI ADD
+    // fails with "try again later" and no app starts uncaptured; pods an older ztunnel
+    // serves stay with it.
+    let zds = tokio::spawn({
+        let (path, pods, drain) = (config.zds_socket.clone(), pods.clone(), drain.clone());
+        async move {
+            if let Some(xds) = xds {
+                if !xds.synced.load(std::sync::atomic::Ordering::Acquire) {
+                    tracing::info!("waiting for istiod's first push before taking pods over ZDS");
+                }
+                xds.wait_synced().await;
+            }
+            client::run(path, pods, drain, status).await;
+        }
+    });
     tracing::info!(
         version = env!("CARGO_PKG_VERSION"),
         workers = workers.len(),

@@ -22,6 +22,7 @@ use crate::http::{Handler, reply, text};
 use crate::identity::manager::CertManager;
 use crate::inpod::client::ZdsStatus;
 use crate::inpod::manager::PodManager;
+use crate::xds::client::XdsStatus;
 
 /// Istio's TCP metric labels.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -98,6 +99,8 @@ pub struct Readings {
     pub pods: Arc<PodManager>,
     pub certs: Arc<CertManager>,
     pub zds: Arc<ZdsStatus>,
+    /// With `--xds-address`: the stream's status.
+    pub xds: Option<Arc<XdsStatus>>,
 }
 
 fn gauge(
@@ -178,6 +181,22 @@ impl Collector for Readings {
             None,
             flag(self.zds.snapshot_received.load(Ordering::Acquire)),
         )?;
+        if let Some(xds) = &self.xds {
+            gauge(
+                &mut encoder,
+                "ztunnel_xds_synced",
+                "1 once istiod's first push of workloads and policies was applied",
+                None,
+                flag(xds.synced.load(Ordering::Acquire)),
+            )?;
+            gauge(
+                &mut encoder,
+                "ztunnel_xds_refused_policies",
+                "Policies from istiod that could not be read, each enforced as a fail-closed stand-in",
+                None,
+                xds.refused_policies.load(Ordering::Acquire) as f64,
+            )?;
+        }
         process(&mut encoder)
     }
 }

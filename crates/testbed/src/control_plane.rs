@@ -37,6 +37,11 @@ struct Inner {
     version: u64,
     /// Every request received (ACKs and NACKs included), for assertions.
     requests: Vec<DeltaDiscoveryRequest>,
+    /// While set, new streams get nothing (an istiod that has not pushed yet); see
+    /// [`ControlPlane::hold`].
+    held: bool,
+    /// Streams opened while held, waiting for their first full push.
+    waiting: Vec<mpsc::UnboundedSender<Reply>>,
 }
 
 impl Inner {
@@ -69,6 +74,15 @@ impl Inner {
             resources,
             removed_resources: removed,
         }
+    }
+
+    /// Sends a new stream everything, then keeps it for later deltas.
+    fn open(&mut self, tx: mpsc::UnboundedSender<Reply>) {
+        for type_url in [ADDRESS_TYPE, AUTHORIZATION_TYPE] {
+            let full = self.response(type_url, None, Vec::new());
+            let _ = tx.send(Ok(full));
+        }
+        self.sessions.push(tx);
     }
 
     /// Replaces every resource of `type_url`, pushing the difference to every stream.
@@ -108,11 +122,11 @@ impl AggregatedDiscoveryService for Service {
         let (tx, rx) = mpsc::unbounded_channel();
         {
             let mut inner = self.0.lock().expect("not poisoned");
-            for type_url in [ADDRESS_TYPE, AUTHORIZATION_TYPE] {
-                let full = inner.response(type_url, None, Vec::new());
-                let _ = tx.send(Ok(full));
+            if inner.held {
+                inner.waiting.push(tx);
+            } else {
+                inner.open(tx);
             }
-            inner.sessions.push(tx);
         }
         let inner = self.0.clone();
         tokio::spawn(async move {
@@ -285,6 +299,20 @@ impl ControlPlane {
             .lock()
             .expect("not poisoned")
             .replace(AUTHORIZATION_TYPE, next);
+    }
+
+    /// From now on, streams that open are accepted but sent nothing until [`Self::release`].
+    pub fn hold(&self) {
+        self.inner.lock().expect("not poisoned").held = true;
+    }
+
+    /// Sends every held stream its first push and serves new ones normally again.
+    pub fn release(&self) {
+        let mut inner = self.inner.lock().expect("not poisoned");
+        inner.held = false;
+        for tx in std::mem::take(&mut inner.waiting) {
+            inner.open(tx);
+        }
     }
 
     /// The identities certificates were issued for, in order.

@@ -43,12 +43,37 @@ pub struct XdsConfig {
     pub trust_domain: String,
 }
 
-/// What readiness and metrics read.
+/// What readiness and metrics read, and what the ZDS client waits for.
 #[derive(Debug, Default)]
 pub struct XdsStatus {
     pub connected: AtomicBool,
     /// Both resource types have arrived at least once.
     pub synced: AtomicBool,
+    /// Policies refused and enforced as fail-closed stand-ins right now.
+    pub refused_policies: std::sync::atomic::AtomicUsize,
+    synced_now: tokio::sync::Notify,
+}
+
+impl XdsStatus {
+    /// Records that both resource types have arrived; true the first time.
+    pub fn mark_synced(&self) -> bool {
+        let first = !self.synced.swap(true, Ordering::AcqRel);
+        if first {
+            self.synced_now.notify_waiters();
+        }
+        first
+    }
+
+    /// Returns once istiod's first push of both resource types has been applied.
+    pub async fn wait_synced(&self) {
+        loop {
+            let notified = self.synced_now.notified();
+            if self.synced.load(Ordering::Acquire) {
+                return;
+            }
+            notified.await;
+        }
+    }
 }
 
 /// Resources known, by name, with their versions.
@@ -56,6 +81,9 @@ pub struct XdsStatus {
 struct Store {
     addresses: BTreeMap<String, (String, AddressResource)>,
     policies: BTreeMap<String, (String, Authorization)>,
+    /// Policies that could not be read; each is in `policies` as its fail-closed stand-in
+    /// ([`convert::refused_authorization`]).
+    refused_policies: std::collections::BTreeSet<String>,
 }
 
 impl Store {
@@ -88,35 +116,28 @@ impl Store {
         }
     }
 
-    /// Applies one response; returns the refusals (`name: reason`).
+    /// Applies one response; returns the refusals (`name: reason`). A refused policy is kept
+    /// as its fail-closed stand-in, and the refusal says so.
     fn apply(&mut self, resp: &DeltaDiscoveryResponse, trust_domain: &str) -> Vec<String> {
         let mut refused = Vec::new();
         for r in &resp.resources {
-            let Some(any) = &r.resource else {
-                refused.push(format!("{}: no resource body", r.name));
-                continue;
+            let body = match &r.resource {
+                None => Err("no resource body".to_string()),
+                Some(any) if any.type_url != resp.type_url => Err(format!(
+                    "type {} in a {} response",
+                    any.type_url, resp.type_url
+                )),
+                Some(any) => Ok(any.value.as_slice()),
             };
-            if any.type_url != resp.type_url {
-                refused.push(format!(
-                    "{}: type {} in a {} response",
-                    r.name, any.type_url, resp.type_url
-                ));
-                continue;
-            }
             let result = match resp.type_url.as_str() {
-                ADDRESS_TYPE => wl::Address::decode(any.value.as_slice())
-                    .map_err(|e| e.to_string())
+                ADDRESS_TYPE => body
+                    .and_then(|b| wl::Address::decode(b).map_err(|e| e.to_string()))
                     .and_then(|a| convert::address(&a, trust_domain))
                     .map(|a| {
                         self.addresses
                             .insert(r.name.clone(), (r.version.clone(), a));
                     }),
-                _ => sec::Authorization::decode(any.value.as_slice())
-                    .map_err(|e| e.to_string())
-                    .and_then(|a| convert::authorization(&a))
-                    .map(|a| {
-                        self.policies.insert(r.name.clone(), (r.version.clone(), a));
-                    }),
+                _ => self.apply_policy(&r.name, &r.version, body),
             };
             if let Err(why) = result {
                 refused.push(format!("{}: {why}", r.name));
@@ -127,9 +148,47 @@ impl Store {
                 self.addresses.remove(name);
             } else {
                 self.policies.remove(name);
+                self.refused_policies.remove(name);
             }
         }
         refused
+    }
+
+    fn apply_policy(
+        &mut self,
+        name: &str,
+        version: &str,
+        body: Result<&[u8], String>,
+    ) -> Result<(), String> {
+        let decoded = body.and_then(|b| sec::Authorization::decode(b).map_err(|e| e.to_string()));
+        let converted = decoded
+            .as_ref()
+            .map_err(Clone::clone)
+            .and_then(convert::authorization);
+        let (policy, result) = match converted {
+            Ok(p) => {
+                self.refused_policies.remove(name);
+                (p, Ok(()))
+            }
+            Err(why) => {
+                let stand_in = convert::refused_authorization(name, decoded.as_ref().ok());
+                let what = match stand_in.action {
+                    crate::state::policy::Action::Allow => "an ALLOW that matches nothing",
+                    crate::state::policy::Action::Deny => "a DENY of everything",
+                };
+                tracing::warn!(policy = name, reason = %why, stand_in = what, "policy refused; enforcing a fail-closed stand-in");
+                self.refused_policies.insert(name.to_string());
+                (
+                    stand_in,
+                    Err(format!(
+                        "{why} (enforced as {what} in its scope until a valid version arrives)"
+                    )),
+                )
+            }
+        };
+        self.policies
+            .insert(name.to_string(), (version.to_string(), policy));
+        result
     }
 }
 
@@ -263,8 +322,11 @@ async fn stream_inner(
             _ => {}
         }
         sources.set(Source::ControlPlane, store.parts());
+        status
+            .refused_policies
+            .store(store.refused_policies.len(), Ordering::Release);
         *progressed = true;
-        if seen == (true, true) && !status.synced.swap(true, Ordering::AcqRel) {
+        if seen == (true, true) && status.mark_synced() {
             tracing::info!(
                 addresses = store.addresses.len(),
                 policies = store.policies.len(),

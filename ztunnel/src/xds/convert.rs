@@ -231,6 +231,44 @@ pub fn authorization(a: &sec::Authorization) -> Result<Authorization, Refusal> {
     })
 }
 
+/// What a policy istiod sent but we could not read is enforced as until a readable version
+/// replaces it: never nothing, which would drop a DENY or turn an ALLOW's scope allow-all.
+/// A refused ALLOW becomes an ALLOW that matches nothing (its scope then admits only what
+/// another ALLOW admits); anything else becomes a DENY of everything. The scope is the
+/// policy's own where it could be read, else the namespace named by the resource
+/// (`namespace/name`), else global. A readable dry-run flag is kept.
+pub fn refused_authorization(
+    resource: &str,
+    decoded: Option<&sec::Authorization>,
+) -> Authorization {
+    let (ns_from_name, name_from_name) = resource.split_once('/').unwrap_or(("", resource));
+    let pick = |decoded: Option<&str>, fallback: &str| {
+        decoded
+            .filter(|s| !s.is_empty())
+            .unwrap_or(fallback)
+            .to_string()
+    };
+    let namespace = pick(decoded.map(|a| a.namespace.as_str()), ns_from_name);
+    let name = pick(decoded.map(|a| a.name.as_str()), name_from_name);
+    let scope = match decoded.map(|a| sec::Scope::try_from(a.scope)) {
+        Some(Ok(sec::Scope::Global)) => Scope::Global,
+        Some(Ok(sec::Scope::WorkloadSelector)) => Scope::WorkloadSelector,
+        Some(Ok(sec::Scope::Namespace)) => Scope::Namespace,
+        _ if namespace.is_empty() => Scope::Global,
+        _ => Scope::Namespace,
+    };
+    let allow = decoded.is_some_and(|a| a.action == sec::Action::Allow as i32);
+    Authorization {
+        name,
+        namespace,
+        scope,
+        action: if allow { Action::Allow } else { Action::Deny },
+        // No rule matches nothing; one rule without clauses matches everything.
+        rules: if allow { Vec::new() } else { vec![Vec::new()] },
+        dry_run: decoded.is_some_and(|a| a.dry_run),
+    }
+}
+
 fn rbac_match(m: &sec::Match) -> Result<RbacMatch, Refusal> {
     let strings = |list: &[sec::StringMatch]| -> Result<Vec<StringMatch>, Refusal> {
         list.iter()

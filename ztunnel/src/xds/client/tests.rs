@@ -338,3 +338,102 @@ async fn resources_of_the_wrong_type_or_without_a_body_are_refused() {
     assert!(nack.error_detail.unwrap().message.contains("unknown type"));
     s.client.abort();
 }
+
+/// A policy that cannot be read never vanishes: a bad DENY still denies everything in its
+/// scope, a bad ALLOW still closes its scope (it admits nothing itself), a body that does not
+/// even decode closes the namespace its name gives. The NACK and the status say so, and a
+/// readable version replaces the stand-in.
+#[tokio::test]
+async fn refused_policies_are_enforced_as_fail_closed_stand_ins() {
+    use crate::state::policy::{Action, Scope};
+    let mut s = setup().await;
+    let mut session = tokio::time::timeout(T, s.sessions.recv())
+        .await
+        .unwrap()
+        .unwrap();
+    session.request().await;
+    session.request().await;
+    let bad_port = |name: &str, scope: sec::Scope, action: sec::Action| sec::Authorization {
+        name: name.into(),
+        namespace: "ns".into(),
+        scope: scope as i32,
+        action: action as i32,
+        rules: vec![sec::Rule {
+            clauses: vec![sec::Clause {
+                matches: vec![sec::Match {
+                    destination_ports: vec![70000],
+                    ..Default::default()
+                }],
+            }],
+        }],
+        ..Default::default()
+    };
+    let deny = bad_port("deny", sec::Scope::Namespace, sec::Action::Deny);
+    let allow = bad_port("allow", sec::Scope::WorkloadSelector, sec::Action::Allow);
+    let mut unknown_action = bad_port("odd", sec::Scope::Global, sec::Action::Allow);
+    unknown_action.action = 9;
+    unknown_action.rules.clear();
+    let push = |session: &Session, nonce: &str, deny: &sec::Authorization| {
+        session.push(
+            AUTHORIZATION_TYPE,
+            nonce,
+            vec![
+                resource("ns/deny", "1", AUTHORIZATION_TYPE, deny.encode_to_vec()),
+                resource("ns/allow", "1", AUTHORIZATION_TYPE, allow.encode_to_vec()),
+                resource(
+                    "ns/odd",
+                    "1",
+                    AUTHORIZATION_TYPE,
+                    unknown_action.encode_to_vec(),
+                ),
+                resource("ns2/junk", "1", AUTHORIZATION_TYPE, vec![0xff, 0xff]),
+            ],
+            &[],
+        );
+    };
+    push(&session, "n1", &deny);
+    let nack = session.request().await;
+    let msg = nack.error_detail.expect("NACK").message;
+    assert!(
+        msg.contains("ns/deny:") && msg.contains("enforced as a DENY of everything"),
+        "{msg}"
+    );
+    assert!(
+        msg.contains("ns/allow:") && msg.contains("an ALLOW that matches nothing"),
+        "{msg}"
+    );
+    assert!(eventually(|| s.status.refused_policies.load(Ordering::Acquire) == 4).await);
+    let state = s.state.load();
+    let shape = |name: &str| {
+        let p = state.policies.iter().find(|p| p.name == name).expect(name);
+        (p.namespace.clone(), p.scope, p.action, p.rules.len())
+    };
+    let cases = [
+        ("deny", ("ns", Scope::Namespace, Action::Deny, 1)),
+        ("allow", ("ns", Scope::WorkloadSelector, Action::Allow, 0)),
+        ("odd", ("ns", Scope::Global, Action::Deny, 1)),
+        ("junk", ("ns2", Scope::Namespace, Action::Deny, 1)),
+    ];
+    for (name, (ns, scope, action, rules)) in cases {
+        assert_eq!(
+            shape(name),
+            (ns.to_string(), scope, action, rules),
+            "{name}"
+        );
+    }
+    // The DENY stand-ins match any connection; the ALLOW stand-in matches none.
+    let peer = "198.18.0.9".parse().unwrap();
+    let conn = crate::state::authz::Connection::new(None, peer, "198.18.0.1:80".parse().unwrap());
+    for p in &state.policies {
+        let want = p.action == Action::Deny;
+        assert_eq!(crate::state::authz::matches(p, &conn), want, "{}", p.name);
+    }
+
+    // A readable DENY replaces its stand-in.
+    let mut fixed = deny.clone();
+    fixed.rules[0].clauses[0].matches[0].destination_ports = vec![9000];
+    push(&session, "n2", &fixed);
+    session.request().await;
+    assert!(eventually(|| s.status.refused_policies.load(Ordering::Acquire) == 3).await);
+    s.client.abort();
+}
