@@ -170,8 +170,12 @@ struct Tracked {
     pod: PodInfo,
     opts: Options,
     netns: Option<Arc<NetNs>>,
-    /// The sandbox container the CNI plugin enrolled this pod for.
+    /// The sandbox container the CNI plugin enrolled this pod for. While set, the netns path
+    /// and addresses the runtime reported win over a pod source that does not give them.
     container: Option<String>,
+    /// The runtime deleted that sandbox: the pod waits for a new one's ADD and is never
+    /// enrolled again from the pod source (that would reach into the dying netns).
+    sandbox_gone: bool,
     state: PodState,
     failures: u32,
     retry_at: Option<Instant>,
@@ -331,12 +335,21 @@ impl Manager {
             .collect();
         let mut wanted: BTreeMap<String, (PodInfo, Options)> = BTreeMap::new();
         for pod in &set.pods {
-            if let Decision::Enroll(opts) = decide(
+            match decide(
                 pod,
                 namespaces.get(pod.namespace.as_str()).copied(),
                 &self.policy,
             ) {
-                wanted.insert(pod.uid.clone(), (pod.clone(), opts));
+                Decision::Enroll(opts) => {
+                    wanted.insert(pod.uid.clone(), (pod.clone(), opts));
+                }
+                // Not knowing is no reason to take a pod out of the mesh: it keeps what it has.
+                Decision::Unknown(_) => {
+                    if let Some(t) = self.tracked.get(&pod.uid) {
+                        wanted.insert(pod.uid.clone(), (t.pod.clone(), t.opts));
+                    }
+                }
+                Decision::Skip(_) => {}
             }
         }
         let gone: Vec<String> = self
@@ -348,17 +361,31 @@ impl Manager {
         for uid in gone {
             self.unenroll(&uid).await;
         }
-        for (uid, (pod, opts)) in wanted {
+        for (uid, (mut pod, opts)) in wanted {
             match self.tracked.get_mut(&uid) {
-                Some(t) if t.pod == pod && t.opts == opts => {}
                 Some(t) => {
-                    let netns_changed = t.pod.netns != pod.netns;
-                    tracing::info!(%uid, pod = %pod.name, "pod changed; re-enrolling");
-                    if netns_changed {
+                    if t.container.is_some() {
+                        // What the runtime reported for its sandbox stays unless the source
+                        // says otherwise.
+                        if !matches!(pod.netns, NetnsHint::Path(_)) {
+                            pod.netns = t.pod.netns.clone();
+                        }
+                        if pod.ips.is_empty() {
+                            pod.ips = t.pod.ips.clone();
+                        }
+                    }
+                    if t.pod == pod && t.opts == opts {
+                        continue;
+                    }
+                    if t.pod.netns != pod.netns {
                         t.netns = None;
                     }
                     t.pod = pod;
                     t.opts = opts;
+                    if t.sandbox_gone {
+                        continue;
+                    }
+                    tracing::info!(%uid, pod = %t.pod.name, "pod changed; re-enrolling");
                     t.failures = 0;
                     self.enroll(&uid).await;
                 }
@@ -370,6 +397,7 @@ impl Manager {
                             opts,
                             netns: None,
                             container: None,
+                            sandbox_gone: false,
                             state: PodState::Pending("starting".into()),
                             failures: 0,
                             retry_at: None,
@@ -605,6 +633,9 @@ impl Manager {
             .find(|n| n.name == pod.namespace);
         let opts = match decide(&pod, ns, &self.policy) {
             Decision::Skip(why) => return Ok(CniOutcome::NotInMesh(why)),
+            // Retried like a pod the source has not shown; then a clear error, and the runtime
+            // retries the sandbox. Never "not in the mesh": the app would start uncaptured.
+            Decision::Unknown(why) => return Err(CniFailure::UnknownPod(why.to_string())),
             Decision::Enroll(opts) => opts,
         };
         if self.zds.connected() == 0 {
@@ -632,6 +663,7 @@ impl Manager {
                     opts,
                     netns: None,
                     container: Some(cni.container_id.clone()),
+                    sandbox_gone: false,
                     state: PodState::Pending("starting".into()),
                     failures: 0,
                     retry_at: None,
@@ -653,8 +685,10 @@ impl Manager {
             .namespaces
             .iter()
             .find(|n| n.name == pod.namespace);
-        if let Decision::Skip(why) = decide(&pod, ns, &self.policy) {
-            return Ok(CniOutcome::NotInMesh(why));
+        match decide(&pod, ns, &self.policy) {
+            Decision::Skip(why) => return Ok(CniOutcome::NotInMesh(why)),
+            Decision::Unknown(why) => return Err(CniFailure::UnknownPod(why.to_string())),
+            Decision::Enroll(_) => {}
         }
         let Some(t) = self.tracked.get(&pod.uid) else {
             return Err(CniFailure::Missing("the pod is not enrolled".into()));
@@ -700,6 +734,7 @@ impl Manager {
                     opts,
                     netns: None,
                     container: Some(container_id.to_string()),
+                    sandbox_gone: true,
                     state: PodState::Pending(
                         "sandbox deleted by the runtime; waiting for a new one".into(),
                     ),

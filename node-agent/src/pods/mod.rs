@@ -93,6 +93,9 @@ impl Default for Policy {
 pub enum Decision {
     Enroll(Options),
     Skip(&'static str),
+    /// Not decidable yet: the pod leaves it to its namespace, which the source has not
+    /// shown (a watch that lags the runtime). Never read as "not in the mesh".
+    Unknown(&'static str),
 }
 
 fn flag(map: &BTreeMap<String, String>, key: &str) -> Option<bool> {
@@ -109,7 +112,8 @@ fn flag(map: &BTreeMap<String, String>, key: &str) -> Option<bool> {
 
 /// Istio's enrollment rule: the pod's `istio.io/dataplane-mode` label wins (`ambient` enrolls,
 /// `none` opts out), else its namespace's; never host-network pods, pods with a sidecar, or
-/// excluded namespaces.
+/// excluded namespaces. A pod that defers to a namespace nobody has shown yet is
+/// [`Decision::Unknown`].
 pub fn decide(pod: &PodInfo, namespace: Option<&NamespaceInfo>, policy: &Policy) -> Decision {
     if policy.excluded_namespaces.contains(&pod.namespace) {
         return Decision::Skip("namespace is excluded");
@@ -127,6 +131,11 @@ pub fn decide(pod: &PodInfo, namespace: Option<&NamespaceInfo>, policy: &Policy)
     match (pod_mode, ns_mode) {
         (Some(MODE_NONE), _) => return Decision::Skip("pod opted out (dataplane-mode=none)"),
         (Some(MODE_AMBIENT), _) | (_, Some(MODE_AMBIENT)) => {}
+        _ if namespace.is_none() => {
+            return Decision::Unknown(
+                "the pod's namespace is not known to the node agent yet (its namespace watch lags)",
+            );
+        }
         _ => return Decision::Skip("neither pod nor namespace is in ambient mode"),
     }
     Decision::Enroll(Options {
@@ -169,64 +178,80 @@ mod tests {
             };
         let amb = [(DATAPLANE_MODE, MODE_AMBIENT)];
         let none = [(DATAPLANE_MODE, MODE_NONE)];
-        let cases: Vec<(&str, PodInfo, Option<&NamespaceInfo>, bool)> = vec![
+        let cases: Vec<(&str, PodInfo, Option<&NamespaceInfo>, &str)> = vec![
             (
                 "pod label",
                 pod("shop", &amb, &[], false),
                 Some(&plain_ns),
-                true,
+                "enroll",
             ),
             (
                 "namespace label",
                 pod("shop", &[], &[], false),
                 Some(&ambient_ns),
-                true,
+                "enroll",
             ),
             (
                 "namespace unknown, pod label",
                 pod("shop", &amb, &[], false),
                 None,
-                true,
+                "enroll",
             ),
             (
                 "pod opts out of an ambient namespace",
                 pod("shop", &none, &[], false),
                 Some(&ambient_ns),
-                false,
+                "skip",
             ),
             (
                 "no labels anywhere",
                 pod("shop", &[], &[], false),
                 Some(&plain_ns),
-                false,
+                "skip",
             ),
             (
                 "host network",
                 pod("shop", &amb, &[], true),
                 Some(&ambient_ns),
-                false,
+                "skip",
             ),
             (
                 "sidecar",
                 pod("shop", &amb, &[(SIDECAR_STATUS, "{}")], false),
                 Some(&ambient_ns),
-                false,
+                "skip",
+            ),
+            (
+                "namespace unknown, no pod label",
+                pod("shop", &[], &[], false),
+                None,
+                "unknown",
+            ),
+            (
+                "namespace unknown, pod opts out",
+                pod("shop", &none, &[], false),
+                None,
+                "skip",
             ),
             (
                 "kube-system",
                 pod("kube-system", &amb, &[], false),
                 None,
-                false,
+                "skip",
             ),
             (
                 "other label value",
                 pod("shop", &[(DATAPLANE_MODE, "sidecar")], &[], false),
                 Some(&plain_ns),
-                false,
+                "skip",
             ),
         ];
         for (name, p, ns, want) in cases {
-            let got = matches!(decide(&p, ns, &policy), Decision::Enroll(_));
+            let got = match decide(&p, ns, &policy) {
+                Decision::Enroll(_) => "enroll",
+                Decision::Skip(_) => "skip",
+                Decision::Unknown(_) => "unknown",
+            };
             assert_eq!(got, want, "{name}");
         }
     }
@@ -248,7 +273,7 @@ mod tests {
             &policy,
         ) {
             Decision::Enroll(o) => o,
-            Decision::Skip(why) => panic!("{why}"),
+            Decision::Skip(why) | Decision::Unknown(why) => panic!("{why}"),
         };
         assert!(!opts(&[]).dns_capture && opts(&[]).capture_inbound);
         assert!(opts(&[(DNS_CAPTURE, "true")]).dns_capture);
