@@ -4,27 +4,11 @@
 
 use std::time::Duration;
 
-use mesh_testbed::apps::{EchoServer, connect, echo_roundtrip, listening_ports};
+use mesh_testbed::apps::{EchoServer, connect, echo_roundtrip, has_rules, proxied, unproxied};
 use mesh_testbed::lab::Pod;
 use mesh_testbed::mesh::{Scene, eventually};
 
 const T: Duration = Duration::from_secs(10);
-
-fn proxied(pod: &Pod) -> bool {
-    let ports = listening_ports(pod);
-    [15001, 15006, 15008].iter().all(|p| ports.contains(p))
-}
-
-fn unproxied(pod: &Pod) -> bool {
-    let ports = listening_ports(pod);
-    ![15001, 15006, 15008].iter().any(|p| ports.contains(p))
-}
-
-fn has_rules(pod: &Pod) -> bool {
-    pod.ns
-        .exec("nft", &["list", "tables"])
-        .contains("ztunnel-redirect")
-}
 
 /// Both nodes run the real agent and ztunnel; a1 (node a) and b1 (node b) are in the pod files.
 fn scene() -> Scene {

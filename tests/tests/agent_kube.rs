@@ -4,24 +4,13 @@
 
 use std::time::Duration;
 
-use mesh_testbed::apps::listening_ports;
+use mesh_testbed::apps::{has_rules, proxied};
 use mesh_testbed::kube_mock::KubeMock;
 use mesh_testbed::lab::Pod;
 use mesh_testbed::mesh::{Mesh, Workload, eventually};
 use serde_json::json;
 
 const T: Duration = Duration::from_secs(15);
-
-fn proxied(pod: &Pod) -> bool {
-    let ports = listening_ports(pod);
-    [15001, 15006, 15008].iter().all(|p| ports.contains(p))
-}
-
-fn has_rules(pod: &Pod) -> bool {
-    pod.ns
-        .exec("nft", &["list", "tables"])
-        .contains("ztunnel-redirect")
-}
 
 fn pod_json(pod: &Pod, namespace: &str, node: &str, uid: &str) -> serde_json::Value {
     json!({

@@ -166,3 +166,22 @@ pub fn listening_ports(pod: &Pod) -> Vec<u16> {
     ports.sort_unstable();
     ports
 }
+
+/// Whether ztunnel listens in `pod` on all three of its ports (the pod is proxied).
+pub fn proxied(pod: &Pod) -> bool {
+    let ports = listening_ports(pod);
+    [15001, 15006, 15008].iter().all(|p| ports.contains(p))
+}
+
+/// Whether none of ztunnel's ports listen in `pod`.
+pub fn unproxied(pod: &Pod) -> bool {
+    let ports = listening_ports(pod);
+    ![15001, 15006, 15008].iter().any(|p| ports.contains(p))
+}
+
+/// Whether the node agent's redirection table is installed in `pod`.
+pub fn has_rules(pod: &Pod) -> bool {
+    pod.ns
+        .exec("nft", &["list", "tables"])
+        .contains("ztunnel-redirect")
+}

@@ -182,6 +182,11 @@ impl Mesh {
         }
     }
 
+    /// The real node agent's `--run-dir` on `node` (its CNI event socket lives there).
+    pub fn agent_run_dir(&self, node: &str) -> PathBuf {
+        self.lab.dir().join(format!("{node}-run"))
+    }
+
     /// The pod file the real node agent of `node` reads.
     pub fn pod_file(&self, node: &str) -> PathBuf {
         self.lab.dir().join(format!("{node}-pods.yaml"))
@@ -255,7 +260,7 @@ impl Mesh {
             "--zds-socket",
             &self.zds_socket(node).to_string_lossy(),
             "--run-dir",
-            &self.lab.dir().join(format!("{node}-run")).to_string_lossy(),
+            &self.agent_run_dir(node).to_string_lossy(),
             "--state-dir",
             &state.to_string_lossy(),
             "--http-addr",
