@@ -283,11 +283,9 @@ fn tls_clients_without_one_valid_identity_are_refused_with_the_reason() {
     let now = SystemTime::now();
     let (past, future) = (now - 24 * hour, now + 24 * hour);
     let ca = m.ca_dir.clone();
-    let cases: Vec<(
-        &str,
-        Option<(&std::path::Path, Vec<&str>, SystemTime, SystemTime)>,
-        &str,
-    )> = vec![
+    // (case, the certificate presented: signing CA, URI SANs, validity; the reason logged)
+    type Leaf<'a> = Option<(&'a std::path::Path, Vec<&'a str>, SystemTime, SystemTime)>;
+    let cases: Vec<(&str, Leaf<'_>, &str)> = vec![
         ("no certificate", None, "peersentnocertificates"),
         (
             "expired",

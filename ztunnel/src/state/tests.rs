@@ -152,7 +152,7 @@ fn a_pod_without_a_workload_entry_is_denied_inbound() {
             "new-pod",
             "ns",
             "198.18.1.7",
-            deny.clone(),
+            deny,
         ),
     ];
     for (name, uid, ns, ip, want) in cases {

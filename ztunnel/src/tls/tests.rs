@@ -259,14 +259,16 @@ fn client_certificates_are_refused_with_the_reason() {
     let me = "spiffe://cluster.local/ns/a/sa/client";
     let now = (2020, 1, 1);
     let later = (2090, 1, 1);
-    let cases: [(
-        &str,
-        &std::path::Path,
-        &[&str],
-        (i32, u8, u8),
-        (i32, u8, u8),
-        Option<&str>,
-    ); 7] = [
+    type Ymd = (i32, u8, u8);
+    type Case<'a> = (
+        &'a str,
+        &'a std::path::Path,
+        &'a [&'a str],
+        Ymd,
+        Ymd,
+        Option<&'a str>,
+    );
+    let cases: [Case<'_>; 7] = [
         ("valid", main.path(), &[me], now, later, None),
         (
             "expired",
