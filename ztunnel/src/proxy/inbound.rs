@@ -99,6 +99,17 @@ pub async fn serve(tcp: TcpStream, peer: SocketAddr, pod: Arc<Pod>, inputs: Arc<
     }
 }
 
+/// The access-log record of one inbound HBONE connection or stream from `peer` to `dst`.
+fn hbone_log(peer: SocketAddr, dst: SocketAddr, pod: &Pod, inputs: &ProxyInputs) -> ConnLog {
+    ConnLog::new(
+        Direction::InboundHbone,
+        pod.name(),
+        peer,
+        dst,
+        &inputs.metrics,
+    )
+}
+
 /// One access-log event for a peer refused before any CONNECT: a certificate that did not
 /// verify (expired, foreign CA, several identities, ...), a failed or slow handshake.
 fn refused_handshake(
@@ -108,13 +119,7 @@ fn refused_handshake(
     inputs: &ProxyInputs,
     error: &ProxyError,
 ) {
-    let mut log = ConnLog::new(
-        Direction::InboundHbone,
-        pod.name(),
-        peer,
-        local,
-        &inputs.metrics,
-    );
+    let mut log = hbone_log(peer, local, pod, inputs);
     log.dst_identity = Some(pod.identity.clone());
     log.finish(0, 0, Some(error));
 }
@@ -132,13 +137,7 @@ async fn stream(
         Ok(t) => t,
         Err(rejection) => {
             answer(&mut respond, rejection.status);
-            let mut log = ConnLog::new(
-                Direction::InboundHbone,
-                pod.name(),
-                peer,
-                local,
-                &inputs.metrics,
-            );
+            let mut log = hbone_log(peer, local, pod, inputs);
             log.src_identity = peer_identity;
             let authority = req.uri().to_string();
             log.finish(
@@ -152,13 +151,7 @@ async fn stream(
             return;
         }
     };
-    let mut log = ConnLog::new(
-        Direction::InboundHbone,
-        pod.name(),
-        peer,
-        target,
-        &inputs.metrics,
-    );
+    let mut log = hbone_log(peer, target, pod, inputs);
     log.src_identity = peer_identity;
     log.dst_identity = Some(pod.identity.clone());
     log.security = "mtls";
