@@ -117,9 +117,12 @@ fn config_reload_takes_effect_and_a_bad_file_keeps_the_old_one() {
 
     // Once b1 is in the registry, the same connection goes over HBONE.
     m.write_config(&[&wa, &wb], &[]);
-    assert!(eventually(T, || m
-        .ztunnel_log("a")
-        .contains("local config reloaded")));
+    // Both nodes must have read the new file: b refuses inbound until it knows b1.
+    for node in ["a", "b"] {
+        assert!(eventually(T, || m
+            .ztunnel_log(node)
+            .contains("local config reloaded")));
+    }
     assert_eq!(
         echo_roundtrip(connect(&a1, b1.addr(8080), T).unwrap(), b"2").unwrap(),
         b"2"
