@@ -83,6 +83,12 @@ async fn serve(config: Config) -> anyhow::Result<()> {
     let metrics = Arc::new(Metrics::default());
     let mut registry = Registry::default();
     metrics.register(&mut registry);
+    let marks_file = config.state_dir.join("enrolled.json");
+    let marks = Marks::load(Some(marks_file.clone())).unwrap_or_else(|e| {
+        metrics.state_file_errors.inc();
+        tracing::error!(error = %e, "the enrollment record is unreadable; moving it aside and treating every pod as enrolled before");
+        Marks::damaged(marks_file)
+    });
     let zds = ZdsServer::new();
     let shared = Arc::new(Mutex::new(Shared::default()));
     let mut manager = Manager::new(
@@ -101,7 +107,7 @@ async fn serve(config: Config) -> anyhow::Result<()> {
         metrics.clone(),
         status,
         shared.clone(),
-        Marks::load(Some(config.state_dir.join("enrolled.json"))),
+        marks,
         config.drift_interval,
     );
     manager.host_probes = !config.no_host_probe_rule;

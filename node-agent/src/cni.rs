@@ -96,6 +96,17 @@ impl Body {
     }
 }
 
+/// Fuzz entry point (`fuzz/`, replayed by `tests/tests/fuzz_corpora.rs`): bytes as the body of
+/// a plugin request. A body that parses into a pod names it and carries only addresses.
+pub fn fuzz_request_body(data: &[u8]) {
+    if let Ok(body) = serde_json::from_slice::<Body>(data)
+        && let Ok(pod) = body.pod()
+    {
+        assert!(!pod.name.is_empty());
+        assert_eq!(pod.ips.len(), body.ips.len());
+    }
+}
+
 /// Shared by every connection.
 #[derive(Debug)]
 pub struct CniServer {
@@ -302,20 +313,18 @@ pub fn serve(
     // Only root (the runtime) may ask for enrollment decisions.
     std::fs::set_permissions(&path, std::os::unix::fs::PermissionsExt::from_mode(0o600))?;
     Ok(async move {
-        loop {
-            let Ok((stream, _)) = listener.accept().await else {
-                continue;
-            };
+        crate::http::accept_loop("cni", listener, |stream| {
             let server = server.clone();
-            tokio::spawn(async move {
-                let svc = hyper::service::service_fn(move |req| {
-                    let server = server.clone();
-                    async move { Ok::<_, Infallible>(server.handle(req).await) }
-                });
-                let _ = hyper::server::conn::http1::Builder::new()
+            let svc = hyper::service::service_fn(move |req| {
+                let server = server.clone();
+                async move { Ok::<_, Infallible>(server.handle(req).await) }
+            });
+            async move {
+                let _ = crate::http::http1()
                     .serve_connection(TokioIo::new(stream), svc)
                     .await;
-            });
-        }
+            }
+        })
+        .await
     })
 }

@@ -123,25 +123,54 @@ pub enum Request {
 }
 
 /// Persistent record of which pods this node enrolled, so rules lost with a reboot are
-/// noticed and reported rather than silently reinstalled.
+/// noticed and reported rather than silently reinstalled. Written atomically
+/// ([`write_atomic`](crate::install::write_atomic)).
 #[derive(Debug)]
 pub struct Marks {
     file: Option<PathBuf>,
     uids: HashSet<String>,
+    /// The file could not be read: which pods were enrolled is unknown, so every pod counts
+    /// as marked (missing rules are reported as lost, never taken as a first install).
+    damaged: bool,
 }
 
 impl Marks {
-    pub fn load(file: Option<PathBuf>) -> Self {
-        let uids = file
-            .as_ref()
-            .and_then(|f| std::fs::read_to_string(f).ok())
-            .and_then(|t| serde_json::from_str(&t).ok())
-            .unwrap_or_default();
-        Self { file, uids }
+    /// Reads `file`; a missing file is an empty record. A file that cannot be read or parsed
+    /// (torn by a crash, edited by hand) is an error, not an empty set: the caller reports it
+    /// and goes on with [`Marks::damaged`].
+    pub fn load(file: Option<PathBuf>) -> Result<Self, String> {
+        let uids = match &file {
+            None => HashSet::new(),
+            Some(f) => match std::fs::read(f) {
+                Ok(data) => serde_json::from_slice(&data)
+                    .map_err(|e| format!("{} is not a list of pod uids: {e}", f.display()))?,
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => HashSet::new(),
+                Err(e) => return Err(format!("reading {}: {e}", f.display())),
+            },
+        };
+        Ok(Self {
+            file,
+            uids,
+            damaged: false,
+        })
+    }
+
+    /// The record to go on with after `load` failed: the unreadable file is moved aside (kept
+    /// for a person to look at) and every pod counts as marked until it is written anew.
+    pub fn damaged(file: PathBuf) -> Self {
+        let aside = file.with_extension("json.unreadable");
+        if let Err(e) = std::fs::rename(&file, &aside) {
+            tracing::warn!(file = %file.display(), error = %e, "cannot move the unreadable enrollment record aside");
+        }
+        Self {
+            file: Some(file),
+            uids: HashSet::new(),
+            damaged: true,
+        }
     }
 
     fn contains(&self, uid: &str) -> bool {
-        self.uids.contains(uid)
+        self.damaged || self.uids.contains(uid)
     }
 
     fn set(&mut self, uid: &str, on: bool) {
@@ -153,13 +182,9 @@ impl Marks {
         if changed && let Some(f) = &self.file {
             let mut list: Vec<&String> = self.uids.iter().collect();
             list.sort();
-            let tmp = f.with_extension("tmp");
-            let result = serde_json::to_vec(&list)
-                .map_err(std::io::Error::other)
-                .and_then(|data| std::fs::write(&tmp, data))
-                .and_then(|()| std::fs::rename(&tmp, f));
-            if let Err(e) = result {
-                tracing::warn!(file = %f.display(), error = %e, "cannot persist enrollment marks");
+            let data = serde_json::to_vec(&list).expect("strings serialize");
+            if let Err(e) = crate::install::write_atomic(f, &data, 0o600) {
+                tracing::warn!(error = %chain(&e), "cannot persist enrollment marks");
             }
         }
     }
@@ -755,4 +780,40 @@ fn chain(e: &(dyn std::error::Error + 'static)) -> String {
         next = inner.source();
     }
     s
+}
+
+#[cfg(test)]
+mod tests {
+    use std::os::unix::fs::PermissionsExt;
+
+    use super::Marks;
+
+    #[test]
+    fn marks_persist_atomically_and_a_torn_file_is_an_error_not_an_empty_set() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("enrolled.json");
+        let mut marks = Marks::load(Some(file.clone())).unwrap();
+        assert!(!marks.contains("ns/a"));
+        marks.set("ns/a", true);
+        marks.set("ns/b", true);
+        marks.set("ns/b", false);
+        let again = Marks::load(Some(file.clone())).unwrap();
+        assert!(again.contains("ns/a") && !again.contains("ns/b"));
+        let names: Vec<_> = std::fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert_eq!(names, ["enrolled.json"], "temporary files left behind");
+        let mode = std::fs::metadata(&file).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600);
+
+        // A write cut short by a crash on a filesystem without the rename guarantee.
+        std::fs::write(&file, b"[\"ns/a\", \"ns/").unwrap();
+        let err = Marks::load(Some(file.clone())).unwrap_err();
+        assert!(err.contains("is not a list of pod uids"), "{err}");
+        let damaged = Marks::damaged(file.clone());
+        assert!(damaged.contains("ns/a") && damaged.contains("ns/anything"));
+        assert!(!file.exists());
+        assert!(dir.path().join("enrolled.json.unreadable").exists());
+    }
 }

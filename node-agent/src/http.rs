@@ -4,6 +4,7 @@
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use bytes::Bytes;
 use http_body_util::Full;
@@ -11,9 +12,10 @@ use hyper::body::Incoming;
 use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper::{Request, Response, StatusCode};
-use hyper_util::rt::TokioIo;
+use hyper_util::rt::{TokioIo, TokioTimer};
 use prometheus_client::registry::Registry;
 use tokio::net::TcpListener;
+use tokio::sync::Semaphore;
 
 use crate::enroll::Shared;
 use crate::zds::ZdsServer;
@@ -110,23 +112,91 @@ impl Endpoints {
     }
 }
 
+/// Most connections one of the agent's HTTP servers serves at once; more wait to be accepted.
+pub const MAX_CONNECTIONS: usize = 256;
+/// How long a client may take to send a request's headers.
+pub const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(5);
+/// The longest one connection may live: longer than a CNI ADD may wait for its pod.
+pub const CONNECTION_LIFETIME: Duration = Duration::from_secs(120);
+/// The pause after a failed accept (out of descriptors, say), so the loop does not spin.
+const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
+
+/// HTTP/1 as the agent's servers speak it: headers must arrive within
+/// [`HEADER_READ_TIMEOUT`], and a request head may not exceed 64 KiB.
+pub fn http1() -> http1::Builder {
+    let mut b = http1::Builder::new();
+    b.timer(TokioTimer::new())
+        .header_read_timeout(HEADER_READ_TIMEOUT)
+        .max_buf_size(64 * 1024);
+    b
+}
+
+/// A listening socket the servers accept from.
+pub trait Accept {
+    type Stream;
+    fn accept_one(&self) -> impl Future<Output = std::io::Result<Self::Stream>> + Send;
+}
+
+impl Accept for TcpListener {
+    type Stream = tokio::net::TcpStream;
+    async fn accept_one(&self) -> std::io::Result<Self::Stream> {
+        self.accept().await.map(|(stream, _)| stream)
+    }
+}
+
+impl Accept for tokio::net::UnixListener {
+    type Stream = tokio::net::UnixStream;
+    async fn accept_one(&self) -> std::io::Result<Self::Stream> {
+        self.accept().await.map(|(stream, _)| stream)
+    }
+}
+
+/// Accepts connections forever (at most [`MAX_CONNECTIONS`] at a time, each ended after
+/// [`CONNECTION_LIFETIME`]) and hands each to `serve`. A failed accept is logged and retried
+/// after a pause.
+pub async fn accept_loop<L: Accept, F>(
+    server: &'static str,
+    listener: L,
+    serve: impl Fn(L::Stream) -> F,
+) where
+    F: Future<Output = ()> + Send + 'static,
+{
+    let limit = Arc::new(Semaphore::new(MAX_CONNECTIONS));
+    loop {
+        let Ok(permit) = limit.clone().acquire_owned().await else {
+            return;
+        };
+        match listener.accept_one().await {
+            Ok(stream) => {
+                let conn = serve(stream);
+                tokio::spawn(async move {
+                    let _ = tokio::time::timeout(CONNECTION_LIFETIME, conn).await;
+                    drop(permit);
+                });
+            }
+            Err(e) => {
+                tracing::warn!(server, error = %e, "accept failed; backing off");
+                tokio::time::sleep(ACCEPT_BACKOFF).await;
+            }
+        }
+    }
+}
+
 /// Serves the endpoints on `addr` until the future is dropped.
 pub async fn serve(listener: TcpListener, endpoints: Arc<Endpoints>) {
-    loop {
-        let Ok((stream, _)) = listener.accept().await else {
-            continue;
-        };
+    accept_loop("http", listener, |stream| {
         let endpoints = endpoints.clone();
-        tokio::spawn(async move {
-            let service = service_fn(move |req: Request<Incoming>| {
-                let resp = endpoints.respond(req.uri().path());
-                async move { Ok::<_, Infallible>(resp) }
-            });
-            let _ = http1::Builder::new()
+        let service = service_fn(move |req: Request<Incoming>| {
+            let resp = endpoints.respond(req.uri().path());
+            async move { Ok::<_, Infallible>(resp) }
+        });
+        async move {
+            let _ = http1()
                 .serve_connection(TokioIo::new(stream), service)
                 .await;
-        });
-    }
+        }
+    })
+    .await
 }
 
 /// Binds the endpoint address.

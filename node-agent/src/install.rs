@@ -155,7 +155,9 @@ fn has_entry(candidate: &Candidate, ours: &Value) -> bool {
             .is_some_and(|p| p.iter().filter(|x| is_ours(x)).count() == 1 && p.last() == Some(ours))
 }
 
-/// Writes `data` to `path` atomically with `mode`.
+/// Writes `data` to `path` atomically with `mode`: a temporary file, synced, renamed over
+/// `path`, then the directory synced, so after a crash or power loss `path` holds either the
+/// old or the new contents, never a torn mix.
 pub fn write_atomic(path: &Path, data: &[u8], mode: u32) -> Result<(), InstallError> {
     let dir = path.parent().unwrap_or(Path::new("."));
     let tmp = dir.join(format!(
@@ -168,7 +170,10 @@ pub fn write_atomic(path: &Path, data: &[u8], mode: u32) -> Result<(), InstallEr
     f.set_permissions(fs::Permissions::from_mode(mode))
         .map_err(io("setting the mode of", &tmp))?;
     f.sync_all().map_err(io("syncing", &tmp))?;
-    fs::rename(&tmp, path).map_err(io("renaming over", path))
+    fs::rename(&tmp, path).map_err(io("renaming over", path))?;
+    fs::File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(io("syncing the directory", dir))
 }
 
 /// What the installer is waiting for, for readiness.

@@ -22,6 +22,7 @@ pub struct Metrics {
     pub pods_enrolled: Gauge,
     pub pods_pending: Gauge,
     pub rule_repairs: Counter,
+    pub state_file_errors: Counter,
     pub zds_connections: Gauge,
     pub cni_requests: Family<ResultLabel, Counter>,
     pub enroll_failures: Family<StepLabel, Counter>,
@@ -44,6 +45,11 @@ impl Metrics {
             "rule_repairs",
             "Redirection rules found missing or changed and reinstalled",
             self.rule_repairs.clone(),
+        );
+        r.register(
+            "state_file_errors",
+            "State files found unreadable (torn or edited) at start; each is moved aside",
+            self.state_file_errors.clone(),
         );
         r.register(
             "zds_connections",

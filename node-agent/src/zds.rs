@@ -108,9 +108,14 @@ impl ZdsServer {
         Ok(async move {
             loop {
                 match listener.accept().await {
-                    Ok(sock) => {
-                        tokio::spawn(serve_connection(inner.clone(), sock, path.clone()));
-                    }
+                    Ok(sock) => match trusted_peer(&sock) {
+                        Ok(()) => {
+                            tokio::spawn(serve_connection(inner.clone(), sock, path.clone()));
+                        }
+                        Err(why) => {
+                            tracing::error!(socket = %path.display(), %why, "refused a ZDS connection: no network namespace is handed to it");
+                        }
+                    },
                     Err(e) => {
                         tracing::warn!(error = %e, "ZDS accept failed");
                         tokio::time::sleep(std::time::Duration::from_millis(100)).await;
@@ -222,6 +227,25 @@ impl ZdsServer {
             }
         }
         result
+    }
+}
+
+/// Only a process of this agent's own user (or root) may be ztunnel: the socket is `0600`,
+/// and the peer's credentials are checked as well, so a socket made reachable by mistake
+/// (a loosened mode, a shared mount) still hands no pod's netns to another user.
+fn trusted_peer(sock: &SeqPacket) -> Result<(), String> {
+    let cred = sock
+        .peer_credentials()
+        .map_err(|e| format!("reading the peer's credentials (SO_PEERCRED): {e}"))?;
+    let ours = nix::unistd::geteuid().as_raw();
+    if cred.uid() == 0 || cred.uid() == ours {
+        Ok(())
+    } else {
+        Err(format!(
+            "peer pid {} runs as uid {}, neither root nor this agent's uid {ours}",
+            cred.pid(),
+            cred.uid()
+        ))
     }
 }
 

@@ -277,3 +277,65 @@ fn what_cni_reported_is_kept_and_a_deleted_sandbox_is_not_re_enrolled() {
     );
     assert!(proxied(&a1));
 }
+
+/// Over ZDS the agent hands out pods' network namespaces, so only ztunnel's user may use it:
+/// the socket is 0600, and a peer of another uid that reaches it anyway (here the mode is
+/// loosened by hand) is refused before anything is sent.
+#[test]
+fn zds_hands_no_netns_to_a_peer_of_another_user() {
+    use std::os::unix::fs::PermissionsExt;
+    let mut m = Mesh::new(&["a"]);
+    let a1 = m.lab.add_pod("a", "a1");
+    let wa = Workload::mesh(&a1, "ns-a", "client");
+    m.write_config(&[&wa], &[]);
+    m.write_pods("a", &[&wa], "");
+    m.start_agent("a", &[]);
+    m.start_ztunnel("a", &[]);
+    assert!(eventually(T, || proxied(&a1)), "{}", m.agent_log("a"));
+
+    let sock = m.zds_socket("a");
+    let mode = std::fs::metadata(&sock).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o600, "ZDS socket mode {mode:o}");
+    let loosen = |path: &std::path::Path, mode| {
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).unwrap()
+    };
+    loosen(m.lab.dir(), 0o711);
+    loosen(&sock, 0o666);
+    // ztunnel's hello, then whatever the agent sends: a netns descriptor would be a leak.
+    let script = r#"
+import socket, sys
+s = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+s.connect(sys.argv[1])
+s.settimeout(5)
+try:
+    s.send(b"\x08\x01")
+    data, anc, _, _ = s.recvmsg(1024, socket.CMSG_SPACE(4 * 16))
+except (BrokenPipeError, ConnectionResetError):
+    data, anc = b"", []
+except socket.timeout:
+    print("silent")
+    sys.exit(0)
+print("closed" if not data and not anc else "sent %d bytes and %d descriptor messages" % (len(data), len(anc)))
+"#;
+    let out = std::process::Command::new("setpriv")
+        // Debian's python3 (./x installs it): one under /root would not run as nobody.
+        .args(["--reuid=65534", "--regid=65534", "--clear-groups"])
+        .args(["/usr/bin/python3", "-c"])
+        .arg(script)
+        .arg(&sock)
+        .output()
+        .expect("setpriv and /usr/bin/python3");
+    let said = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success() && said.trim() == "closed",
+        "a peer running as nobody: {said} {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        eventually(T, || m.agent_log("a").contains("refused a ZDS connection")),
+        "{}",
+        m.agent_log("a")
+    );
+    // ztunnel itself is still served.
+    assert!(proxied(&a1));
+}

@@ -60,6 +60,11 @@ fn new_socket() -> io::Result<OwnedFd> {
 }
 
 impl SeqPacket {
+    /// Who is at the other end (`SO_PEERCRED`: the peer's uid, gid and pid when it connected).
+    pub fn peer_credentials(&self) -> io::Result<socket::UnixCredentials> {
+        socket::getsockopt(self, socket::sockopt::PeerCredentials).map_err(io::Error::from)
+    }
+
     /// Connects to the listener at `path`. Must be called within a Tokio runtime.
     pub async fn connect(path: &Path) -> io::Result<Self> {
         let fd = new_socket()?;
@@ -195,10 +200,14 @@ pub struct SeqPacketListener {
 }
 
 impl SeqPacketListener {
-    /// Binds `path` (which must not exist) and listens. Must be called within a Tokio runtime.
+    /// Binds `path` (which must not exist), makes it `0600` and listens. Must be called within
+    /// a Tokio runtime. The mode is set before `listen`, so no other user can connect in
+    /// between.
     pub fn bind(path: &Path) -> io::Result<Self> {
+        use std::os::unix::fs::PermissionsExt;
         let fd = new_socket()?;
         socket::bind(fd.as_raw_fd(), &UnixAddr::new(path)?)?;
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
         socket::listen(&fd, Backlog::new(64).map_err(io::Error::from)?)?;
         Ok(Self { fd: register(fd)? })
     }
