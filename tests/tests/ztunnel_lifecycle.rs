@@ -4,7 +4,7 @@
 use std::io::{Read, Write};
 use std::time::Duration;
 
-use mesh_testbed::apps::{EchoServer, connect, echo_roundtrip, listening_ports};
+use mesh_testbed::apps::{EchoServer, connect, echo_roundtrip, listen, listening_ports};
 use mesh_testbed::mesh::{Mesh, Scene, Workload, eventually};
 
 const T: Duration = Duration::from_secs(5);
@@ -191,6 +191,50 @@ fn sigterm_drains_in_flight_connections_then_exits() {
         started.elapsed()
     );
     assert!(m.ztunnel_log("a").contains("connections_cut=0"));
+}
+
+/// A connection still open at the drain deadline is reset on both ends, the pod's own socket
+/// and the app's on the far node, so neither can take the cut for a complete transfer.
+#[test]
+fn connections_open_at_the_drain_deadline_are_reset_on_both_ends() {
+    let mut s = Scene::new();
+    s.run(&["--drain-timeout", "1s"]);
+    let Scene { mut m, a1, b1, .. } = s;
+    let server = listen(&b1, 8080);
+    let far_end = std::thread::spawn(move || {
+        let (mut conn, _) = server.accept().unwrap();
+        conn.set_read_timeout(Some(T)).unwrap();
+        let mut buf = [0u8; 3];
+        conn.read_exact(&mut buf).unwrap();
+        conn.write_all(&buf).unwrap();
+        conn.read_to_end(&mut Vec::new())
+    });
+    let mut conn = connect(&a1, b1.addr(8080), T).unwrap();
+    conn.set_read_timeout(Some(T)).unwrap();
+    let mut buf = [0u8; 3];
+    conn.write_all(b"one").unwrap();
+    conn.read_exact(&mut buf).unwrap();
+
+    m.lab
+        .process("ztunnel-a")
+        .signal(nix::sys::signal::Signal::SIGTERM);
+    let near = conn.read_to_end(&mut Vec::new());
+    assert_eq!(
+        near.as_ref().map_err(std::io::Error::kind).err(),
+        Some(std::io::ErrorKind::ConnectionReset),
+        "the pod's connection ended with {near:?}, not a reset"
+    );
+    let far = far_end.join().unwrap();
+    assert_eq!(
+        far.as_ref().map_err(std::io::Error::kind).err(),
+        Some(std::io::ErrorKind::ConnectionReset),
+        "the far app's connection ended with {far:?}, not a reset"
+    );
+    m.lab
+        .process("ztunnel-a")
+        .wait_timeout(Duration::from_secs(10))
+        .expect("ztunnel did not exit after the deadline");
+    assert!(m.ztunnel_log("a").contains("connections_cut=1"));
 }
 
 #[test]

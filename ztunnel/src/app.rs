@@ -177,6 +177,10 @@ async fn serve(
         tls,
         metrics: metrics.clone(),
         conns: Arc::default(),
+        limits: Arc::new(crate::proxy::limits::ConnLimits::new(
+            config.max_connections,
+            config.max_connections_per_source,
+        )),
     });
     tokio::spawn(revoke_on_change(inputs.clone()));
     if !config.node_name.is_empty() {

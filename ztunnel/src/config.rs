@@ -131,6 +131,16 @@ pub struct Config {
     #[arg(long, default_value_t = 100, value_parser = clap::value_parser!(u32).range(1..=10_000))]
     pub pool_max_streams: u32,
 
+    /// Most connections the pod listeners (15001, 15006, 15008) hold open at once, in all;
+    /// past it new ones are reset. Keep it under the process's descriptor limit (each
+    /// connection needs two).
+    #[arg(long, env = "ZTUNNEL_MAX_CONNECTIONS", default_value_t = 100_000, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..))]
+    pub max_connections: usize,
+
+    /// Most connections one source address may hold open at once on the pod listeners.
+    #[arg(long, env = "ZTUNNEL_MAX_CONNECTIONS_PER_SOURCE", default_value_t = 10_000, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..))]
+    pub max_connections_per_source: usize,
+
     /// Log format.
     #[arg(long, env = "ZTUNNEL_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,

@@ -3,6 +3,11 @@
 //! A [`Drain`] is a pair of cancellation signals plus a count of live connections. The process
 //! has one; each pod proxy has a child, so removing a pod drains only its connections while a
 //! process drain reaches every pod.
+//!
+//! A connection still open at the deadline is reset on both sides (RST on TCP, `RST_STREAM`
+//! on HBONE), never closed with a FIN its peer could take for a complete transfer: copies
+//! watch [`Drain::cut_signal`] and reset their sockets themselves, and [`Drain::drain`] waits
+//! (up to [`RESET_GRACE`]) for them to have done so before it returns.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -10,6 +15,10 @@ use std::time::Duration;
 
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
+
+/// How long connections cut at the deadline get to reset their sockets before the drain
+/// returns (and the process may exit, which would close them with a FIN).
+pub const RESET_GRACE: Duration = Duration::from_millis(500);
 
 #[derive(Debug, Default)]
 struct Count {
@@ -68,6 +77,12 @@ impl Drain {
         self.terminate.cancelled().await
     }
 
+    /// A signal that fires when this scope terminates: what a connection's copy watches so it
+    /// can reset both of its sides at the deadline.
+    pub fn cut_signal(&self) -> CancellationToken {
+        self.terminate.child_token()
+    }
+
     pub fn is_stopping(&self) -> bool {
         self.stop_accepting.is_cancelled()
     }
@@ -76,20 +91,37 @@ impl Drain {
     /// terminates the rest. Returns how many were cut.
     pub async fn drain(&self, deadline: Duration) -> usize {
         self.stop_accepting.cancel();
-        let count = &self.counts[0];
-        let _ = tokio::time::timeout(deadline, async {
-            loop {
-                let notified = count.zero.notified();
-                if count.live.load(Ordering::Acquire) == 0 {
-                    return;
-                }
-                notified.await;
-            }
-        })
-        .await;
-        let cut = count.live.load(Ordering::Acquire);
+        let _ = tokio::time::timeout(deadline, self.idle()).await;
+        let cut = self.live();
         self.terminate.cancel();
+        if cut > 0 {
+            let _ = tokio::time::timeout(RESET_GRACE, self.idle()).await;
+        }
         cut
+    }
+
+    /// Runs one connection's `work` to its end. When this scope terminates first, the work
+    /// gets [`RESET_GRACE`] to reset its sockets and end by itself before it is dropped.
+    pub async fn run_until_cut(&self, work: impl Future<Output = ()>) {
+        let mut work = std::pin::pin!(work);
+        tokio::select! {
+            () = &mut work => {}
+            () = self.terminated() => {
+                let _ = tokio::time::timeout(RESET_GRACE, work).await;
+            }
+        }
+    }
+
+    /// Resolves when no connection is live in this scope.
+    async fn idle(&self) {
+        let count = &self.counts[0];
+        loop {
+            let notified = count.zero.notified();
+            if count.live.load(Ordering::Acquire) == 0 {
+                return;
+            }
+            notified.await;
+        }
     }
 
     /// Stops accepting and terminates at once.

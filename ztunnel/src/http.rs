@@ -4,14 +4,16 @@
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::time::Duration;
 
 use bytes::Bytes;
 use http_body_util::Full;
 use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper::{Request, Response, StatusCode};
-use hyper_util::rt::TokioIo;
+use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::net::TcpListener;
+use tokio::sync::Semaphore;
 
 pub type Body = Full<Bytes>;
 
@@ -52,17 +54,29 @@ pub fn json(value: &impl serde::Serialize) -> Response<Body> {
     }
 }
 
+/// Most connections one of these servers serves at once; more wait to be accepted, so a
+/// flood of idle connections costs a bounded number of tasks and descriptors.
+pub const MAX_CONNECTIONS: usize = 64;
+/// How long a client may take to send a request's headers (a slow-header client is cut).
+pub const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(5);
+/// The longest one connection may live, keep-alive included.
+pub const CONNECTION_LIFETIME: Duration = Duration::from_secs(60);
+
 /// Binds `addr`; the returned future serves until dropped.
 pub async fn serve(
     addr: SocketAddr,
     handler: Handler,
 ) -> std::io::Result<impl Future<Output = ()>> {
     let listener = TcpListener::bind(addr).await?;
+    let limit = Arc::new(Semaphore::new(MAX_CONNECTIONS));
     Ok(async move {
         loop {
+            let Ok(permit) = limit.clone().acquire_owned().await else {
+                return;
+            };
             let Ok((stream, peer)) = listener.accept().await else {
                 // Out of descriptors: do not spin.
-                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                tokio::time::sleep(Duration::from_millis(50)).await;
                 continue;
             };
             let handler = handler.clone();
@@ -71,9 +85,13 @@ pub async fn serve(
                     let resp = handler(&req, peer);
                     async move { Ok::<_, Infallible>(resp) }
                 });
-                let _ = http1::Builder::new()
-                    .serve_connection(TokioIo::new(stream), svc)
-                    .await;
+                let conn = http1::Builder::new()
+                    .timer(TokioTimer::new())
+                    .header_read_timeout(HEADER_READ_TIMEOUT)
+                    .max_buf_size(64 * 1024)
+                    .serve_connection(TokioIo::new(stream), svc);
+                let _ = tokio::time::timeout(CONNECTION_LIFETIME, conn).await;
+                drop(permit);
             });
         }
     })

@@ -159,8 +159,6 @@ impl Mesh {
             &self.config.to_string_lossy(),
             "--workers",
             "2",
-            "--drain-timeout",
-            "5s",
             "--config-poll",
             "100ms",
             "--log",
@@ -171,6 +169,9 @@ impl Mesh {
         .collect();
         if self.local_ca {
             args.extend(["--ca-dir".to_string(), self.ca_dir.display().to_string()]);
+        }
+        if !extra.contains(&"--drain-timeout") {
+            args.extend(["--drain-timeout".to_string(), "5s".to_string()]);
         }
         args.extend(extra.iter().map(|s| s.to_string()));
         let ns = self.lab.node(node).ns.clone();

@@ -46,8 +46,9 @@ pub enum CopyError {
     Refused(http::StatusCode),
     #[error("upstream")]
     Upstream(#[source] io::Error),
-    /// The caller's stop signal fired (a policy change revoked the connection).
-    #[error("stopped")]
+    /// The caller's stop signal fired: a policy change revoked the connection, or it was
+    /// still open at the drain deadline.
+    #[error("stopped (revoked, or cut at the drain deadline)")]
     Stopped,
 }
 

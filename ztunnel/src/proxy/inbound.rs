@@ -25,6 +25,31 @@ use crate::identity::Identity;
 use crate::state::authz::{Connection, Decision};
 use crate::tls;
 
+/// Most concurrent CONNECT streams one peer connection may have open here. A client's pool
+/// opens another connection well before this (`--pool-max-streams`, default 100); past it the
+/// peer's new streams wait instead of each costing us a task and an app socket.
+pub const MAX_STREAMS: u32 = 1000;
+/// Largest header list a CONNECT may carry (decoded). Ours are about 300 bytes; h2's default
+/// would accept 16 MiB per request.
+pub const MAX_HEADER_LIST: u32 = 16 * 1024;
+/// Streams a peer may reset before they are accepted, past which the connection is closed
+/// (the HTTP/2 "rapid reset" flood).
+const MAX_PENDING_RESETS: usize = 100;
+
+/// The HTTP/2 server side of an HBONE connection: SPEC §5 windows and frames, and the limits
+/// above.
+fn h2_server() -> h2::server::Builder {
+    let mut b = h2::server::Builder::new();
+    b.initial_window_size(STREAM_WINDOW)
+        .initial_connection_window_size(CONNECTION_WINDOW)
+        .max_frame_size(MAX_FRAME)
+        .max_send_buffer_size(SEND_BUFFER)
+        .max_concurrent_streams(MAX_STREAMS)
+        .max_header_list_size(MAX_HEADER_LIST)
+        .max_pending_accept_reset_streams(MAX_PENDING_RESETS);
+    b
+}
+
 /// Serves one HBONE connection from `peer` until it closes or the pod drains.
 pub async fn serve(tcp: TcpStream, peer: SocketAddr, pod: Arc<Pod>, inputs: Arc<ProxyInputs>) {
     let local = match tcp.local_addr() {
@@ -38,14 +63,9 @@ pub async fn serve(tcp: TcpStream, peer: SocketAddr, pod: Arc<Pod>, inputs: Arc<
             .await
             .map_err(|source| ProxyError::Tls { addr: peer, source })?;
         tls.get_mut().1.set_buffer_limit(Some(TLS_BUFFER));
+        tls.get_mut().0.grow();
         let peer_identity = tls::peer_identity(tls.get_ref().1.peer_certificates());
-        let conn = h2::server::Builder::new()
-            .initial_window_size(STREAM_WINDOW)
-            .initial_connection_window_size(CONNECTION_WINDOW)
-            .max_frame_size(MAX_FRAME)
-            .max_send_buffer_size(SEND_BUFFER)
-            .handshake::<_, Bytes>(tls)
-            .await?;
+        let conn = h2_server().handshake::<_, Bytes>(tls).await?;
         Ok::<_, ProxyError>((conn, peer_identity))
     };
     let (mut conn, peer_identity) = match tokio::time::timeout(HANDSHAKE_TIMEOUT, handshake).await {
@@ -77,10 +97,8 @@ pub async fn serve(tcp: TcpStream, peer: SocketAddr, pod: Arc<Pod>, inputs: Arc<
                     let peer_identity = peer_identity.clone();
                     let guard = pod.drain.track();
                     tokio::spawn(async move {
-                        tokio::select! {
-                            () = stream(req, respond, peer, local, peer_identity, &pod, &inputs) => {}
-                            () = pod.drain.terminated() => {}
-                        }
+                        let work = stream(req, respond, peer, local, peer_identity, &pod, &inputs);
+                        pod.drain.run_until_cut(work).await;
                         drop(guard);
                     });
                 }
@@ -161,7 +179,9 @@ async fn stream(
         return;
     }
     log.open();
-    let tracked = inputs.conns.track(ConnInfo::new(&log, pod), true);
+    let tracked = inputs
+        .conns
+        .track(ConnInfo::new(&log, pod), true, pod.drain.cut_signal());
     let app = match socket::connect(pod, target, Some(peer.ip())).await {
         Ok(app) => app,
         Err(e) => {
@@ -210,4 +230,55 @@ fn answer(respond: &mut SendResponse<Bytes>, status: StatusCode) {
     let mut resp = Response::new(());
     *resp.status_mut() = status;
     let _ = respond.send_response(resp, true);
+}
+
+/// Fuzz entry point (`fuzz/`, replayed by `tests/tests/fuzz_corpora.rs`): bytes as what a peer
+/// sends after the HTTP/2 preface on a verified HBONE connection, served by the same HTTP/2
+/// settings as [`serve`]. Every request that arrives is validated as a CONNECT to
+/// 198.18.0.1; one that is accepted must name that address and a port that is not ours.
+pub fn fuzz_connect(data: &[u8]) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let local: std::net::IpAddr = [198, 18, 0, 1].into();
+    let Ok(rt) = tokio::runtime::Builder::new_current_thread()
+        .enable_time()
+        .build()
+    else {
+        return;
+    };
+    rt.block_on(async {
+        let (client, server) = tokio::io::duplex(64 * 1024);
+        let (mut from_server, mut to_server) = tokio::io::split(client);
+        let feed = async {
+            let _ = to_server
+                .write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n")
+                .await;
+            let _ = to_server.write_all(data).await;
+            let _ = to_server.shutdown().await;
+        };
+        let discard = async {
+            let mut sink = vec![0; 16 * 1024];
+            while matches!(from_server.read(&mut sink).await, Ok(n) if n > 0) {}
+        };
+        let serve = async {
+            let Ok(mut conn) = h2_server().handshake::<_, Bytes>(server).await else {
+                return;
+            };
+            while let Some(Ok((req, mut respond))) = conn.accept().await {
+                match hbone::validate_connect(&req, local) {
+                    Ok(target) => {
+                        assert_eq!(target.ip(), local);
+                        assert!(target.port() != 0);
+                        assert!(!mesh_contract::ports::LOOP_GUARD.contains(&target.port()));
+                        answer(&mut respond, StatusCode::OK);
+                    }
+                    Err(rejection) => {
+                        assert!(rejection.status.is_client_error());
+                        answer(&mut respond, rejection.status);
+                    }
+                }
+            }
+        };
+        let all = async { tokio::join!(feed, discard, serve) };
+        let _ = tokio::time::timeout(std::time::Duration::from_secs(5), all).await;
+    });
 }

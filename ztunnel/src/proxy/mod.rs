@@ -14,12 +14,14 @@
 //! - [`copy`]: byte shuttling with half-close, TCP↔HTTP/2 and TCP↔TCP.
 //! - [`socket`]: sockets in a pod's netns (mark 0x539, transparent bind, original dst);
 //! - [`readahead`]: large socket reads under TLS;
+//! - [`limits`]: connection caps, in all and per source address;
 //! - [`tracker`]: live connections, for the debug view and for closing the ones a policy
 //!   change denies.
 
 pub mod copy;
 pub mod hbone;
 pub mod inbound;
+pub mod limits;
 pub mod outbound;
 pub mod plaintext;
 pub mod pool;
@@ -59,6 +61,7 @@ pub struct ProxyInputs {
     pub tls: TlsContext,
     pub metrics: Arc<Metrics>,
     pub conns: Arc<tracker::ConnTracker>,
+    pub limits: Arc<limits::ConnLimits>,
 }
 
 /// An enrolled pod on this node, as every worker sees it.

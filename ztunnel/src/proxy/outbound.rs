@@ -79,7 +79,10 @@ async fn route(
             log.dst_identity = identities.first().cloned();
             log.security = "mtls";
             log.open();
-            let _tracked = inputs.conns.track(ConnInfo::new(log, pod), false);
+            let tracked =
+                inputs
+                    .conns
+                    .track(ConnInfo::new(log, pod), false, pod.drain.cut_signal());
             let key = PoolKey::new(pod.identity.clone(), identities, next_hop, src.ip());
             let name = pod.info.name.clone();
             let req = hbone::connect_request(
@@ -92,8 +95,8 @@ async fn route(
             );
             match pool.open(&key, pod, req).await {
                 Ok((send, incoming, _lease)) => {
-                    let (t, r) = copy::hbone(app, send, incoming, std::future::pending()).await;
-                    (t, r.map_err(ProxyError::from))
+                    let (t, r) = copy::hbone(app, send, incoming, tracked.stopped()).await;
+                    (t, r.map_err(|e| tracked.explain(e)))
                 }
                 Err(e) => refuse(app, e),
             }
@@ -130,11 +133,13 @@ async fn plain(
     log: &mut ConnLog,
 ) -> (Transferred, Result<(), ProxyError>) {
     log.open();
-    let _tracked = inputs.conns.track(ConnInfo::new(log, pod), false);
+    let tracked = inputs
+        .conns
+        .track(ConnInfo::new(log, pod), false, pod.drain.cut_signal());
     match socket::connect(pod, target, None).await {
         Ok(upstream) => {
-            let (t, r) = copy::tcp(app, upstream, std::future::pending()).await;
-            (t, r.map_err(ProxyError::from))
+            let (t, r) = copy::tcp(app, upstream, tracked.stopped()).await;
+            (t, r.map_err(|e| tracked.explain(e)))
         }
         Err(e) => {
             socket::reset(app);

@@ -64,7 +64,9 @@ pub async fn serve(tcp: TcpStream, peer: SocketAddr, pod: &Pod, inputs: &ProxyIn
         return;
     }
     log.open();
-    let tracked = inputs.conns.track(ConnInfo::new(&log, pod), true);
+    let tracked = inputs
+        .conns
+        .track(ConnInfo::new(&log, pod), true, pod.drain.cut_signal());
     let app = match socket::connect(pod, dst, Some(peer.ip())).await {
         Ok(app) => app,
         Err(e) => {

@@ -209,6 +209,7 @@ impl Pool {
                 .await
                 .map_err(|source| ProxyError::Tls { addr, source })?;
             tls.get_mut().1.set_buffer_limit(Some(TLS_BUFFER));
+            tls.get_mut().0.grow();
             let (sender, conn) = h2::client::Builder::new()
                 .initial_window_size(STREAM_WINDOW)
                 .initial_connection_window_size(CONNECTION_WINDOW)

@@ -4,6 +4,10 @@
 //! one `recvfrom` per 4 KiB: at gigabytes per second, a syscall every couple of microseconds.
 //! [`ReadAhead`] sits between the TCP socket and rustls and fills a large buffer with one read,
 //! which rustls then drains from memory. Writes pass straight through.
+//!
+//! The buffer starts small ([`HANDSHAKE_BUF`], room for any handshake flight) and grows to
+//! [`READ_AHEAD`] only once the peer has completed the handshake ([`ReadAhead::grow`]), so a
+//! flood of connections that never finish one costs a few KiB each, not a quarter MiB.
 
 use std::io::{self, IoSlice};
 use std::pin::Pin;
@@ -11,8 +15,10 @@ use std::task::{Context, Poll, ready};
 
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
-/// How much is read from the socket at once.
+/// How much is read from the socket at once, after the handshake.
 pub const READ_AHEAD: usize = 256 * 1024;
+/// How much is read at once during the handshake.
+pub const HANDSHAKE_BUF: usize = 16 * 1024;
 
 /// A transport with a read-ahead buffer.
 #[derive(Debug)]
@@ -27,9 +33,21 @@ impl<T> ReadAhead<T> {
     pub fn new(inner: T) -> Self {
         Self {
             inner,
-            buf: vec![0u8; READ_AHEAD].into_boxed_slice(),
+            buf: vec![0u8; HANDSHAKE_BUF].into_boxed_slice(),
             start: 0,
             end: 0,
+        }
+    }
+
+    /// Enlarges the buffer to [`READ_AHEAD`], keeping what it holds; for after the handshake.
+    pub fn grow(&mut self) {
+        if self.buf.len() < READ_AHEAD {
+            let mut buf = vec![0u8; READ_AHEAD].into_boxed_slice();
+            let held = self.end - self.start;
+            buf[..held].copy_from_slice(&self.buf[self.start..self.end]);
+            self.buf = buf;
+            self.start = 0;
+            self.end = held;
         }
     }
 
@@ -115,6 +133,10 @@ mod tests {
         let mut small = [0u8; 4096];
         let mut big = vec![0u8; READ_AHEAD + 1];
         loop {
+            // Growing mid-stream (as after a handshake) keeps what the small buffer held.
+            if got.len() > 100_000 && r.buf.len() == HANDSHAKE_BUF {
+                r.grow();
+            }
             let n = if got.len() % 3 == 0 {
                 r.read(&mut small).await.unwrap()
             } else {

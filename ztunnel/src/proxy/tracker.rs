@@ -114,13 +114,20 @@ impl Drop for Tracked {
 }
 
 impl ConnTracker {
-    /// Registers a connection. `authorized` marks one that policy admitted (inbound).
-    pub fn track(self: &Arc<Self>, info: ConnInfo, authorized: bool) -> Tracked {
+    /// Registers a connection. `authorized` marks one that policy admitted (inbound); `cut`
+    /// (the pod's [`Drain::cut_signal`](crate::drain::Drain::cut_signal)) stops it at the
+    /// drain deadline as a revocation does.
+    pub fn track(
+        self: &Arc<Self>,
+        info: ConnInfo,
+        authorized: bool,
+        cut: CancellationToken,
+    ) -> Tracked {
         let id = self.next.fetch_add(1, Ordering::Relaxed);
         let conn = Arc::new(LiveConn {
             info,
             authorized,
-            cancel: CancellationToken::new(),
+            cancel: cut,
             revoked: OnceLock::new(),
         });
         self.live

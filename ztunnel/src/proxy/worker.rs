@@ -10,9 +10,11 @@ use std::time::Duration;
 use tokio::net::TcpListener;
 use tokio::sync::{mpsc, oneshot};
 
+use super::limits::OverLimit;
 use super::pool::{Pool, PoolEntry};
-use super::socket::ListenerKind;
+use super::socket::{self, ListenerKind};
 use super::{Pod, ProxyInputs, inbound, outbound, plaintext, spin};
+use crate::metrics::FailureLabels;
 
 #[derive(Debug)]
 struct Worker {
@@ -153,6 +155,13 @@ async fn accept_loop(
             },
         };
         spin::activity();
+        let slot = match inputs.limits.admit(peer.ip()) {
+            Ok(slot) => slot,
+            Err(over) => {
+                refuse_over_limit(kind, tcp, peer, &pod, &inputs, over);
+                continue;
+            }
+        };
         let guard = pod.drain.track();
         let pod = pod.clone();
         let inputs = inputs.clone();
@@ -171,11 +180,37 @@ async fn accept_loop(
                     }
                 }
             };
-            tokio::select! {
-                () = work => {}
-                () = pod.drain.terminated() => {}
-            }
+            pod.drain.run_until_cut(work).await;
             drop(guard);
+            drop(slot);
         });
+    }
+}
+
+/// Resets a connection that is over a cap, counts it, and logs (at most once a second).
+fn refuse_over_limit(
+    kind: ListenerKind,
+    tcp: tokio::net::TcpStream,
+    peer: std::net::SocketAddr,
+    pod: &Pod,
+    inputs: &ProxyInputs,
+    over: OverLimit,
+) {
+    socket::reset(tcp);
+    let direction = match kind {
+        ListenerKind::Outbound => "outbound",
+        ListenerKind::InboundPlaintext => "inbound_plaintext",
+        ListenerKind::Hbone => "inbound",
+    };
+    inputs
+        .metrics
+        .failures
+        .get_or_create(&FailureLabels {
+            direction,
+            reason: "connection_limit",
+        })
+        .inc();
+    if inputs.limits.should_log() {
+        tracing::warn!(pod = %pod.name(), ?kind, %peer, limit = %over, "connection refused: over the connection limit");
     }
 }
