@@ -29,6 +29,11 @@ pub enum ApplyError {
     },
     #[error("{command} failed: {stderr}")]
     Failed { command: String, stderr: String },
+    #[error("{command} did not finish within {after:?} and was killed")]
+    Timeout {
+        command: String,
+        after: std::time::Duration,
+    },
     #[error("policy route")]
     Route(#[from] RouteError),
     #[error("scratch namespace")]
@@ -50,12 +55,32 @@ fn run_nft(netns: &NetNs, args: &[&str], stdin: Option<&str>) -> Result<String, 
     run_nft_in(netns.command("nft"), args, stdin)
 }
 
+/// How long one `nft` run may take before it is killed: a wedged netlink socket or a stuck
+/// kernel lock must not hold a pod's enrollment (or the agent's blocking pool) forever.
+pub const NFT_DEADLINE: std::time::Duration = std::time::Duration::from_secs(10);
+
 /// Runs `nft` (`command`, already placed in its netns) with `args` and `stdin`; its stdout.
 pub(super) fn run_nft_in(
-    mut command: std::process::Command,
+    command: std::process::Command,
     args: &[&str],
     stdin: Option<&str>,
 ) -> Result<String, ApplyError> {
+    run_with_deadline(command, args, stdin, NFT_DEADLINE)
+}
+
+/// Runs `command` with `args`, feeding it `stdin`, and kills it if it has not exited within
+/// `deadline`. Blocking: for the blocking pool only.
+fn run_with_deadline(
+    mut command: std::process::Command,
+    args: &[&str],
+    stdin: Option<&str>,
+    deadline: std::time::Duration,
+) -> Result<String, ApplyError> {
+    let name = format!(
+        "{} {}",
+        command.get_program().to_string_lossy(),
+        args.join(" ")
+    );
     let mut child = command
         .args(args)
         .stdin(if stdin.is_some() {
@@ -74,17 +99,34 @@ pub(super) fn run_nft_in(
         let mut pipe = child.stdin.take().expect("piped");
         let _ = pipe.write_all(input.as_bytes());
     }
-    let out = child
-        .wait_with_output()
-        .map_err(|source| ApplyError::Spawn {
-            program: "nft",
-            source,
-        })?;
+    // The child is reaped only by the waiting thread, so its pid cannot be reused before the
+    // kill below.
+    let pid = nix::unistd::Pid::from_raw(i32::try_from(child.id()).unwrap_or(i32::MAX));
+    let (tx, rx) = std::sync::mpsc::channel();
+    let waiter = std::thread::spawn(move || {
+        let _ = tx.send(child.wait_with_output());
+    });
+    let out = match rx.recv_timeout(deadline) {
+        Ok(out) => out,
+        Err(_) => {
+            let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGKILL);
+            let _ = waiter.join();
+            return Err(ApplyError::Timeout {
+                command: name,
+                after: deadline,
+            });
+        }
+    };
+    let _ = waiter.join();
+    let out = out.map_err(|source| ApplyError::Spawn {
+        program: "nft",
+        source,
+    })?;
     if out.status.success() {
         return Ok(String::from_utf8_lossy(&out.stdout).into_owned());
     }
     Err(ApplyError::Failed {
-        command: format!("nft {}", args.join(" ")),
+        command: name,
         stderr: String::from_utf8_lossy(&out.stderr).trim().to_string(),
     })
 }
@@ -201,5 +243,43 @@ impl Redirector {
         .await;
         let routes = route::remove(netns).await;
         nft.and(routes.map_err(ApplyError::from))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::{Duration, Instant};
+
+    use super::{ApplyError, run_with_deadline};
+
+    #[test]
+    fn a_run_past_its_deadline_is_killed_and_reported() {
+        let started = Instant::now();
+        let r = run_with_deadline(
+            std::process::Command::new("sleep"),
+            &["30"],
+            None,
+            Duration::from_millis(200),
+        );
+        assert!(
+            matches!(&r, Err(ApplyError::Timeout { command, .. }) if command == "sleep 30"),
+            "{r:?}"
+        );
+        assert!(started.elapsed() < Duration::from_secs(5));
+    }
+
+    #[test]
+    fn a_quick_run_returns_its_output_and_a_failure_its_stderr() {
+        let long = Duration::from_secs(10);
+        let out = run_with_deadline(std::process::Command::new("cat"), &[], Some("hi"), long);
+        assert_eq!(out.unwrap(), "hi");
+        let err = run_with_deadline(
+            std::process::Command::new("sh"),
+            &["-c", "echo nope >&2; exit 3"],
+            None,
+            long,
+        )
+        .unwrap_err();
+        assert_eq!(err.to_string(), "sh -c echo nope >&2; exit 3 failed: nope");
     }
 }
