@@ -226,6 +226,106 @@ fn hostile_connect_requests_get_the_right_status() {
         .contains("does not match this pod's address")));
 }
 
+/// One source may hold only `--max-connections-per-source` connections to the pod listeners;
+/// past it new ones are reset (counted and logged) while other sources are still served, and
+/// a closed one frees its place.
+#[test]
+fn connections_over_the_per_source_cap_are_reset_and_others_still_served() {
+    let mut m = Mesh::new(&["a", "b"]);
+    let x1 = m.lab.add_pod("a", "x1"); // outside the mesh: arrives on b1's 15006
+    let x2 = m.lab.add_pod("a", "x2");
+    let b1 = m.lab.add_pod("b", "b1");
+    let wb = Workload::mesh(&b1, "ns-b", "server");
+    m.write_config(&[&wb], &[]);
+    m.start_ztunnel("b", &["--max-connections-per-source", "3"]);
+    m.enroll(&wb);
+    let _server = EchoServer::start(&b1, 8080);
+    let roundtrip = |s: &mut std::net::TcpStream| {
+        use std::io::{Read, Write};
+        s.set_read_timeout(Some(T))?;
+        s.write_all(b"ping")?;
+        let mut buf = [0u8; 4];
+        s.read_exact(&mut buf).map(|()| buf)
+    };
+    let mut held: Vec<_> = (0..3)
+        .map(|_| connect(&x1, b1.addr(8080), T).unwrap())
+        .collect();
+    for s in &mut held {
+        assert_eq!(&roundtrip(s).unwrap(), b"ping");
+    }
+    let mut over = connect(&x1, b1.addr(8080), T).unwrap();
+    assert!(
+        roundtrip(&mut over).is_err(),
+        "a fourth connection from x1 was served"
+    );
+    let other = connect(&x2, b1.addr(8080), T).and_then(|s| echo_roundtrip(s, b"x2"));
+    assert_eq!(other.unwrap(), b"x2", "another source must still be served");
+    assert!(eventually(T, || m
+        .ztunnel_log("b")
+        .contains("connection refused: over the connection limit")));
+    let metrics = m
+        .lab
+        .node("b")
+        .ns
+        .http_get("127.0.0.1:15020".parse().unwrap(), "/metrics")
+        .unwrap()
+        .1;
+    assert!(
+        metrics.contains("reason=\"connection_limit\""),
+        "no connection_limit failure counted"
+    );
+    drop(held.pop());
+    assert!(eventually(T, || connect(&x1, b1.addr(8080), T)
+        .and_then(|s| echo_roundtrip(s, b"again"))
+        .is_ok()));
+}
+
+/// The small HTTP servers (here readiness, 15021) cut a client that does not finish its
+/// request head, and a flood of such clients delays a real probe by at most that timeout
+/// instead of holding it (or the process's descriptors) forever.
+#[test]
+fn idle_and_slow_clients_of_the_http_servers_are_cut() {
+    use std::io::{Read, Write};
+    let mut m = Mesh::new(&["a"]);
+    let a1 = m.lab.add_pod("a", "a1");
+    let wa = Workload::mesh(&a1, "ns-a", "client");
+    m.write_config(&[&wa], &[]);
+    m.start_ztunnel("a", &[]);
+    m.enroll(&wa);
+    let node = m.lab.node("a").ns.clone();
+    let ready: std::net::SocketAddr = "127.0.0.1:15021".parse().unwrap();
+    let started = std::time::Instant::now();
+    let mut idle: Vec<_> = (0..100)
+        .map(|_| {
+            let mut s = node.connect(ready, T).unwrap();
+            s.write_all(b"GET /healthz/ready HTTP/1.1\r\nHost: x\r\n")
+                .unwrap();
+            s
+        })
+        .collect();
+    assert!(
+        // Any answer will do (the stand-in agent sent no snapshot, so it is a 503).
+        eventually(Duration::from_secs(15), || node
+            .http_get(ready, "/healthz/ready")
+            .is_ok()),
+        "the probe was not answered while idle clients held the server"
+    );
+    for s in &mut idle {
+        s.set_read_timeout(Some(Duration::from_secs(15))).unwrap();
+        let mut rest = Vec::new();
+        // Cut: an EOF, or hyper's 408 then EOF, or a reset; not a read that times out.
+        match s.read_to_end(&mut rest) {
+            Ok(_) => {}
+            Err(e) => assert_ne!(
+                e.kind(),
+                std::io::ErrorKind::WouldBlock,
+                "an idle client was never cut"
+            ),
+        }
+    }
+    assert!(started.elapsed() < Duration::from_secs(20));
+}
+
 #[derive(Debug)]
 struct AcceptAnything;
 

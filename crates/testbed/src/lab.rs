@@ -75,9 +75,12 @@ impl Ns {
         String::from_utf8_lossy(&out.stdout).into_owned()
     }
 
-    /// A minimal HTTP/1.0 GET from inside the namespace: (status, body).
-    pub fn http_get(&self, addr: SocketAddr, path: &str) -> std::io::Result<(u16, String)> {
-        use std::io::{Read, Write};
+    /// A TCP connection to `addr` from inside this namespace.
+    pub fn connect(
+        &self,
+        addr: SocketAddr,
+        timeout: Duration,
+    ) -> std::io::Result<std::net::TcpStream> {
         let sock = self
             .open()
             .run(|| {
@@ -88,8 +91,14 @@ impl Ns {
                 )
             })
             .map_err(std::io::Error::other)??;
-        sock.connect_timeout(&addr.into(), Duration::from_secs(2))?;
-        let mut stream: std::net::TcpStream = sock.into();
+        sock.connect_timeout(&addr.into(), timeout)?;
+        Ok(sock.into())
+    }
+
+    /// A minimal HTTP/1.0 GET from inside the namespace: (status, body).
+    pub fn http_get(&self, addr: SocketAddr, path: &str) -> std::io::Result<(u16, String)> {
+        use std::io::{Read, Write};
+        let mut stream = self.connect(addr, Duration::from_secs(2))?;
         stream.set_read_timeout(Some(Duration::from_secs(5)))?;
         write!(stream, "GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n")?;
         let mut text = String::new();
