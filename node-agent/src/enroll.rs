@@ -724,6 +724,13 @@ impl Manager {
         if let PodState::Pending(reason) = state {
             return Err(CniFailure::Missing(reason));
         }
+        // Rules without a ztunnel behind them black-hole the pod: not "intact".
+        if !self.zds.acked(&pod.uid) {
+            return Err(CniFailure::Missing(
+                "no live ztunnel serves the pod (none connected, or it has not acknowledged the pod)"
+                    .into(),
+            ));
+        }
         match self.redirector.check(&netns, opts).await {
             Ok(Check::Intact) => Ok(CniOutcome::Enrolled),
             Ok(Check::Missing) => Err(CniFailure::Missing("redirection rules are missing".into())),

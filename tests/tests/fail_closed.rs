@@ -339,3 +339,51 @@ print("closed" if not data and not anc else "sent %d bytes and %d descriptor mes
     // ztunnel itself is still served.
     assert!(proxied(&a1));
 }
+
+/// CNI CHECK says the pod is intact only while a ztunnel serves it: with rules in place and
+/// no ztunnel the pod's traffic goes nowhere, and the runtime must hear so.
+#[test]
+fn cni_check_fails_while_no_ztunnel_serves_the_pod() {
+    let mut m = Mesh::new(&["a"]);
+    let a1 = m.lab.add_pod("a", "a1");
+    let wa = Workload::mesh(&a1, "shop", "app");
+    m.write_config(&[&wa], &[]);
+    std::fs::write(
+        m.pod_file("a"),
+        format!(
+            "namespaces: [{{name: shop, labels: {{istio.io/dataplane-mode: ambient}}}}]\npods:\n- {{name: a1, namespace: shop, uid: {}, serviceAccount: app, ips: [\"{}\"]}}\n",
+            wa.uid(),
+            a1.ip
+        ),
+    )
+    .unwrap();
+    m.start_agent("a", &[]);
+    m.start_ztunnel("a", &[]);
+    assert!(eventually(T, || m.agent_get("a", "/readyz").0 == 200));
+    let add = cni(&m, &a1, "shop", "ADD");
+    assert!(
+        add.status.success(),
+        "{}",
+        String::from_utf8_lossy(&add.stdout)
+    );
+    assert!(cni(&m, &a1, "shop", "CHECK").status.success());
+
+    m.lab.stop("ztunnel-a");
+    let failed = eventually(T, || {
+        let out = cni(&m, &a1, "shop", "CHECK");
+        !out.status.success()
+            && String::from_utf8_lossy(&out.stdout).contains("no live ztunnel serves the pod")
+    });
+    assert!(failed, "CHECK passed with no ztunnel: {}", m.agent_log("a"));
+    assert!(
+        has_rules(&a1),
+        "the rules stay: traffic is held, not let out"
+    );
+
+    m.start_ztunnel("a", &[]);
+    assert!(
+        eventually(T, || cni(&m, &a1, "shop", "CHECK").status.success()),
+        "{}",
+        m.agent_log("a")
+    );
+}
