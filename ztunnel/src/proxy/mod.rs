@@ -49,7 +49,8 @@ use crate::state::authz::DenyReason;
 use crate::state::{State, StateHandle};
 use crate::tls::TlsContext;
 
-/// How long TCP connect plus TLS and HTTP/2 handshakes may take.
+/// How long TCP connect plus TLS and HTTP/2 handshakes may take; also the bound on a plain
+/// upstream connect and on waiting for a free stream on a pooled connection.
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Shared, read-mostly inputs of the data path.

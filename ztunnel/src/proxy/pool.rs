@@ -191,7 +191,11 @@ impl Pool {
                 }
             }
         };
-        let mut sender = sender.ready().await?;
+        // A peer that never grants a stream (its concurrency limit reached) must not hold the
+        // app's connection forever.
+        let mut sender = tokio::time::timeout(HANDSHAKE_TIMEOUT, sender.ready())
+            .await
+            .map_err(|_| ProxyError::Timeout("the wait for a free HBONE stream"))??;
         let (response, send) = sender.send_request(req, false)?;
         Ok((send, Incoming::Pending(response), lease))
     }

@@ -146,8 +146,11 @@ pub async fn connect(
     };
     setup().map_err(ProxyError::Socket)?;
     let sock = TcpSocket::from_std_stream(sock.into());
-    sock.connect(dst)
+    // Without a deadline an unanswered SYN holds the app's connection for the kernel's two
+    // minutes of retries.
+    tokio::time::timeout(super::HANDSHAKE_TIMEOUT, sock.connect(dst))
         .await
+        .map_err(|_| ProxyError::Timeout("the TCP connect"))?
         .map_err(|source| ProxyError::Connect { addr: dst, source })
 }
 
