@@ -13,6 +13,7 @@
 //! arrived with `SCM_RIGHTS` or from `accept4`, and registering them with the reactor.
 
 pub mod client;
+pub mod fuzz;
 pub mod server;
 #[allow(unsafe_code)] // adopting received descriptors; each block says why it is sound
 pub mod transport;

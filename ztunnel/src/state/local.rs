@@ -396,6 +396,27 @@ pub fn load(file: &Path, trust_domain: &str) -> Result<Parts, LocalConfigError> 
     parse_parts(&text, trust_domain)
 }
 
+/// Fuzz entry point (`fuzz/`, replayed by `tests/tests/fuzz_corpora.rs`): bytes as a config
+/// file. Whatever parses must build a state whose workloads are all found by their addresses.
+pub fn fuzz_config(data: &[u8]) {
+    let Ok(text) = std::str::from_utf8(data) else {
+        return;
+    };
+    if let Ok(parts) = parse_parts(text, "cluster.local") {
+        let state = parts.build();
+        for w in state.workloads.values() {
+            assert!(!w.uid.is_empty());
+            for ip in &w.workload_ips {
+                assert!(
+                    state.workload_by_ip(*ip).is_some(),
+                    "{ip} of {} not indexed",
+                    w.uid
+                );
+            }
+        }
+    }
+}
+
 /// What identifies a version of the file on disk (a rename over it changes the inode).
 fn stamp(file: &Path) -> Option<(SystemTime, u64, u64)> {
     use std::os::unix::fs::MetadataExt;

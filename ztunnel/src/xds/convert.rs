@@ -325,7 +325,7 @@ fn rbac_match(m: &sec::Match) -> Result<RbacMatch, Refusal> {
     })
 }
 
-/// Fuzz entry point (`ztunnel/fuzz`): bytes as an Address resource, decoded and converted.
+/// Fuzz entry point (`fuzz/`): bytes as an Address resource, decoded and converted.
 /// Converted workloads must keep the invariants the data path relies on.
 pub fn fuzz_address(data: &[u8]) {
     use prost::Message;
@@ -337,7 +337,7 @@ pub fn fuzz_address(data: &[u8]) {
     }
 }
 
-/// Fuzz entry point (`ztunnel/fuzz`): bytes as an Authorization resource.
+/// Fuzz entry point (`fuzz/`): bytes as an Authorization resource.
 pub fn fuzz_authorization(data: &[u8]) {
     use prost::Message;
     if let Ok(a) = sec::Authorization::decode(data)

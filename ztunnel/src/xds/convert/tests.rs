@@ -339,7 +339,7 @@ fn golden_authorization() -> Vec<u8> {
 
 #[test]
 fn fuzz_entry_points_survive_random_and_mutated_inputs() {
-    // What the fuzz targets in ztunnel/fuzz run, on stable: every prefix and single-byte
+    // What the fuzz targets in fuzz/ run, on stable: every prefix and single-byte
     // mutation of the golden payloads, and random byte strings.
     use rand::{Rng, SeedableRng};
     assert!(
