@@ -678,20 +678,6 @@ fn status(r: &mut Run<'_>, config: &Config) -> Result<(), CniError> {
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn masks_encode_like_go() {
-        assert_eq!(mask_b64(false, 16), "//8AAA==");
-        assert_eq!(mask_b64(false, 24), "////AA==");
-        assert_eq!(mask_b64(false, 32), "/////w==");
-        assert_eq!(mask_b64(false, 0), "AAAAAA==");
-        assert_eq!(mask_b64(true, 64), "//////////8AAAAAAAAAAA==");
-    }
-}
-
 /// Fuzz entry point (`fuzz/`, replayed by `tests/tests/fuzz_corpora.rs`): bytes as one
 /// invocation. The environment as `KEY=VALUE` lines, a NUL, stdin, a NUL, then the agent's
 /// answer: one byte choosing a transport failure or a status, then its body.
@@ -775,5 +761,19 @@ pub fn fuzz_invocation(data: &[u8]) {
             );
         }
         other => panic!("exit status {other}"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn masks_encode_like_go() {
+        assert_eq!(mask_b64(false, 16), "//8AAA==");
+        assert_eq!(mask_b64(false, 24), "////AA==");
+        assert_eq!(mask_b64(false, 32), "/////w==");
+        assert_eq!(mask_b64(false, 0), "AAAAAA==");
+        assert_eq!(mask_b64(true, 64), "//////////8AAAAAAAAAAA==");
     }
 }

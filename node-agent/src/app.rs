@@ -77,9 +77,14 @@ async fn serve(config: Config) -> anyhow::Result<()> {
             config.state_dir.display()
         )
     })?;
-    if !config.no_host_probe_rule {
-        redirect::host::install().context("installing the host probe rule")?;
-    }
+    let probes = if config.no_host_probe_rule {
+        None
+    } else {
+        let probes = redirect::host::HostProbes::install(&config.probe_cgroup, &config.proc_dir)
+            .map_err(anyhow::Error::msg)
+            .context("--probe-cgroup")?;
+        Some(Arc::new(Mutex::new(probes)))
+    };
     let metrics = Arc::new(Metrics::default());
     let mut registry = Registry::default();
     metrics.register(&mut registry);
@@ -110,7 +115,7 @@ async fn serve(config: Config) -> anyhow::Result<()> {
         marks,
         config.drift_interval,
     );
-    manager.host_probes = !config.no_host_probe_rule;
+    manager.host_probes = probes;
     let install = config
         .install_cni
         .then(|| Arc::new(InstallState::default()));

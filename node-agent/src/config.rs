@@ -144,6 +144,13 @@ pub struct Config {
     #[arg(long, default_value = "1s", value_parser = humantime::parse_duration)]
     pub pod_file_poll: Duration,
 
+    /// Who gets the kubelet's probe bypass (SNAT to 169.254.7.127, no policy): `auto` (the
+    /// cgroup v2 of the process named `kubelet`; nobody if none is found), a cgroup v2 path
+    /// such as `/system.slice/kubelet.service`, `any` (every process on the node, as Istio
+    /// does) or `none` (probes go through ztunnel and policy).
+    #[arg(long, env = "AGENT_PROBE_CGROUP", default_value = "auto")]
+    pub probe_cgroup: String,
+
     /// Do not manage the host's probe SNAT rule (for nodes where something else does).
     #[arg(long, env = "AGENT_NO_HOST_PROBE_RULE")]
     pub no_host_probe_rule: bool,

@@ -20,6 +20,7 @@ use tokio::sync::{mpsc, oneshot, watch};
 use crate::metrics::Metrics;
 use crate::netns_find::Finder;
 use crate::pods::{Decision, NetnsHint, PodInfo, PodSet, Policy, REDIRECTION, decide};
+use crate::redirect::host::HostProbes;
 use crate::redirect::{Check, Options, Redirector};
 use crate::zds::{ZdsError, ZdsServer};
 
@@ -173,7 +174,9 @@ impl Marks {
         self.damaged || self.uids.contains(uid)
     }
 
-    fn set(&mut self, uid: &str, on: bool) {
+    /// Records `uid` as enrolled (`on`) or not. The write and its fsyncs run on a blocking
+    /// thread, never on the runtime's; the manager awaits each, so writes stay in order.
+    async fn set(&mut self, uid: &str, on: bool) {
         let changed = if on {
             self.uids.insert(uid.to_string())
         } else {
@@ -183,8 +186,14 @@ impl Marks {
             let mut list: Vec<&String> = self.uids.iter().collect();
             list.sort();
             let data = serde_json::to_vec(&list).expect("strings serialize");
-            if let Err(e) = crate::install::write_atomic(f, &data, 0o600) {
-                tracing::warn!(error = %chain(&e), "cannot persist enrollment marks");
+            let f = f.clone();
+            let written =
+                tokio::task::spawn_blocking(move || crate::install::write_atomic(&f, &data, 0o600))
+                    .await;
+            match written {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => tracing::warn!(error = %chain(&e), "cannot persist enrollment marks"),
+                Err(e) => tracing::warn!(error = %e, "cannot persist enrollment marks"),
             }
         }
     }
@@ -218,8 +227,9 @@ pub struct Manager {
     pub shared: Arc<Mutex<Shared>>,
     pub marks: Marks,
     pub drift_interval: Duration,
-    /// Maintain the host's probe SNAT sets (off when something else owns the host rules).
-    pub host_probes: bool,
+    /// The host's probe SNAT rule and sets, maintained here (none when something else owns
+    /// the host rules). Behind a lock only to be moved onto blocking threads.
+    pub host_probes: Option<Arc<Mutex<HostProbes>>>,
     tracked: BTreeMap<String, Tracked>,
     current: PodSet,
     synced: bool,
@@ -256,7 +266,7 @@ impl Manager {
             shared,
             marks,
             drift_interval,
-            host_probes: true,
+            host_probes: None,
             tracked: BTreeMap::new(),
             current: PodSet::default(),
             synced: false,
@@ -279,6 +289,7 @@ impl Manager {
         let initial = pods.borrow_and_update().clone();
         if let Some(set) = initial {
             self.sync(set).await;
+            self.prune_probe_sets().await;
             self.publish();
             if let Some(tx) = first_sync.take() {
                 let _ = tx.send(());
@@ -301,6 +312,9 @@ impl Manager {
                     let set = pods.borrow_and_update().clone();
                     if let Some(set) = set {
                         self.sync(set).await;
+                        if first_sync.is_some() {
+                            self.prune_probe_sets().await;
+                        }
                         if let Some(tx) = first_sync.take() {
                             let _ = tx.send(());
                         }
@@ -324,6 +338,23 @@ impl Manager {
                 }
             }
             self.publish();
+        }
+    }
+
+    /// After the first sync: the host's probe sets kept over a restart lose the addresses
+    /// of pods that are no longer enrolled here.
+    async fn prune_probe_sets(&self) {
+        if self.host_probes.is_none() {
+            return;
+        }
+        let keep: Vec<_> = self
+            .tracked
+            .values()
+            .flat_map(|t| t.pod.ips.iter().copied())
+            .collect();
+        let r = tokio::task::spawn_blocking(move || crate::redirect::host::retain(&keep)).await;
+        if let Ok(Err(e)) = r {
+            tracing::warn!(step = "probe-rule", error = %chain(&e), "stale probe SNAT addresses not removed");
         }
     }
 
@@ -530,7 +561,7 @@ impl Manager {
             }
             Err(e) => return self.pending(uid, "ztunnel", format!("ztunnel: {}", chain(&e))),
         }
-        if self.host_probes {
+        if self.host_probes.is_some() {
             let ips = pod.ips.clone();
             let r = tokio::task::spawn_blocking(move || crate::redirect::host::add(&ips)).await;
             if let Ok(Err(e)) = r {
@@ -540,7 +571,7 @@ impl Manager {
         let t = self.tracked.get_mut(uid).expect("tracked");
         let was = std::mem::replace(&mut t.state, PodState::Enrolled);
         t.failures = 0;
-        self.marks.set(uid, true);
+        self.marks.set(uid, true).await;
         self.status.record(&pod, Some("enabled"));
         if was != PodState::Enrolled {
             tracing::info!(uid, pod = %pod.name, namespace = %pod.namespace, "pod enrolled");
@@ -560,16 +591,25 @@ impl Manager {
             self.metrics.failure("remove");
             tracing::warn!(uid, pod = %t.pod.name, step = "rules", error = %chain(&e), "removing redirection failed");
         }
-        if self.host_probes {
+        if self.host_probes.is_some() {
             let ips = t.pod.ips.clone();
             let _ = tokio::task::spawn_blocking(move || crate::redirect::host::remove(&ips)).await;
         }
-        self.marks.set(uid, false);
+        self.marks.set(uid, false).await;
         self.status.record(&t.pod, None);
         tracing::info!(uid, pod = %t.pod.name, namespace = %t.pod.namespace, "pod unenrolled");
     }
 
     async fn check_drift(&mut self) {
+        if let Some(probes) = self.host_probes.clone() {
+            let r =
+                tokio::task::spawn_blocking(move || probes.lock().expect("not poisoned").refresh())
+                    .await;
+            if let Ok(Err(e)) = r {
+                self.metrics.failure("probe-rule");
+                tracing::warn!(step = "probe-rule", error = %e, "probe rule not refreshed");
+            }
+        }
         let enrolled: Vec<String> = self
             .tracked
             .iter()
@@ -795,15 +835,15 @@ mod tests {
 
     use super::Marks;
 
-    #[test]
-    fn marks_persist_atomically_and_a_torn_file_is_an_error_not_an_empty_set() {
+    #[tokio::test]
+    async fn marks_persist_atomically_and_a_torn_file_is_an_error_not_an_empty_set() {
         let dir = tempfile::tempdir().unwrap();
         let file = dir.path().join("enrolled.json");
         let mut marks = Marks::load(Some(file.clone())).unwrap();
         assert!(!marks.contains("ns/a"));
-        marks.set("ns/a", true);
-        marks.set("ns/b", true);
-        marks.set("ns/b", false);
+        marks.set("ns/a", true).await;
+        marks.set("ns/b", true).await;
+        marks.set("ns/b", false).await;
         let again = Marks::load(Some(file.clone())).unwrap();
         assert!(again.contains("ns/a") && !again.contains("ns/b"));
         let names: Vec<_> = std::fs::read_dir(dir.path())

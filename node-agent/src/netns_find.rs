@@ -95,36 +95,14 @@ impl Finder {
         self.search(&pod.ips).await
     }
 
-    /// Every distinct namespace on the node except our own, with a path to it.
-    fn candidates(&self) -> BTreeMap<NetNsId, (PathBuf, NetNs)> {
-        let home = NetNs::current().map(|n| n.id()).ok();
-        let mut found = BTreeMap::new();
-        let mut consider = |path: PathBuf| {
-            if let Ok(ns) = NetNs::open(&path)
-                && Some(ns.id()) != home
-            {
-                found.entry(ns.id()).or_insert((path, ns));
-            }
-        };
-        for dir in &self.netns_dirs {
-            if let Ok(entries) = std::fs::read_dir(dir) {
-                for e in entries.flatten() {
-                    consider(e.path());
-                }
-            }
-        }
-        if let Ok(entries) = std::fs::read_dir(&self.proc_dir) {
-            for e in entries.flatten() {
-                if e.file_name()
-                    .to_string_lossy()
-                    .bytes()
-                    .all(|b| b.is_ascii_digit())
-                {
-                    consider(e.path().join("ns/net"));
-                }
-            }
-        }
-        found
+    /// Every distinct namespace on the node except our own, with a path to it. Walks
+    /// `/proc` on a blocking thread: a node can have thousands of processes.
+    async fn candidates(&self) -> BTreeMap<NetNsId, (PathBuf, NetNs)> {
+        let netns_dirs = self.netns_dirs.clone();
+        let proc_dir = self.proc_dir.clone();
+        tokio::task::spawn_blocking(move || candidates_in(&netns_dirs, &proc_dir))
+            .await
+            .unwrap_or_default()
     }
 
     async fn search(&self, ips: &[IpAddr]) -> Result<NetNs, FindError> {
@@ -132,7 +110,7 @@ impl Finder {
             return Err(FindError::NoIps);
         }
         let mut hits: Vec<(PathBuf, NetNs)> = Vec::new();
-        for (_, (path, ns)) in self.candidates() {
+        for (_, (path, ns)) in self.candidates().await {
             match addresses(&ns).await {
                 Ok(addrs) if addrs.iter().any(|a| ips.contains(a)) => hits.push((path, ns)),
                 Ok(_) => {}
@@ -159,6 +137,37 @@ impl Finder {
             }),
         }
     }
+}
+
+fn candidates_in(netns_dirs: &[PathBuf], proc_dir: &Path) -> BTreeMap<NetNsId, (PathBuf, NetNs)> {
+    let home = NetNs::current().map(|n| n.id()).ok();
+    let mut found = BTreeMap::new();
+    let mut consider = |path: PathBuf| {
+        if let Ok(ns) = NetNs::open(&path)
+            && Some(ns.id()) != home
+        {
+            found.entry(ns.id()).or_insert((path, ns));
+        }
+    };
+    for dir in netns_dirs {
+        if let Ok(entries) = std::fs::read_dir(dir) {
+            for e in entries.flatten() {
+                consider(e.path());
+            }
+        }
+    }
+    if let Ok(entries) = std::fs::read_dir(proc_dir) {
+        for e in entries.flatten() {
+            if e.file_name()
+                .to_string_lossy()
+                .bytes()
+                .all(|b| b.is_ascii_digit())
+            {
+                consider(e.path().join("ns/net"));
+            }
+        }
+    }
+    found
 }
 
 /// The IP addresses configured in `ns`.

@@ -4,7 +4,9 @@
 
 use std::time::Duration;
 
-use mesh_testbed::apps::{EchoServer, connect, echo_roundtrip, has_rules, proxied, unproxied};
+use mesh_testbed::apps::{
+    EchoServer, Kubelet, connect, echo_roundtrip, has_rules, proxied, unproxied,
+};
 use mesh_testbed::lab::Pod;
 use mesh_testbed::mesh::{Scene, eventually};
 
@@ -162,20 +164,76 @@ fn rules_flushed_behind_the_agent_are_repaired() {
 }
 
 #[test]
-fn kubelet_probes_from_the_node_bypass_the_proxy() {
-    let s = scene();
+fn only_the_kubelet_gets_the_probe_bypass_and_keeps_it_over_an_agent_restart() {
+    let mut s = Scene::new();
+    let kubelet = Kubelet::new(s.m.lab.id());
+    let probe_args = ["--probe-cgroup", kubelet.path.as_str()];
+    s.m.write_config(&[&s.wa, &s.wb], &[]);
+    s.m.write_pods("a", &[&s.wa], "");
+    s.m.start_agent("a", &probe_args);
+    s.m.start_ztunnel("a", &[]);
+    assert!(eventually(T, || proxied(&s.a1)));
     let server = EchoServer::start(&s.a1, 8080);
-    // A local process on node a (where kubelet would run) connects to the enrolled pod.
     let node = s.m.lab.node("a").ns.clone();
-    let probe = Pod {
+
+    // The kubelet's probe skips the proxy: the app sees the probe address.
+    let got = kubelet.probe(&node, s.a1.addr(8080), "probe");
+    assert_eq!(got.unwrap(), "probe");
+    assert_eq!(server.peers()[0].ip().to_string(), "169.254.7.127");
+
+    // Any other process on the node goes through ztunnel (and its policy) like everyone else.
+    let other = Pod {
+        name: "node-a".into(),
+        node: "a".into(),
+        ns: node.clone(),
+        ip: "198.19.0.1".parse().unwrap(),
+    };
+    let got = connect(&other, s.a1.addr(8080), T).and_then(|c| echo_roundtrip(c, b"other"));
+    assert_eq!(got.unwrap(), b"other");
+    assert_ne!(server.peers()[1].ip().to_string(), "169.254.7.127");
+    assert!(
+        eventually(T, || s.m.ztunnel_log("a").contains("direction=inbound")),
+        "the host process did not go through ztunnel: {}",
+        s.m.ztunnel_log("a")
+    );
+
+    // The agent restarts while no ztunnel can take the pod back: the pod is not re-confirmed,
+    // yet its probes keep working because the new host table kept the old set's elements.
+    s.m.lab.stop("ztunnel-a");
+    s.m.lab.stop("agent-a");
+    s.m.start_agent("a", &probe_args);
+    let pods = s.m.agent_get("a", "/pods").1;
+    assert!(!pods.contains("\"state\": \"enrolled\""), "{pods}");
+    let got = kubelet.probe(&node, s.a1.addr(8080), "after restart");
+    assert_eq!(got.unwrap(), "after restart");
+    assert_eq!(server.peers()[2].ip().to_string(), "169.254.7.127");
+}
+
+#[test]
+fn without_a_kubelet_no_host_process_skips_the_proxy() {
+    // The lab's agents see no /proc, so `auto` finds no kubelet: nobody gets the bypass.
+    let mut s = scene();
+    let server = EchoServer::start(&s.a1, 8080);
+    let host =
+        s.m.lab
+            .node("a")
+            .ns
+            .exec("nft", &["list", "table", "inet", "ztunnel-host"]);
+    assert!(!host.contains("snat"), "{host}");
+    let node = s.m.lab.node("a").ns.clone();
+    let other = Pod {
         name: "node-a".into(),
         node: "a".into(),
         ns: node,
         ip: "198.19.0.1".parse().unwrap(),
     };
-    let got = connect(&probe, s.a1.addr(8080), T).and_then(|c| echo_roundtrip(c, b"probe"));
+    let got = connect(&other, s.a1.addr(8080), T).and_then(|c| echo_roundtrip(c, b"probe"));
     assert_eq!(got.unwrap(), b"probe");
-    assert_eq!(server.peers()[0].ip().to_string(), "169.254.7.127");
+    assert_ne!(server.peers()[0].ip().to_string(), "169.254.7.127");
+    assert!(
+        s.m.agent_log("a")
+            .contains("no kubelet to give the probe bypass to")
+    );
 }
 
 #[test]

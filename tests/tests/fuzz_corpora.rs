@@ -9,8 +9,11 @@ fn fuzz_dir() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../fuzz")
 }
 
+/// A target's entry point.
+type Entry = fn(&[u8]);
+
 /// Every target, with the entry point it calls.
-const TARGETS: &[(&str, fn(&[u8]))] = &[
+const TARGETS: &[(&str, Entry)] = &[
     ("agent_request_body", node_agent::cni::fuzz_request_body),
     ("cni_invocation", cni_plugin::fuzz_invocation),
     ("hbone_connect", ztunnel::proxy::inbound::fuzz_connect),

@@ -185,3 +185,75 @@ pub fn has_rules(pod: &Pod) -> bool {
         .exec("nft", &["list", "tables"])
         .contains("ztunnel-redirect")
 }
+
+/// A stand-in kubelet: a cgroup v2 of its own (unique name, removed on drop) and probes made
+/// by processes inside it, so the agent's `--probe-cgroup` can name it.
+#[derive(Debug)]
+pub struct Kubelet {
+    dir: std::path::PathBuf,
+    /// The cgroup's path below the cgroup v2 root, for `--probe-cgroup`.
+    pub path: String,
+}
+
+impl Kubelet {
+    pub fn new(id: &str) -> Self {
+        // Pure cgroup v2 hosts mount it at /sys/fs/cgroup; hybrid ones at .../unified.
+        let root = std::path::Path::new("/sys/fs/cgroup");
+        let mount = if root.join("cgroup.controllers").exists() {
+            root.to_path_buf()
+        } else {
+            root.join("unified")
+        };
+        let name = format!("{id}-kubelet");
+        let dir = mount.join(&name);
+        std::fs::create_dir_all(&dir)
+            .unwrap_or_else(|e| panic!("creating cgroup {}: {e}", dir.display()));
+        Kubelet {
+            dir,
+            path: format!("/{name}"),
+        }
+    }
+
+    /// Connects from a process in this cgroup, inside `from` (the node's netns), to `dst`,
+    /// sends `data`, and returns what came back before the peer closed.
+    pub fn probe(&self, from: &crate::lab::Ns, dst: SocketAddr, data: &str) -> io::Result<String> {
+        const SCRIPT: &str = "import socket,sys\n\
+            s=socket.create_connection((sys.argv[1],int(sys.argv[2])),timeout=5)\n\
+            s.sendall(sys.argv[3].encode());s.shutdown(socket.SHUT_WR)\n\
+            out=b''\n\
+            while True:\n  b=s.recv(4096)\n  if not b: break\n  out+=b\n\
+            sys.stdout.write(out.decode())\n";
+        let procs = self.dir.join("cgroup.procs");
+        let out = from
+            .open()
+            .command("sh")
+            .args([
+                "-c",
+                "echo 0 > \"$0\" && exec python3 -c \"$1\" \"$2\" \"$3\" \"$4\"",
+                &procs.to_string_lossy(),
+                SCRIPT,
+                &dst.ip().to_string(),
+                &dst.port().to_string(),
+                data,
+            ])
+            .output()?;
+        if !out.status.success() {
+            return Err(io::Error::other(
+                String::from_utf8_lossy(&out.stderr).into_owned(),
+            ));
+        }
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+}
+
+impl Drop for Kubelet {
+    fn drop(&mut self) {
+        // Its probes have exited; an empty cgroup can be removed.
+        for _ in 0..50 {
+            if std::fs::remove_dir(&self.dir).is_ok() || !self.dir.exists() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}

@@ -187,12 +187,21 @@ pub fn watch(
     let task = async move {
         loop {
             tokio::time::sleep(every).await;
-            let now = stamp(&file);
-            if now == last {
+            // stat and read on a blocking thread: the file may sit on a slow disk.
+            let path = file.clone();
+            let Ok((now, loaded)) = tokio::task::spawn_blocking(move || {
+                let now = stamp(&path);
+                (now, (now != last).then(|| load(&path)))
+            })
+            .await
+            else {
                 continue;
-            }
+            };
             last = now;
-            match load(&file) {
+            let Some(loaded) = loaded else {
+                continue;
+            };
+            match loaded {
                 Ok(set) => {
                     tracing::info!(file = %file.display(), pods = set.pods.len(), "pod file reloaded");
                     tx.send_replace(Some(set));
