@@ -100,8 +100,6 @@ async fn serve(config: Config) -> anyhow::Result<()> {
         Policy {
             excluded_namespaces: config.excluded_namespaces.iter().cloned().collect(),
             dns_capture: config.dns_capture,
-            ipv4: true,
-            ipv6: !config.no_ipv6,
         },
         Arc::new(Redirector::new()),
         Arc::new(Finder::new(

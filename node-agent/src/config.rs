@@ -128,13 +128,10 @@ pub struct Config {
     pub excluded_namespaces: Vec<String>,
 
     /// Capture pods' DNS to ztunnel's DNS proxy (port 15053) unless a pod says otherwise.
-    /// Off by default: this project's ztunnel does not serve DNS yet.
+    /// A pod is not enrolled while nothing serves 15053 in it (its DNS would be lost). Off by
+    /// default: this project's ztunnel does not serve DNS yet.
     #[arg(long, env = "AGENT_DNS_CAPTURE")]
     pub dns_capture: bool,
-
-    /// Leave IPv6 traffic alone (for nodes without IPv6).
-    #[arg(long, env = "AGENT_NO_IPV6")]
-    pub no_ipv6: bool,
 
     /// How often every enrolled pod's rules are checked for drift.
     #[arg(long, env = "AGENT_DRIFT_INTERVAL", default_value = "30s", value_parser = humantime::parse_duration)]

@@ -554,12 +554,18 @@ impl Manager {
                 return self.pending(uid, "rules", format!("checking redirection: {}", chain(&e)));
             }
         }
-        match self.zds.add(uid, info(&pod), netns).await {
+        match self.zds.add(uid, info(&pod), netns.clone()).await {
             Ok(()) => {}
             Err(ZdsError::NoZtunnel) => {
                 return self.pending(uid, "ztunnel", "waiting for ztunnel to connect".into());
             }
             Err(e) => return self.pending(uid, "ztunnel", format!("ztunnel: {}", chain(&e))),
+        }
+        // ztunnel has opened its listeners: with DNS capture, one must serve 15053.
+        if opts.dns_capture
+            && let Err(why) = crate::redirect::inspect::dns_served(&netns).await
+        {
+            return self.pending(uid, "dns", why);
         }
         if self.host_probes.is_some() {
             let ips = pod.ips.clone();

@@ -50,14 +50,17 @@ fn apply_is_idempotent_and_remove_leaves_nothing() {
     let rt = rt();
     let r = Redirector::new();
     let variants = [
+        // IPv6 is the pod's own: asking for v4 only in a pod with IPv6 still captures both,
+        // and a pod with IPv6 switched off gets IPv4 rules only (see below).
         (
-            "v4",
+            "v4-asked",
             Options {
                 ipv6: false,
                 ..Options::default()
             },
         ),
         ("dual", Options::default()),
+        ("no-ipv6", Options::default()),
         (
             "dns",
             Options {
@@ -75,6 +78,11 @@ fn apply_is_idempotent_and_remove_leaves_nothing() {
     ];
     for (name, opts) in variants {
         let pod = lab.add_pod("a", &format!("p-{name}"));
+        let pod_ipv6 = name != "no-ipv6";
+        if !pod_ipv6 {
+            pod.ns
+                .exec("sysctl", &["-qw", "net.ipv6.conf.all.disable_ipv6=1"]);
+        }
         let before = installed(&pod);
         rt.block_on(r.apply(&ns(&pod), opts)).unwrap();
         let once = installed(&pod);
@@ -90,7 +98,8 @@ fn apply_is_idempotent_and_remove_leaves_nothing() {
             "{name}"
         );
         assert!(once.contains("lookup 100"), "{name}: {once}");
-        let families = if opts.ipv6 { 2 } else { 1 };
+        let families = if pod_ipv6 { 2 } else { 1 };
+        assert_eq!(once.contains("ip6 daddr"), pod_ipv6, "{name}: {once}");
         assert_eq!(
             once.matches("local default dev lo table 100").count(),
             families,

@@ -73,8 +73,6 @@ pub struct Policy {
     pub excluded_namespaces: BTreeSet<String>,
     /// DNS capture for pods that do not say.
     pub dns_capture: bool,
-    pub ipv4: bool,
-    pub ipv6: bool,
 }
 
 impl Default for Policy {
@@ -82,8 +80,6 @@ impl Default for Policy {
         Self {
             excluded_namespaces: ["kube-system".to_string()].into(),
             dns_capture: false,
-            ipv4: true,
-            ipv6: true,
         }
     }
 }
@@ -139,8 +135,9 @@ pub fn decide(pod: &PodInfo, namespace: Option<&NamespaceInfo>, policy: &Policy)
         _ => return Decision::Skip("neither pod nor namespace is in ambient mode"),
     }
     Decision::Enroll(Options {
-        ipv4: policy.ipv4,
-        ipv6: policy.ipv6,
+        // Both families; the redirector drops IPv6 for a pod whose netns has none.
+        ipv4: true,
+        ipv6: true,
         dns_capture: flag(&pod.annotations, DNS_CAPTURE).unwrap_or(policy.dns_capture),
         capture_inbound: !flag(&pod.annotations, BYPASS_INBOUND).unwrap_or(false),
     })

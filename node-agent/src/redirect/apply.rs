@@ -175,6 +175,19 @@ pub fn check_nft() -> Result<(), ApplyError> {
     }
 }
 
+/// `opts` for the pod in `netns`: IPv6 rules exactly when the pod has IPv6 switched on.
+/// Decided per pod, not per node: a pod with IPv6 always has it captured, and one without
+/// gets no IPv6 rule or route that could not be installed.
+async fn for_netns(netns: &Arc<NetNs>, mut opts: Options) -> Result<Options, ApplyError> {
+    opts.ipv6 = super::inspect::has_ipv6(netns)
+        .await
+        .map_err(|stderr| ApplyError::Failed {
+            command: "reading net.ipv6.conf.all.disable_ipv6".into(),
+            stderr,
+        })?;
+    Ok(opts)
+}
+
 /// Applies, checks and removes rulesets; caches the canonical listing of each option set.
 #[derive(Debug, Default)]
 pub struct Redirector {
@@ -207,6 +220,7 @@ impl Redirector {
     /// Installs the ruleset for `opts` in `netns`, replacing any previous version in one
     /// transaction, and the policy route. Idempotent.
     pub async fn apply(&self, netns: &Arc<NetNs>, opts: Options) -> Result<(), ApplyError> {
+        let opts = for_netns(netns, opts).await?;
         let ruleset: Ruleset = plan(&opts);
         let script = ruleset.apply_script();
         blocking(netns, move |ns| {
@@ -219,6 +233,7 @@ impl Redirector {
 
     /// Compares what is installed in `netns` with the plan for `opts`.
     pub async fn check(&self, netns: &Arc<NetNs>, opts: Options) -> Result<Check, ApplyError> {
+        let opts = for_netns(netns, opts).await?;
         let expected = self.expected(opts).await?;
         let current = blocking(netns, listing).await?;
         let ruleset = plan(&opts);

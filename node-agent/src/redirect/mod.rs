@@ -7,6 +7,7 @@
 
 mod apply;
 pub mod host;
+pub mod inspect;
 mod plan;
 mod route;
 

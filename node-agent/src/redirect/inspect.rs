@@ -1,0 +1,124 @@
+//! What the agent reads from a pod's netns before it trusts its rules there: whether the pod
+//! has IPv6 at all (decided per pod, never node-wide, so a pod with IPv6 always has it
+//! captured), and whether something serves DNS on 15053 before the pod's DNS is sent there.
+//!
+//! Both read the namespace's own `/proc/sys/net` and `/proc/thread-self/net` from a blocking
+//! thread that has entered it.
+
+use std::sync::Arc;
+
+use mesh_contract::ports;
+use mesh_netns::NetNs;
+
+/// Whether `netns` has an IPv6 stack that is switched on.
+pub async fn has_ipv6(netns: &Arc<NetNs>) -> Result<bool, String> {
+    let ns = netns.clone();
+    tokio::task::spawn_blocking(move || {
+        ns.run(|| {
+            match std::fs::read_to_string("/proc/sys/net/ipv6/conf/all/disable_ipv6") {
+                Ok(v) => Ok(v.trim() == "0"),
+                // The kernel has no IPv6 (ipv6.disable=1): nothing to capture.
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(false),
+                Err(e) => Err(format!("reading the pod's IPv6 setting: {e}")),
+            }
+        })
+        .map_err(|e| e.to_string())?
+    })
+    .await
+    .map_err(|e| e.to_string())?
+}
+
+/// Ok when a UDP and a TCP socket are bound to port 15053 in `netns` (ztunnel's DNS proxy),
+/// else why not: with DNS capture on, the pod's DNS would go nowhere.
+pub async fn dns_served(netns: &Arc<NetNs>) -> Result<(), String> {
+    let ns = netns.clone();
+    let tables = tokio::task::spawn_blocking(move || {
+        ns.run(|| {
+            ["udp", "udp6", "tcp", "tcp6"].map(|t| {
+                std::fs::read_to_string(format!("/proc/thread-self/net/{t}")).unwrap_or_default()
+            })
+        })
+        .map_err(|e| e.to_string())
+    })
+    .await
+    .map_err(|e| e.to_string())??;
+    let [udp, udp6, tcp, tcp6] = tables;
+    let udp = bound(&udp, ports::DNS, None) || bound(&udp6, ports::DNS, None);
+    let tcp = bound(&tcp, ports::DNS, Some(LISTEN)) || bound(&tcp6, ports::DNS, Some(LISTEN));
+    match (udp, tcp) {
+        (true, true) => Ok(()),
+        (u, t) => Err(format!(
+            "DNS capture is on but nothing serves {} on port {} in the pod (does its ztunnel run a DNS proxy?); its DNS would be lost",
+            match (u, t) {
+                (false, false) => "UDP or TCP",
+                (false, true) => "UDP",
+                _ => "TCP",
+            },
+            ports::DNS
+        )),
+    }
+}
+
+/// The `st` column of a listening TCP socket.
+const LISTEN: &str = "0A";
+
+/// Whether a `/proc/net/{tcp,udp}[6]` table holds a socket bound to local `port` (in state
+/// `state`, if given).
+fn bound(table: &str, port: u16, state: Option<&str>) -> bool {
+    let want = format!("{port:04X}");
+    table.lines().skip(1).any(|line| {
+        let mut cols = line.split_whitespace();
+        let (Some(_slot), Some(local), Some(_remote), Some(st)) =
+            (cols.next(), cols.next(), cols.next(), cols.next())
+        else {
+            return false;
+        };
+        local.rsplit_once(':').is_some_and(|(_, p)| p == want) && state.is_none_or(|s| s == st)
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bound_sockets_are_read_from_proc_tables() {
+        let udp = "  sl  local_address rem_address   st tx_queue rx_queue tr tm->when retrnsmt   uid  timeout inode ref pointer drops\n\
+                   \x20 12: 0100007F:3ACD 00000000:0000 07 00000000:00000000 00:00000000 00000000     0        0 1 2 0 0\n";
+        assert!(bound(udp, 15053, None));
+        assert!(!bound(udp, 53, None));
+        let tcp = "  sl  local_address rem_address   st\n\
+                   \x20  0: 00000000:3ACD 00000000:0000 0A 00000000:00000000\n\
+                   \x20  1: 0100007F:0035 0100007F:3ACD 01 00000000:00000000\n";
+        assert!(bound(tcp, 15053, Some(LISTEN)));
+        // The far end of a connection is not a listener.
+        assert!(!bound(tcp, 53, Some(LISTEN)));
+        assert!(!bound("garbage\nno columns here\n", 15053, None));
+    }
+
+    #[tokio::test]
+    async fn a_fresh_namespace_has_ipv6_unless_switched_off_and_serves_no_dns() {
+        // Needs root (unshare): fails loudly without it.
+        let ns = Arc::new(NetNs::new_isolated().unwrap());
+        assert!(has_ipv6(&ns).await.unwrap());
+        let err = dns_served(&ns).await.unwrap_err();
+        assert!(
+            err.contains("nothing serves UDP or TCP on port 15053"),
+            "{err}"
+        );
+        ns.run(|| std::fs::write("/proc/sys/net/ipv6/conf/all/disable_ipv6", "1"))
+            .unwrap()
+            .unwrap();
+        assert!(!has_ipv6(&ns).await.unwrap());
+        // Something listening on both makes it served.
+        let (_udp, _tcp) = ns
+            .run(|| {
+                (
+                    std::net::UdpSocket::bind("0.0.0.0:15053").unwrap(),
+                    std::net::TcpListener::bind("0.0.0.0:15053").unwrap(),
+                )
+            })
+            .unwrap();
+        dns_served(&ns).await.unwrap();
+    }
+}
