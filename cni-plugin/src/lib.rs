@@ -63,6 +63,8 @@ struct Config {
     level: Level,
     timeout: Duration,
     prev_result: Option<Value>,
+    /// GC's `cni.dev/valid-attachments`: the sandbox container ids still attached.
+    valid_attachments: Option<Vec<String>>,
 }
 
 fn field_error(field: &str, want: &str, got: &Value) -> CniError {
@@ -180,6 +182,34 @@ fn parse_config(stdin: &[u8]) -> Result<Config, CniError> {
         Some(p @ Value::Object(_)) => Some(p.clone()),
         Some(other) => return Err(field_error("prevResult", "an object", other)),
     };
+    let valid_attachments = match obj.get("cni.dev/valid-attachments") {
+        None | Some(Value::Null) => None,
+        Some(Value::Array(items)) => Some(
+            items
+                .iter()
+                .map(|i| {
+                    i.get("containerID")
+                        .and_then(Value::as_str)
+                        .filter(|c| !c.is_empty())
+                        .map(str::to_string)
+                        .ok_or_else(|| {
+                            field_error(
+                                "cni.dev/valid-attachments",
+                                "a list of {containerID, ifname} objects",
+                                i,
+                            )
+                        })
+                })
+                .collect::<Result<_, _>>()?,
+        ),
+        Some(other) => {
+            return Err(field_error(
+                "cni.dev/valid-attachments",
+                "a list of {containerID, ifname} objects",
+                other,
+            ));
+        }
+    };
     Ok(Config {
         cni_version,
         run_dir: run_dir.into(),
@@ -188,6 +218,7 @@ fn parse_config(stdin: &[u8]) -> Result<Config, CniError> {
         level,
         timeout,
         prev_result,
+        valid_attachments,
     })
 }
 
@@ -342,8 +373,7 @@ fn dispatch(
             "",
         )),
         "STATUS" => status(r, &config).map(|()| String::new()),
-        // The agent cleans up per pod on DEL; there is nothing else to collect.
-        "GC" => Ok(String::new()),
+        "GC" => gc(r, &config).map(|()| String::new()),
         "ADD" => add(r, &config, &parse_env(env, "ADD")?),
         "DEL" => {
             del(r, &config, &parse_env(env, "DEL")?);
@@ -641,6 +671,37 @@ fn check(r: &mut Run<'_>, config: &Config, env: &Env) -> Result<(), CniError> {
             format!("the node agent answered HTTP {status}"),
             reply.body.to_string(),
         )),
+    }
+}
+
+/// GC: the agent forgets every sandbox it enrolled that is not among the valid attachments
+/// (as if its DEL had come). Without the list there is nothing to compare against, so
+/// nothing is collected.
+fn gc(r: &mut Run<'_>, config: &Config) -> Result<(), CniError> {
+    let Some(valid) = &config.valid_attachments else {
+        return Ok(());
+    };
+    let reply = r
+        .agent
+        .call(
+            &socket(config),
+            "POST",
+            "/cmdgc",
+            Some(&json!({ "ValidContainerIDs": valid })),
+            config.timeout,
+        )
+        .map_err(|e| agent_failure(config, e))?;
+    if reply.status == 200 {
+        Ok(())
+    } else {
+        Err(CniError::new(
+            code::TRY_AGAIN_LATER,
+            format!(
+                "the ambient node agent refused GC: {}",
+                reply.body["error"].as_str().unwrap_or_default()
+            ),
+            "",
+        ))
     }
 }
 

@@ -459,3 +459,46 @@ fn the_binary_behaves_at_its_boundary() {
         "{out}"
     );
 }
+
+#[test]
+fn gc_sends_the_valid_attachments_and_refuses_malformed_ones() {
+    let with = |attachments: Value| {
+        let mut c = json!({"cniVersion": "1.1.0", "name": "podnet", "type": "ambient-cni"});
+        c["cni.dev/valid-attachments"] = attachments;
+        c.to_string().into_bytes()
+    };
+    let agent = Scripted::ok(json!({"removed": 1}));
+    let out = run(
+        &env("GC"),
+        &with(
+            json!([{"containerID": "c1", "ifname": "eth0"}, {"containerID": "c2", "ifname": "eth0"}]),
+        ),
+        &agent,
+    );
+    assert_eq!((out.exit, out.stdout.as_str()), (0, ""));
+    let (path, body) = agent.calls.borrow()[0].clone();
+    assert_eq!(path, "/cmdgc");
+    assert_eq!(body, json!({"ValidContainerIDs": ["c1", "c2"]}));
+
+    // An empty list is a real answer (nothing is attached), not "no list".
+    let agent = Scripted::ok(json!({"removed": 0}));
+    let out = run(&env("GC"), &with(json!([])), &agent);
+    assert_eq!(out.exit, 0, "{}", out.stdout);
+    assert_eq!(agent.calls.borrow()[0].1, json!({"ValidContainerIDs": []}));
+
+    for bad in [
+        json!("c1"),
+        json!([{"ifname": "eth0"}]),
+        json!([{"containerID": ""}]),
+        json!([7]),
+    ] {
+        let agent = Scripted::ok(Value::Null);
+        let out = run(&env("GC"), &with(bad.clone()), &agent);
+        assert_eq!(error_code(&out), u64::from(code::INVALID_CONFIG), "{bad}");
+        assert!(agent.calls.borrow().is_empty(), "{bad}: sent anyway");
+    }
+
+    // The agent down: GC says so (try again later), it does not pretend to have collected.
+    let out = run(&env("GC"), &with(json!([])), &Scripted::down());
+    assert_eq!(error_code(&out), u64::from(code::TRY_AGAIN_LATER));
+}

@@ -6,6 +6,7 @@
 //! | `POST /cmdadd` | 200 `{"enrolled": true}` once the pod is enrolled; 200 `{"enrolled": false, "reason"}` for a pod not meant for the mesh; 503 while the agent cannot protect pods (not synced, no ztunnel); 500 with the failing step; 400 for a malformed body |
 //! | `POST /cmdcheck` | 200 when enrolled and intact (or not in the mesh); 409 with what is missing |
 //! | `POST /cmddel` | 200 once the sandbox's pod has left ztunnel and its rules are gone |
+//! | `POST /cmdgc` | `{"ValidContainerIDs": [...]}`: every sandbox the plugin enrolled that is not listed is handled as deleted; 200 `{"removed": n}` |
 //! | `GET /readyz` | as the HTTP endpoint's readiness |
 //!
 //! A pod the agent has not seen yet (its watch lags the runtime) is retried for a few seconds
@@ -66,6 +67,8 @@ struct Body {
     container_id: Option<String>,
     #[serde(default, rename = "IPs")]
     ips: Vec<IpEntry>,
+    #[serde(default, rename = "ValidContainerIDs")]
+    valid_container_ids: Option<Vec<String>>,
 }
 
 impl Body {
@@ -253,7 +256,7 @@ impl CniServer {
         if method != Method::POST {
             return reply(
                 StatusCode::METHOD_NOT_ALLOWED,
-                &json!({ "error": "POST /cmdadd, /cmdcheck or /cmddel" }),
+                &json!({ "error": "POST /cmdadd, /cmdcheck, /cmddel or /cmdgc" }),
             );
         }
         let bytes = match Limited::new(req.into_body(), MAX_BODY).collect().await {
@@ -290,9 +293,30 @@ impl CniServer {
                 }
                 reply(StatusCode::OK, &json!({}))
             }
+            "/cmdgc" => {
+                let Some(valid) = body.valid_container_ids else {
+                    return reply(
+                        StatusCode::BAD_REQUEST,
+                        &json!({ "error": "ValidContainerIDs is missing" }),
+                    );
+                };
+                let (done, removed) = oneshot::channel();
+                let request = Request::CniGc {
+                    valid: valid.into_iter().collect(),
+                    done,
+                };
+                if self.requests.send(request).await.is_err() {
+                    return reply(
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        &json!({ "error": "the agent is stopping" }),
+                    );
+                }
+                let removed = removed.await.unwrap_or(0);
+                reply(StatusCode::OK, &json!({ "removed": removed }))
+            }
             _ => reply(
                 StatusCode::NOT_FOUND,
-                &json!({ "error": "POST /cmdadd, /cmdcheck or /cmddel" }),
+                &json!({ "error": "POST /cmdadd, /cmdcheck, /cmddel or /cmdgc" }),
             ),
         }
     }

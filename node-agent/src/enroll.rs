@@ -8,7 +8,7 @@
 //! then mark it enrolled — and a failure part-way leaves the pod `pending` with a retry
 //! scheduled; it is never reported enrolled early.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -121,6 +121,11 @@ pub enum Request {
         container_id: String,
         done: oneshot::Sender<()>,
     },
+    /// CNI GC: every sandbox not in `valid` is gone; `done` gets how many were removed.
+    CniGc {
+        valid: HashSet<String>,
+        done: oneshot::Sender<usize>,
+    },
 }
 
 /// Persistent record of which pods this node enrolled, so rules lost with a reboot are
@@ -172,6 +177,15 @@ impl Marks {
 
     fn contains(&self, uid: &str) -> bool {
         self.damaged || self.uids.contains(uid)
+    }
+
+    /// Whether `uid` is in the record itself (a damaged record holds nobody for sure).
+    fn recorded(&self, uid: &str) -> bool {
+        self.uids.contains(uid)
+    }
+
+    fn recorded_uids(&self) -> Vec<String> {
+        self.uids.iter().cloned().collect()
     }
 
     /// Records `uid` as enrolled (`on`) or not. The write and its fsyncs run on a blocking
@@ -390,6 +404,7 @@ impl Manager {
             .map(|n| (n.name.as_str(), n))
             .collect();
         let mut wanted: BTreeMap<String, (PodInfo, Options)> = BTreeMap::new();
+        let mut skipped = Vec::new();
         for pod in &set.pods {
             match decide(
                 pod,
@@ -405,8 +420,11 @@ impl Manager {
                         wanted.insert(pod.uid.clone(), (t.pod.clone(), t.opts));
                     }
                 }
-                Decision::Skip(_) => {}
+                Decision::Skip(_) => skipped.push(pod.clone()),
             }
+        }
+        if !self.synced {
+            self.clean_up_left(skipped, &set).await;
         }
         let gone: Vec<String> = self
             .tracked
@@ -465,6 +483,41 @@ impl Manager {
         }
         self.current = set;
         self.synced = true;
+    }
+
+    /// At startup: pods this agent enrolled (its record, or the pod's redirection
+    /// annotation) that left the mesh while it was down still have their rules, which now
+    /// lead to a ztunnel that no longer serves them. Their rules, annotation and record are
+    /// removed; records of pods that no longer exist are dropped.
+    async fn clean_up_left(&mut self, skipped: Vec<PodInfo>, set: &PodSet) {
+        for pod in skipped {
+            let annotated = pod.annotations.contains_key(REDIRECTION);
+            if !self.marks.recorded(&pod.uid) && !annotated {
+                continue;
+            }
+            match self.finder.find(&pod).await {
+                Ok(ns) => {
+                    if let Err(e) = self.redirector.remove(&Arc::new(ns)).await {
+                        self.metrics.failure("remove");
+                        tracing::warn!(uid = %pod.uid, pod = %pod.name, step = "rules", error = %chain(&e), "removing the redirection of a pod that left the mesh failed");
+                        continue;
+                    }
+                }
+                // No netns: the sandbox is gone, and its rules with it.
+                Err(e) => {
+                    tracing::debug!(uid = %pod.uid, error = %chain(&e), "no netns for a pod that left the mesh")
+                }
+            }
+            self.marks.set(&pod.uid, false).await;
+            self.status.record(&pod, None);
+            tracing::info!(uid = %pod.uid, pod = %pod.name, namespace = %pod.namespace, "pod left the mesh while the agent was down; its redirection is removed");
+        }
+        let existing: HashSet<&str> = set.pods.iter().map(|p| p.uid.as_str()).collect();
+        for uid in self.marks.recorded_uids() {
+            if !existing.contains(uid.as_str()) {
+                self.marks.set(&uid, false).await;
+            }
+        }
     }
 
     async fn retry_due(&mut self) {
@@ -663,6 +716,10 @@ impl Manager {
                 self.cni_del(&container_id).await;
                 let _ = done.send(());
             }
+            Request::CniGc { valid, done } => {
+                let removed = self.cni_gc(&valid).await;
+                let _ = done.send(removed);
+            }
         }
     }
 
@@ -787,6 +844,24 @@ impl Manager {
 
     /// The sandbox is gone: its pod leaves ztunnel and its rules go (the pod itself may come
     /// back with a new sandbox).
+    /// Handles every sandbox the plugin enrolled that the runtime no longer lists as a DEL
+    /// (a DEL it never sent, e.g. while the agent was down); how many.
+    async fn cni_gc(&mut self, valid: &HashSet<String>) -> usize {
+        self.finder.retain_containers(valid);
+        let stale: BTreeSet<String> = self
+            .tracked
+            .values()
+            .filter(|t| !t.sandbox_gone)
+            .filter_map(|t| t.container.clone())
+            .filter(|c| !valid.contains(c))
+            .collect();
+        for container in &stale {
+            tracing::info!(container = %container, "sandbox not among the runtime's valid attachments (GC)");
+            self.cni_del(container).await;
+        }
+        stale.len()
+    }
+
     async fn cni_del(&mut self, container_id: &str) {
         self.finder.forget_container(container_id);
         let uids: Vec<String> = self

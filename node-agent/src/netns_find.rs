@@ -62,6 +62,14 @@ impl Finder {
             .insert(container_id.to_string(), netns.to_path_buf());
     }
 
+    /// Forgets every sandbox not in `valid` (CNI GC).
+    pub fn retain_containers(&self, valid: &std::collections::HashSet<String>) {
+        self.containers
+            .lock()
+            .expect("not poisoned")
+            .retain(|id, _| valid.contains(id));
+    }
+
     pub fn forget_container(&self, container_id: &str) {
         self.containers
             .lock()

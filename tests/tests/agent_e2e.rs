@@ -237,6 +237,46 @@ fn without_a_kubelet_no_host_process_skips_the_proxy() {
 }
 
 #[test]
+fn a_pod_that_left_the_mesh_while_the_agent_was_down_is_cleaned_up_not_black_holed() {
+    let mut s = scene();
+    let _server = EchoServer::start(&s.b1, 8080);
+    assert!(has_rules(&s.a1));
+    // While the agent is down, a1's namespace leaves ambient mode; ztunnel keeps running.
+    s.m.lab.stop("agent-a");
+    let file = s.m.pod_file("a");
+    let yaml = std::fs::read_to_string(&file)
+        .unwrap()
+        .replace("labels: {istio.io/dataplane-mode: ambient}", "labels: {}");
+    std::fs::write(&file, yaml).unwrap();
+    s.m.start_agent("a", &[]);
+    assert!(
+        eventually(T, || !has_rules(&s.a1)),
+        "rules of a pod that left the mesh stay: {}",
+        s.m.agent_log("a")
+    );
+    assert!(eventually(T, || unproxied(&s.a1)));
+    assert!(
+        s.m.agent_log("a")
+            .contains("pod left the mesh while the agent was down")
+    );
+    // Its traffic flows as for any pod outside the mesh (not into a ztunnel that dropped it).
+    let got = connect(&s.a1, s.b1.addr(8080), T).and_then(|c| echo_roundtrip(c, b"outside"));
+    assert_eq!(got.unwrap(), b"outside");
+    // The record forgot it: a later restart has nothing to clean.
+    s.m.lab.stop("agent-a");
+    s.m.start_agent("a", &[]);
+    assert!(eventually(T, || s.m.agent_get("a", "/readyz").0 == 200));
+    assert_eq!(
+        s.m.agent_log("a")
+            .matches("pod left the mesh while the agent was down")
+            .count(),
+        0,
+        "{}",
+        s.m.agent_log("a")
+    );
+}
+
+#[test]
 fn rules_lost_while_the_agent_was_down_are_reported_and_reinstalled() {
     let mut s = scene();
     let _server = EchoServer::start(&s.b1, 8080);

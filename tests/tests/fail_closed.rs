@@ -470,3 +470,89 @@ fn udp_of_an_enrolled_pod_passes_uncaptured() {
     let (n, _) = client.recv_from(&mut buf).unwrap();
     assert_eq!(&buf[..n], b"reply");
 }
+
+/// CNI GC: a sandbox the plugin enrolled that the runtime no longer lists in
+/// `cni.dev/valid-attachments` (its DEL was lost, e.g. while the agent was down) is removed
+/// as if the DEL had come: out of ztunnel, rules gone, not enrolled again from the pod
+/// source. Listed sandboxes are left alone.
+#[test]
+fn cni_gc_removes_sandboxes_the_runtime_no_longer_lists() {
+    let mut m = Mesh::new(&["a"]);
+    let a1 = m.lab.add_pod("a", "a1");
+    std::fs::write(
+        m.pod_file("a"),
+        format!(
+            "namespaces: [{{name: shop, labels: {{istio.io/dataplane-mode: ambient}}}}]\npods:\n- {{name: a1, namespace: shop, uid: shop/a1, serviceAccount: app, ips: [\"{}\"]}}\n",
+            a1.ip
+        ),
+    )
+    .unwrap();
+    m.start_agent("a", &[]);
+    m.start_ztunnel("a", &[]);
+    assert!(eventually(T, || m.agent_get("a", "/readyz").0 == 200));
+    let out = cni(&m, &a1, "shop", "ADD");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    assert!(proxied(&a1));
+
+    let gc = |valid: &[&str]| {
+        let sandbox = Sandbox {
+            container_id: String::new(),
+            netns: Default::default(),
+            namespace: String::new(),
+            name: String::new(),
+        };
+        let attachments: Vec<_> = valid
+            .iter()
+            .map(|c| json!({"containerID": c, "ifname": "eth0"}))
+            .collect();
+        let conf = json!({
+            "cniVersion": "1.1.0",
+            "name": "fail-closed",
+            "type": "ambient-cni",
+            "cni_agent_run_dir": m.agent_run_dir("a"),
+            "cni.dev/valid-attachments": attachments,
+        });
+        let plugin = mesh_testbed::binary("ambient-cni");
+        exec_plugin(
+            &m.lab.node("a").ns,
+            &plugin,
+            "GC",
+            &sandbox,
+            "/usr/lib/cni",
+            &conf,
+        )
+        .0
+    };
+    let out = gc(&["a1-sandbox", "someone-else"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    std::thread::sleep(Duration::from_millis(500));
+    assert!(
+        proxied(&a1) && has_rules(&a1),
+        "a listed sandbox was collected"
+    );
+
+    let out = gc(&["someone-else"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    assert!(
+        !proxied(&a1) && !has_rules(&a1),
+        "GC left the sandbox enrolled"
+    );
+    let (_, pods) = m.agent_get("a", "/pods");
+    assert!(pods.contains("sandbox deleted by the runtime"), "{pods}");
+    assert!(
+        m.agent_log("a")
+            .contains("not among the runtime's valid attachments")
+    );
+}
