@@ -607,6 +607,18 @@ impl Manager {
                 return self.pending(uid, "rules", format!("checking redirection: {}", chain(&e)));
             }
         }
+        match crate::redirect::inspect::migrate_queued_connections(&netns).await {
+            Ok(true) => {}
+            Ok(false) => {
+                tracing::debug!(
+                    uid,
+                    "kernel without tcp_migrate_req: a ztunnel hand-over may reset queued connections"
+                )
+            }
+            Err(e) => {
+                tracing::warn!(uid, pod = %pod.name, error = %e, "cannot set tcp_migrate_req")
+            }
+        }
         match self.zds.add(uid, info(&pod), netns.clone()).await {
             Ok(()) => {}
             Err(ZdsError::NoZtunnel) => {

@@ -146,6 +146,13 @@ impl Mesh {
     /// Starts ztunnel on `node` (with `extra` flags) and waits for it to connect to the
     /// node's stand-in agent.
     pub fn start_ztunnel(&mut self, node: &str, extra: &[&str]) {
+        self.start_ztunnel_as(node, &format!("ztunnel-{node}"), extra);
+    }
+
+    /// As [`Mesh::start_ztunnel`], as lab process `name` (a second ztunnel beside the first,
+    /// as in a rolling update; give it its own `--admin-addr`, `--metrics-addr` and
+    /// `--readiness-addr`).
+    pub fn start_ztunnel_as(&mut self, node: &str, name: &str, extra: &[&str]) {
         let sock = self.zds_socket(node);
         let real_agent = self.real_agents.contains(node);
         if !real_agent && !self.agents.contains_key(node) {
@@ -176,8 +183,7 @@ impl Mesh {
         args.extend(extra.iter().map(|s| s.to_string()));
         let ns = self.lab.node(node).ns.clone();
         let bin = crate::binary("ztunnel");
-        self.lab
-            .spawn(&format!("ztunnel-{node}"), &ns, &bin, &args, &[]);
+        self.lab.spawn(name, &ns, &bin, &args, &[]);
         if !real_agent {
             self.agent(node).accept(Duration::from_secs(20));
         }

@@ -1,9 +1,11 @@
-//! What the agent reads from a pod's netns before it trusts its rules there: whether the pod
+//! What the agent reads from (and sets in) a pod's netns beside its rules: whether the pod
 //! has IPv6 at all (decided per pod, never node-wide, so a pod with IPv6 always has it
-//! captured), and whether something serves DNS on 15053 before the pod's DNS is sent there.
+//! captured), whether something serves DNS on 15053 before the pod's DNS is sent there, and
+//! `tcp_migrate_req`, so a draining ztunnel's closed listeners hand their queued connections
+//! to the new ztunnel's instead of resetting them.
 //!
-//! Both read the namespace's own `/proc/sys/net` and `/proc/thread-self/net` from a blocking
-//! thread that has entered it.
+//! All of it reads or writes the namespace's own `/proc/sys/net` and `/proc/thread-self/net`
+//! from a blocking thread that has entered it.
 
 use std::sync::Arc;
 
@@ -22,6 +24,26 @@ pub async fn has_ipv6(netns: &Arc<NetNs>) -> Result<bool, String> {
                 Err(e) => Err(format!("reading the pod's IPv6 setting: {e}")),
             }
         })
+        .map_err(|e| e.to_string())?
+    })
+    .await
+    .map_err(|e| e.to_string())?
+}
+
+/// Sets `net.ipv4.tcp_migrate_req` (it covers IPv6 too) in `netns`: during a rolling update
+/// the old and new ztunnel listen on the same ports (`SO_REUSEPORT`); when the old one closes
+/// its listeners, connections in their accept queues move to the new one's rather than being
+/// reset. False on kernels without it (before 5.14).
+pub async fn migrate_queued_connections(netns: &Arc<NetNs>) -> Result<bool, String> {
+    let ns = netns.clone();
+    tokio::task::spawn_blocking(move || {
+        ns.run(
+            || match std::fs::write("/proc/sys/net/ipv4/tcp_migrate_req", "1") {
+                Ok(()) => Ok(true),
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(false),
+                Err(e) => Err(format!("setting net.ipv4.tcp_migrate_req: {e}")),
+            },
+        )
         .map_err(|e| e.to_string())?
     })
     .await
@@ -110,6 +132,12 @@ mod tests {
             .unwrap()
             .unwrap();
         assert!(!has_ipv6(&ns).await.unwrap());
+        assert!(migrate_queued_connections(&ns).await.unwrap());
+        let set = ns
+            .run(|| std::fs::read_to_string("/proc/sys/net/ipv4/tcp_migrate_req"))
+            .unwrap()
+            .unwrap();
+        assert_eq!(set.trim(), "1");
         // Something listening on both makes it served.
         let (_udp, _tcp) = ns
             .run(|| {

@@ -85,14 +85,16 @@ async fn route(
                     .track(ConnInfo::new(log, pod), false, pod.drain.cut_signal());
             let key = PoolKey::new(pod.identity.clone(), identities, next_hop, src.ip());
             let name = pod.info.name.clone();
-            let req = hbone::connect_request(
-                target,
-                Source {
-                    addr: src,
-                    identity: &pod.identity,
-                    pod_name: &name,
-                },
-            );
+            let req = || {
+                hbone::connect_request(
+                    target,
+                    Source {
+                        addr: src,
+                        identity: &pod.identity,
+                        pod_name: &name,
+                    },
+                )
+            };
             match pool.open(&key, pod, req).await {
                 Ok((send, incoming, _lease)) => {
                     let (t, r) = copy::hbone(app, send, incoming, tracked.stopped()).await;

@@ -81,6 +81,13 @@ impl PooledConn {
     }
 }
 
+/// Why a stream could not be opened.
+enum Refused {
+    /// The connection is going away (GOAWAY received); nothing was sent on it.
+    GoingAway(Lease),
+    Failed(ProxyError),
+}
+
 /// Holds one stream slot on a pooled connection; releasing the last marks it idle.
 #[derive(Debug)]
 pub struct Lease(Arc<PooledConn>);
@@ -164,12 +171,41 @@ impl Pool {
 
     /// Opens a CONNECT stream for `req` over a pooled (or new) connection. The peer's answer
     /// is left pending in the returned [`Incoming`], so data can flow before it arrives.
+    ///
+    /// A pooled connection whose peer has just sent GOAWAY (a draining ztunnel) refuses new
+    /// streams locally, before anything is sent: that connection is marked dead and the
+    /// stream is opened once more on a fresh one, so a rolling update loses no connection.
+    /// `req` builds the CONNECT request (a second time only for that retry).
     pub async fn open(
         &self,
         key: &PoolKey,
         pod: &Pod,
-        req: http::Request<()>,
+        req: impl Fn() -> http::Request<()>,
     ) -> Result<(SendStream<Bytes>, Incoming, Lease), ProxyError> {
+        match self.try_open(key, pod, req()).await {
+            Err(Refused::GoingAway(lease)) => {
+                lease.0.dead.store(true, Ordering::Release);
+                drop(lease);
+                tracing::debug!(peer = %key.next_hop, "pooled HBONE connection is going away; opening the stream on a new one");
+                match self.try_open(key, pod, req()).await {
+                    Ok(opened) => Ok(opened),
+                    Err(Refused::GoingAway(_)) => Err(ProxyError::Timeout(
+                        "an HBONE connection that is not going away",
+                    )),
+                    Err(Refused::Failed(e)) => Err(e),
+                }
+            }
+            Err(Refused::Failed(e)) => Err(e),
+            Ok(opened) => Ok(opened),
+        }
+    }
+
+    async fn try_open(
+        &self,
+        key: &PoolKey,
+        pod: &Pod,
+        req: http::Request<()>,
+    ) -> Result<(SendStream<Bytes>, Incoming, Lease), Refused> {
         let (sender, lease) = match self.checkout(key) {
             Ok(found) => found,
             Err(opening) => {
@@ -178,7 +214,7 @@ impl Pool {
                 match self.checkout(key) {
                     Ok(found) => found,
                     Err(_) => {
-                        let conn = self.connect(key, pod).await?;
+                        let conn = self.connect(key, pod).await.map_err(Refused::Failed)?;
                         conn.streams.fetch_add(1, Ordering::AcqRel);
                         let sender = conn.sender.clone();
                         let mut keys = self.keys.lock().expect("not poisoned");
@@ -193,11 +229,21 @@ impl Pool {
         };
         // A peer that never grants a stream (its concurrency limit reached) must not hold the
         // app's connection forever.
-        let mut sender = tokio::time::timeout(HANDSHAKE_TIMEOUT, sender.ready())
+        let ready = tokio::time::timeout(HANDSHAKE_TIMEOUT, sender.ready())
             .await
-            .map_err(|_| ProxyError::Timeout("the wait for a free HBONE stream"))??;
-        let (response, send) = sender.send_request(req, false)?;
-        Ok((send, Incoming::Pending(response), lease))
+            .map_err(|_| {
+                Refused::Failed(ProxyError::Timeout("the wait for a free HBONE stream"))
+            })?;
+        let mut sender = match ready {
+            Ok(sender) => sender,
+            Err(e) if e.is_go_away() => return Err(Refused::GoingAway(lease)),
+            Err(e) => return Err(Refused::Failed(e.into())),
+        };
+        match sender.send_request(req, false) {
+            Ok((response, send)) => Ok((send, Incoming::Pending(response), lease)),
+            Err(e) if e.is_go_away() => Err(Refused::GoingAway(lease)),
+            Err(e) => Err(Refused::Failed(e.into())),
+        }
     }
 
     async fn connect(&self, key: &PoolKey, pod: &Pod) -> Result<Arc<PooledConn>, ProxyError> {
