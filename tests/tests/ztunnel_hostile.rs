@@ -255,10 +255,7 @@ fn connections_over_the_per_source_cap_are_reset_and_others_still_served() {
     }
     // The reset may come before connect() returns (it reports it) or after (the read does).
     let over = connect(&x1, b1.addr(8080), T).and_then(|mut s| roundtrip(&mut s));
-    assert!(
-        over.is_err(),
-        "a fourth connection from x1 was served"
-    );
+    assert!(over.is_err(), "a fourth connection from x1 was served");
     let other = connect(&x2, b1.addr(8080), T).and_then(|s| echo_roundtrip(s, b"x2"));
     assert_eq!(other.unwrap(), b"x2", "another source must still be served");
     assert!(eventually(T, || m
