@@ -127,6 +127,51 @@ impl Client {
         Self { rt, tls, certs }
     }
 
+    /// Opens a verified HBONE connection from `from`'s netns to `to`:15008, as `ns-x/prober`.
+    async fn hbone(
+        &self,
+        from: &Pod,
+        to: &Pod,
+    ) -> Result<
+        (
+            h2::client::SendRequest<bytes::Bytes>,
+            h2::client::Connection<tokio_rustls::client::TlsStream<tokio::net::TcpStream>>,
+        ),
+        String,
+    > {
+        let me = Identity::new("cluster.local", "ns-x", "prober").unwrap();
+        let server = Identity::new("cluster.local", "ns-b", "server").unwrap();
+        let cert = self.certs.track(&me);
+        assert!(cert.ready(T).await);
+        let config = self
+            .tls
+            .client_config(cert, vec![server])
+            .map_err(|e| e.to_string())?;
+        let tcp = tcp_from(from, to.addr(15008)).await?;
+        let tls = tokio_rustls::TlsConnector::from(config)
+            .connect(ServerName::IpAddress(to.ip.into()), tcp)
+            .await
+            .map_err(|e| format!("tls: {e}"))?;
+        h2::client::handshake(tls).await.map_err(|e| e.to_string())
+    }
+
+    /// Sends a CONNECT for `authority` with `headers` and returns the answer's status.
+    async fn status(
+        sender: &h2::client::SendRequest<bytes::Bytes>,
+        authority: &str,
+        headers: &[(&str, String)],
+    ) -> Result<u16, String> {
+        let mut req = http::Request::builder().method("CONNECT").uri(authority);
+        for (name, value) in headers {
+            req = req.header(*name, value);
+        }
+        let req = req.body(()).unwrap();
+        let mut s = sender.clone().ready().await.map_err(|e| e.to_string())?;
+        let (resp, _send) = s.send_request(req, false).map_err(|e| e.to_string())?;
+        let resp = resp.await.map_err(|e| e.to_string())?;
+        Ok(resp.status().as_u16())
+    }
+
     /// Opens an HBONE connection from `from`'s netns to `to`:15008 and sends a CONNECT for
     /// each authority; returns each answer's status (or the error).
     fn connect_statuses(
@@ -135,35 +180,12 @@ impl Client {
         to: &Pod,
         authorities: &[&str],
     ) -> Result<Vec<u16>, String> {
-        let me = Identity::new("cluster.local", "ns-x", "prober").unwrap();
-        let server = Identity::new("cluster.local", "ns-b", "server").unwrap();
         self.rt.block_on(async {
-            let cert = self.certs.track(&me);
-            assert!(cert.ready(T).await);
-            let config = self
-                .tls
-                .client_config(cert, vec![server])
-                .map_err(|e| e.to_string())?;
-            let tcp = tcp_from(from, to.addr(15008)).await?;
-            let tls = tokio_rustls::TlsConnector::from(config)
-                .connect(ServerName::IpAddress(to.ip.into()), tcp)
-                .await
-                .map_err(|e| format!("tls: {e}"))?;
-            let (sender, conn) = h2::client::handshake(tls)
-                .await
-                .map_err(|e| e.to_string())?;
+            let (sender, conn) = self.hbone(from, to).await?;
             tokio::spawn(conn);
             let mut out = Vec::new();
             for authority in authorities {
-                let req = http::Request::builder()
-                    .method("CONNECT")
-                    .uri(*authority)
-                    .body(())
-                    .unwrap();
-                let mut s = sender.clone().ready().await.map_err(|e| e.to_string())?;
-                let (resp, _send) = s.send_request(req, false).map_err(|e| e.to_string())?;
-                let resp = resp.await.map_err(|e| e.to_string())?;
-                out.push(resp.status().as_u16());
+                out.push(Self::status(&sender, authority, &[]).await?);
             }
             Ok(out)
         })
@@ -558,4 +580,52 @@ fn bad_startup_inputs_fail_with_a_clear_message() {
         let log = p.log_text();
         assert!(log.contains(want), "{name}: message lacks {want:?}: {log}");
     }
+}
+
+/// The HBONE server's HTTP/2 limits hold against a verified peer: it advertises at most
+/// 1000 concurrent streams, a CONNECT whose header list is over 16 KiB is answered 431
+/// without touching the upstream, and the connection goes on serving.
+#[test]
+fn hbone_header_list_and_stream_limits_hold() {
+    let mut m = Mesh::new(&["a", "b"]);
+    let x1 = m.lab.add_pod("a", "x1");
+    let b1 = m.lab.add_pod("b", "b1");
+    let wb = Workload::mesh(&b1, "ns-b", "server");
+    m.write_config(&[&wb], &[]);
+    m.start_ztunnel("b", &[]);
+    m.enroll(&wb);
+    let server = EchoServer::start(&b1, 8080);
+    let client = Client::new(&m);
+    let ok = format!("{}:8080", b1.ip);
+    let (statuses, max_streams) = client.rt.block_on(async {
+        let (sender, mut conn) = client.hbone(&x1, &b1).await.unwrap();
+        let (ask, mut asked) = tokio::sync::mpsc::channel::<tokio::sync::oneshot::Sender<usize>>(1);
+        tokio::spawn(async move {
+            loop {
+                tokio::select! {
+                    _ = &mut conn => return,
+                    Some(reply) = asked.recv() => {
+                        let _ = reply.send(conn.max_concurrent_send_streams());
+                    }
+                }
+            }
+        });
+        let big = "x".repeat(20 * 1024);
+        let mut statuses = Vec::new();
+        for headers in [vec![], vec![("x-padding", big)], vec![]] {
+            statuses.push(Client::status(&sender, &ok, &headers).await.unwrap());
+        }
+        let (reply, max) = tokio::sync::oneshot::channel();
+        ask.send(reply).await.unwrap();
+        (statuses, max.await.unwrap())
+    });
+    assert_eq!(statuses, vec![200, 431, 200]);
+    assert_eq!(
+        max_streams, 1000,
+        "MAX_CONCURRENT_STREAMS as the server advertised it"
+    );
+    // The oversized request reached nothing upstream.
+    assert!(eventually(T, || server.peers().len() == 2));
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(server.peers().len(), 2);
 }
