@@ -629,3 +629,49 @@ fn hbone_header_list_and_stream_limits_hold() {
     std::thread::sleep(Duration::from_millis(300));
     assert_eq!(server.peers().len(), 2);
 }
+
+/// An inbound HBONE connection that carries no stream for `--hbone-idle-timeout` is closed
+/// (GOAWAY, then the connection ends), so an idle verified peer does not hold its place under
+/// the connection caps; one that keeps a stream open is left alone.
+#[test]
+fn idle_hbone_connections_are_closed_busy_ones_kept() {
+    let mut m = Mesh::new(&["a", "b"]);
+    let x1 = m.lab.add_pod("a", "x1");
+    let b1 = m.lab.add_pod("b", "b1");
+    let wb = Workload::mesh(&b1, "ns-b", "server");
+    m.write_config(&[&wb], &[]);
+    m.start_ztunnel("b", &["--hbone-idle-timeout", "1s"]);
+    m.enroll(&wb);
+    let _server = EchoServer::start(&b1, 8080);
+    let client = Client::new(&m);
+    let ok = format!("{}:8080", b1.ip);
+    client.rt.block_on(async {
+        let (idle_sender, idle_conn) = client.hbone(&x1, &b1).await.unwrap();
+        let idle = tokio::spawn(idle_conn);
+        assert_eq!(Client::status(&idle_sender, &ok, &[]).await.unwrap(), 200);
+
+        let (busy_sender, busy_conn) = client.hbone(&x1, &b1).await.unwrap();
+        let busy = tokio::spawn(busy_conn);
+        let req = http::Request::builder()
+            .method("CONNECT")
+            .uri(&ok)
+            .body(())
+            .unwrap();
+        let mut s = busy_sender.clone().ready().await.unwrap();
+        let (resp, mut send) = s.send_request(req, false).unwrap();
+        let mut body = resp.await.unwrap().into_body();
+
+        // The idle one ends within the timeout and a tick; the busy one is still usable.
+        let ended = tokio::time::timeout(Duration::from_secs(5), idle).await;
+        assert!(ended.is_ok(), "the idle HBONE connection was not closed");
+        send.send_data(bytes::Bytes::from_static(b"still here"), false)
+            .unwrap();
+        let got = tokio::time::timeout(T, body.data())
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap();
+        assert_eq!(&got[..], b"still here");
+        assert!(!busy.is_finished(), "the busy HBONE connection was closed");
+    });
+}

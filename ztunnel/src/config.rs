@@ -121,6 +121,12 @@ pub struct Config {
     #[arg(long, default_value = "5m", value_parser = humantime::parse_duration)]
     pub pool_idle_timeout: Duration,
 
+    /// Inbound HBONE connections that carry no stream for this long are closed (GOAWAY), so
+    /// idle peers do not hold their place under the connection caps forever. Longer than
+    /// `--pool-idle-timeout`, so a peer's own pool normally closes first.
+    #[arg(long, default_value = "10m", value_parser = humantime::parse_duration)]
+    pub hbone_idle_timeout: Duration,
+
     /// After traffic, how long a worker keeps polling its sockets instead of sleeping, so a
     /// quick reply is picked up without a thread wake-up (0 disables). Trades CPU and
     /// connection rate for round-trip latency; see README, Performance.

@@ -88,6 +88,13 @@ pub async fn serve(tcp: TcpStream, peer: SocketAddr, pod: Arc<Pod>, inputs: Arc<
         }
     };
     let mut draining = false;
+    // Streams open on this connection, and since when it has had none (to within a tick).
+    let open = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let mut idle_since = tokio::time::Instant::now();
+    let idle_timeout = inputs.config.hbone_idle_timeout;
+    let mut idle_check =
+        tokio::time::interval((idle_timeout / 4).max(std::time::Duration::from_millis(50)));
+    idle_check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tokio::select! {
             next = conn.accept() => match next {
@@ -96,9 +103,13 @@ pub async fn serve(tcp: TcpStream, peer: SocketAddr, pod: Arc<Pod>, inputs: Arc<
                     let inputs = inputs.clone();
                     let peer_identity = peer_identity.clone();
                     let guard = pod.drain.track();
+                    let open = open.clone();
+                    open.fetch_add(1, std::sync::atomic::Ordering::AcqRel);
+                    idle_since = tokio::time::Instant::now();
                     tokio::spawn(async move {
                         let work = stream(req, respond, peer, local, peer_identity, &pod, &inputs);
                         pod.drain.run_until_cut(work).await;
+                        open.fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
                         drop(guard);
                     });
                 }
@@ -112,6 +123,16 @@ pub async fn serve(tcp: TcpStream, peer: SocketAddr, pod: Arc<Pod>, inputs: Arc<
                 // GOAWAY: the peer opens no new streams here; open ones finish.
                 conn.graceful_shutdown();
                 draining = true;
+            }
+            _ = idle_check.tick(), if !draining => {
+                let now = tokio::time::Instant::now();
+                if open.load(std::sync::atomic::Ordering::Acquire) > 0 {
+                    idle_since = now;
+                } else if now.duration_since(idle_since) >= idle_timeout {
+                    tracing::debug!(pod = %pod.name(), %peer, "idle HBONE connection closed");
+                    conn.graceful_shutdown();
+                    draining = true;
+                }
             }
         }
     }
