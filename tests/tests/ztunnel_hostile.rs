@@ -675,3 +675,63 @@ fn idle_hbone_connections_are_closed_busy_ones_kept() {
         assert!(!busy.is_finished(), "the busy HBONE connection was closed");
     });
 }
+
+/// An upstream that never answers the SYN (here a pod app port whose packets are dropped)
+/// does not hold the client's connection for the kernel's two minutes of retries: ztunnel
+/// gives up after its connect deadline, the client's connection ends, and the access log
+/// says why.
+#[test]
+fn an_upstream_that_never_answers_is_given_up_on_with_the_reason() {
+    let mut m = Mesh::new(&["a", "b"]);
+    let a1 = m.lab.add_pod("a", "a1");
+    let b1 = m.lab.add_pod("b", "b1");
+    let wa = Workload::mesh(&a1, "ns-a", "client");
+    let wb = Workload::mesh(&b1, "ns-b", "server");
+    m.write_config(&[&wa, &wb], &[]);
+    m.start_ztunnel("a", &[]);
+    m.start_ztunnel("b", &[]);
+    m.enroll(&wa);
+    m.enroll(&wb);
+    let _listener = mesh_testbed::apps::listen(&b1, 9999);
+    let script = "table inet blackhole {\n  chain input {\n    type filter hook input priority 0; policy accept;\n    tcp dport 9999 drop\n  }\n}\n";
+    let rules = b1
+        .ns
+        .open()
+        .command("nft")
+        .args(["-f", "-"])
+        .stdin(std::process::Stdio::piped())
+        .spawn();
+    {
+        use std::io::Write;
+        let mut child = rules.unwrap();
+        child
+            .stdin
+            .take()
+            .unwrap()
+            .write_all(script.as_bytes())
+            .unwrap();
+        assert!(child.wait().unwrap().success());
+    }
+    let conn = connect(&a1, b1.addr(9999), T).unwrap();
+    conn.set_read_timeout(Some(Duration::from_secs(30)))
+        .unwrap();
+    let ended = echo_roundtrip(conn, b"anyone?");
+    assert!(
+        !matches!(&ended, Ok(got) if got == b"anyone?"),
+        "data went through a blackholed port: {ended:?}"
+    );
+    assert!(
+        ended
+            .as_ref()
+            .err()
+            .is_none_or(|e| e.kind() != std::io::ErrorKind::WouldBlock),
+        "the client's connection was held past 30 s"
+    );
+    assert!(
+        eventually(T, || m
+            .ztunnel_log("b")
+            .contains("timed out during the TCP connect")),
+        "{}",
+        m.ztunnel_log("b")
+    );
+}
