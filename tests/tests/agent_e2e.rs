@@ -15,12 +15,7 @@ const T: Duration = Duration::from_secs(10);
 /// Both nodes run the real agent and ztunnel; a1 (node a) and b1 (node b) are in the pod files.
 fn scene() -> Scene {
     let mut s = Scene::new();
-    s.m.write_config(&[&s.wa, &s.wb], &[]);
-    for (node, w) in [("a", s.wa.clone()), ("b", s.wb.clone())] {
-        s.m.write_pods(node, &[&w], "");
-        s.m.start_agent(node, &[]);
-        s.m.start_ztunnel(node, &[]);
-    }
+    s.run_with_agents(&[]);
     for node in ["a", "b"] {
         let ready = eventually(T, || s.m.agent_get(node, "/readyz").0 == 200);
         assert!(

@@ -439,13 +439,7 @@ fn dns_capture_is_refused_while_nothing_serves_15053() {
 #[test]
 fn udp_of_an_enrolled_pod_passes_uncaptured() {
     let mut s = Scene::new();
-    s.m.write_config(&[&s.wa, &s.wb], &[]);
-    for (node, w) in [("a", s.wa.clone()), ("b", s.wb.clone())] {
-        s.m.write_pods(node, &[&w], "");
-        s.m.start_agent(node, &[]);
-        s.m.start_ztunnel(node, &[]);
-    }
-    assert!(eventually(T, || proxied(&s.a1) && proxied(&s.b1)));
+    s.run_with_agents(&[]);
     let server =
         s.b1.ns
             .open()

@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
-use mesh_testbed::apps::{EchoServer, connect, echo_roundtrip, proxied};
+use mesh_testbed::apps::{EchoServer, connect, echo_roundtrip};
 use mesh_testbed::lab::Pod;
 use mesh_testbed::mesh::{Scene, eventually};
 use nix::sys::signal::Signal;
@@ -92,13 +92,7 @@ impl Load {
 #[test]
 fn a_rolling_update_and_agent_restarts_lose_no_connection() {
     let mut s = Scene::new();
-    s.m.write_config(&[&s.wa, &s.wb], &[]);
-    for (node, w) in [("a", s.wa.clone()), ("b", s.wb.clone())] {
-        s.m.write_pods(node, &[&w], "");
-        s.m.start_agent(node, &[]);
-        s.m.start_ztunnel(node, &["--drain-timeout", "8s"]);
-    }
-    assert!(eventually(T, || proxied(&s.a1) && proxied(&s.b1)));
+    s.run_with_agents(&["--drain-timeout", "8s"]);
     let _to_b = EchoServer::start(&s.b1, 8080);
     let _to_a = EchoServer::start(&s.a1, 8081);
 

@@ -101,6 +101,19 @@ fn malformed_zds_requests_are_nacked_and_the_session_survives() {
     assert_eq!(got, b"still alive");
 }
 
+/// Node b runs ztunnel (with `flags`) serving pod b1 (`ns-b/server`); pod x1 on node a is
+/// outside the mesh, where the test's own clients run.
+fn prober_and_server(flags: &[&str]) -> (Mesh, Pod, Pod) {
+    let mut m = Mesh::new(&["a", "b"]);
+    let x1 = m.lab.add_pod("a", "x1");
+    let b1 = m.lab.add_pod("b", "b1");
+    let wb = Workload::mesh(&b1, "ns-b", "server");
+    m.write_config(&[&wb], &[]);
+    m.start_ztunnel("b", flags);
+    m.enroll(&wb);
+    (m, x1, b1)
+}
+
 /// An HBONE client in the test process, presenting `identity` from the mesh's CA.
 struct Client {
     rt: tokio::runtime::Runtime,
@@ -213,13 +226,7 @@ async fn tcp_from(pod: &Pod, dst: std::net::SocketAddr) -> Result<tokio::net::Tc
 
 #[test]
 fn hostile_connect_requests_get_the_right_status() {
-    let mut m = Mesh::new(&["a", "b"]);
-    let x1 = m.lab.add_pod("a", "x1"); // the prober's pod, outside the mesh
-    let b1 = m.lab.add_pod("b", "b1");
-    let wb = Workload::mesh(&b1, "ns-b", "server");
-    m.write_config(&[&wb], &[]);
-    m.start_ztunnel("b", &[]);
-    m.enroll(&wb);
+    let (mut m, x1, b1) = prober_and_server(&[]);
     let server = EchoServer::start(&b1, 8080);
     let client = Client::new(&m);
     let ok = format!("{}:8080", b1.ip);
@@ -388,13 +395,7 @@ impl rustls::client::danger::ServerCertVerifier for AcceptAnything {
 #[test]
 fn tls_clients_without_one_valid_identity_are_refused_with_the_reason() {
     use std::time::SystemTime;
-    let mut m = Mesh::new(&["a", "b"]);
-    let x1 = m.lab.add_pod("a", "x1");
-    let b1 = m.lab.add_pod("b", "b1");
-    let wb = Workload::mesh(&b1, "ns-b", "server");
-    m.write_config(&[&wb], &[]);
-    m.start_ztunnel("b", &[]);
-    m.enroll(&wb);
+    let (mut m, x1, b1) = prober_and_server(&[]);
     let server = EchoServer::start(&b1, 8080);
     let foreign = m.lab.dir().join("foreign-ca");
     ztunnel::identity::ca::generate(&foreign, "cluster.local", Duration::from_secs(86400)).unwrap();
@@ -587,13 +588,7 @@ fn bad_startup_inputs_fail_with_a_clear_message() {
 /// without touching the upstream, and the connection goes on serving.
 #[test]
 fn hbone_header_list_and_stream_limits_hold() {
-    let mut m = Mesh::new(&["a", "b"]);
-    let x1 = m.lab.add_pod("a", "x1");
-    let b1 = m.lab.add_pod("b", "b1");
-    let wb = Workload::mesh(&b1, "ns-b", "server");
-    m.write_config(&[&wb], &[]);
-    m.start_ztunnel("b", &[]);
-    m.enroll(&wb);
+    let (m, x1, b1) = prober_and_server(&[]);
     let server = EchoServer::start(&b1, 8080);
     let client = Client::new(&m);
     let ok = format!("{}:8080", b1.ip);
@@ -635,13 +630,7 @@ fn hbone_header_list_and_stream_limits_hold() {
 /// the connection caps; one that keeps a stream open is left alone.
 #[test]
 fn idle_hbone_connections_are_closed_busy_ones_kept() {
-    let mut m = Mesh::new(&["a", "b"]);
-    let x1 = m.lab.add_pod("a", "x1");
-    let b1 = m.lab.add_pod("b", "b1");
-    let wb = Workload::mesh(&b1, "ns-b", "server");
-    m.write_config(&[&wb], &[]);
-    m.start_ztunnel("b", &["--hbone-idle-timeout", "1s"]);
-    m.enroll(&wb);
+    let (m, x1, b1) = prober_and_server(&["--hbone-idle-timeout", "1s"]);
     let _server = EchoServer::start(&b1, 8080);
     let client = Client::new(&m);
     let ok = format!("{}:8080", b1.ip);

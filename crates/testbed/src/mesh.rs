@@ -381,6 +381,22 @@ impl Scene {
         self.m.enroll(&self.wa);
         self.m.enroll(&self.wb);
     }
+
+    /// As [`Scene::run`] with the real node agent on both nodes (each pod in its node's pod
+    /// file, `ztunnel_flags` for both ztunnels); returns once both pods are proxied.
+    pub fn run_with_agents(&mut self, ztunnel_flags: &[&str]) {
+        self.m.write_config(&[&self.wa, &self.wb], &[]);
+        for (node, w) in [("a", self.wa.clone()), ("b", self.wb.clone())] {
+            self.m.write_pods(node, &[&w], "");
+            self.m.start_agent(node, &[]);
+            self.m.start_ztunnel(node, ztunnel_flags);
+        }
+        assert!(
+            eventually(Duration::from_secs(10), || crate::apps::proxied(&self.a1)
+                && crate::apps::proxied(&self.b1)),
+            "the agents did not enroll both pods"
+        );
+    }
 }
 
 impl Default for Scene {
