@@ -724,3 +724,37 @@ fn an_upstream_that_never_answers_is_given_up_on_with_the_reason() {
         m.ztunnel_log("b")
     );
 }
+
+/// An inbound HBONE connection is PINGed every `--hbone-keepalive`: a live peer answers and
+/// keeps it, one that has stopped answering (no FIN or RST ever comes) is closed at the next
+/// PING instead of being held until TCP gives up.
+#[test]
+fn hbone_peers_that_stop_answering_pings_are_closed() {
+    let (mut m, x1, b1) = prober_and_server(&["--hbone-keepalive", "500ms"]);
+    let _server = EchoServer::start(&b1, 8080);
+    let client = Client::new(&m);
+    let ok = format!("{}:8080", b1.ip);
+    client.rt.block_on(async {
+        let (sender, conn) = client.hbone(&x1, &b1).await.unwrap();
+        tokio::spawn(conn);
+        // Several PINGs come and are answered while the client is alive.
+        assert_eq!(Client::status(&sender, &ok, &[]).await.unwrap(), 200);
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        assert_eq!(Client::status(&sender, &ok, &[]).await.unwrap(), 200);
+    });
+    assert!(
+        !m.ztunnel_log("b")
+            .contains("did not answer the keepalive PING"),
+        "a live peer was cut"
+    );
+    // Now the client's connection is no longer polled (the runtime is idle outside
+    // block_on): it stops reading and answering, yet sends no FIN or RST, like a peer that
+    // vanished.
+    assert!(
+        eventually(T, || m
+            .ztunnel_log("b")
+            .contains("did not answer the keepalive PING")),
+        "{}",
+        m.ztunnel_log("b")
+    );
+}

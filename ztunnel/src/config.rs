@@ -127,6 +127,11 @@ pub struct Config {
     #[arg(long, default_value = "10m", value_parser = humantime::parse_duration)]
     pub hbone_idle_timeout: Duration,
 
+    /// Inbound HBONE connections are PINGed this often; one whose peer has not answered by
+    /// the next PING is closed (a peer that vanished without a FIN or RST).
+    #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
+    pub hbone_keepalive: Duration,
+
     /// After traffic, how long a worker keeps polling its sockets instead of sleeping, so a
     /// quick reply is picked up without a thread wake-up (0 disables). Trades CPU and
     /// connection rate for round-trip latency; see README, Performance.

@@ -95,6 +95,13 @@ pub async fn serve(tcp: TcpStream, peer: SocketAddr, pod: Arc<Pod>, inputs: Arc<
     let mut idle_check =
         tokio::time::interval((idle_timeout / 4).max(std::time::Duration::from_millis(50)));
     idle_check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    // Keepalive: a PING each interval; one still unanswered at the next tick ends the
+    // connection (the accept below is what polls the connection for the PONG).
+    let mut ping = conn.ping_pong();
+    let mut keepalive = tokio::time::interval(inputs.config.hbone_keepalive);
+    keepalive.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    keepalive.reset();
+    let mut awaiting_pong = false;
     loop {
         tokio::select! {
             next = conn.accept() => match next {
@@ -123,6 +130,26 @@ pub async fn serve(tcp: TcpStream, peer: SocketAddr, pod: Arc<Pod>, inputs: Arc<
                 // GOAWAY: the peer opens no new streams here; open ones finish.
                 conn.graceful_shutdown();
                 draining = true;
+            }
+            _ = keepalive.tick(), if ping.is_some() => {
+                let Some(pp) = ping.as_mut() else { continue };
+                if awaiting_pong {
+                    tracing::debug!(pod = %pod.name(), %peer, "HBONE peer did not answer the keepalive PING; closing");
+                    break;
+                }
+                if pp.send_ping(h2::Ping::opaque()).is_err() {
+                    break;
+                }
+                awaiting_pong = true;
+            }
+            pong = std::future::poll_fn(|cx| match ping.as_mut() {
+                Some(pp) => pp.poll_pong(cx),
+                None => std::task::Poll::Pending,
+            }), if awaiting_pong => {
+                if pong.is_err() {
+                    break;
+                }
+                awaiting_pong = false;
             }
             _ = idle_check.tick(), if !draining => {
                 let now = tokio::time::Instant::now();
