@@ -171,6 +171,28 @@ fn cni(m: &Mesh, pod: &Pod, ns: &str, command: &str) -> std::process::Output {
     exec_plugin(&node.ns, &plugin, command, &sandbox, "/usr/lib/cni", &conf).0
 }
 
+/// Pod `a1` of ambient namespace `shop` (uid `shop/a1`) in node a's pod file, the real
+/// agent and ztunnel on node a, and a CNI ADD for it that succeeds.
+fn enroll_by_cni(m: &mut Mesh, a1: &Pod) {
+    std::fs::write(
+        m.pod_file("a"),
+        format!(
+            "namespaces: [{{name: shop, labels: {{istio.io/dataplane-mode: ambient}}}}]\npods:\n- {{name: a1, namespace: shop, uid: shop/a1, serviceAccount: app, ips: [\"{}\"]}}\n",
+            a1.ip
+        ),
+    )
+    .unwrap();
+    m.start_agent("a", &[]);
+    m.start_ztunnel("a", &[]);
+    assert!(eventually(T, || m.agent_get("a", "/readyz").0 == 200));
+    let add = cni(m, a1, "shop", "ADD");
+    assert!(
+        add.status.success(),
+        "{}",
+        String::from_utf8_lossy(&add.stdout)
+    );
+}
+
 /// A CNI ADD for a pod whose namespace the agent has not seen yet (its namespace watch lags
 /// the runtime) is not "not in the mesh": it fails with a clear error, and succeeds once the
 /// namespace is known.
@@ -348,24 +370,7 @@ fn cni_check_fails_while_no_ztunnel_serves_the_pod() {
     let a1 = m.lab.add_pod("a", "a1");
     let wa = Workload::mesh(&a1, "shop", "app");
     m.write_config(&[&wa], &[]);
-    std::fs::write(
-        m.pod_file("a"),
-        format!(
-            "namespaces: [{{name: shop, labels: {{istio.io/dataplane-mode: ambient}}}}]\npods:\n- {{name: a1, namespace: shop, uid: {}, serviceAccount: app, ips: [\"{}\"]}}\n",
-            wa.uid(),
-            a1.ip
-        ),
-    )
-    .unwrap();
-    m.start_agent("a", &[]);
-    m.start_ztunnel("a", &[]);
-    assert!(eventually(T, || m.agent_get("a", "/readyz").0 == 200));
-    let add = cni(&m, &a1, "shop", "ADD");
-    assert!(
-        add.status.success(),
-        "{}",
-        String::from_utf8_lossy(&add.stdout)
-    );
+    enroll_by_cni(&mut m, &a1);
     assert!(cni(&m, &a1, "shop", "CHECK").status.success());
 
     m.lab.stop("ztunnel-a");
@@ -473,23 +478,7 @@ fn udp_of_an_enrolled_pod_passes_uncaptured() {
 fn cni_gc_removes_sandboxes_the_runtime_no_longer_lists() {
     let mut m = Mesh::new(&["a"]);
     let a1 = m.lab.add_pod("a", "a1");
-    std::fs::write(
-        m.pod_file("a"),
-        format!(
-            "namespaces: [{{name: shop, labels: {{istio.io/dataplane-mode: ambient}}}}]\npods:\n- {{name: a1, namespace: shop, uid: shop/a1, serviceAccount: app, ips: [\"{}\"]}}\n",
-            a1.ip
-        ),
-    )
-    .unwrap();
-    m.start_agent("a", &[]);
-    m.start_ztunnel("a", &[]);
-    assert!(eventually(T, || m.agent_get("a", "/readyz").0 == 200));
-    let out = cni(&m, &a1, "shop", "ADD");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stdout)
-    );
+    enroll_by_cni(&mut m, &a1);
     assert!(proxied(&a1));
 
     let gc = |valid: &[&str]| {
