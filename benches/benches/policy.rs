@@ -18,7 +18,7 @@ use std::time::Instant;
 use ztunnel::identity::Identity;
 use ztunnel::state::authz::Connection;
 use ztunnel::state::policy::{Action, Authorization, Cidr, RbacMatch, Scope, StringMatch};
-use ztunnel::state::{HealthStatus, Protocol, State, Workload};
+use ztunnel::state::{Protocol, State, Workload};
 
 /// How the policy set is shaped.
 #[derive(Clone, Copy, PartialEq)]
@@ -74,11 +74,6 @@ fn policy(i: usize, scope: Scope, any_port: bool) -> Authorization {
 fn workload(i: usize, policies: Vec<String>) -> Workload {
     let ns = format!("ns-{i}");
     Workload {
-        uid: format!("uid-{i}"),
-        name: format!("w-{i}"),
-        namespace: ns.clone(),
-        service_account: "default".into(),
-        trust_domain: "cluster.local".into(),
         workload_ips: vec![IpAddr::V4(Ipv4Addr::new(
             198,
             18,
@@ -86,16 +81,12 @@ fn workload(i: usize, policies: Vec<String>) -> Workload {
             (i % 250) as u8 + 1,
         ))],
         protocol: Protocol::Hbone,
-        status: HealthStatus::Healthy,
         node: "n".into(),
-        network: String::new(),
-        workload_name: String::new(),
-        workload_type: String::new(),
-        canonical_name: String::new(),
-        canonical_revision: String::new(),
-        cluster_id: String::new(),
         authorization_policies: policies,
-        identity: Identity::new("cluster.local", &ns, "default").unwrap(),
+        ..Workload::new(
+            &format!("uid-{i}"),
+            Identity::new("cluster.local", &ns, "default").unwrap(),
+        )
     }
 }
 

@@ -84,6 +84,8 @@ pub struct ConnLog {
     pub src_workload: Option<WorkloadRef>,
     pub dst_workload: Option<WorkloadRef>,
     pub dst_service: Option<String>,
+    /// The waypoint or network gateway the connection went through.
+    pub via: Option<String>,
     /// `mtls` when the bytes crossed the network inside HBONE, else `none`.
     pub security: &'static str,
     /// A dry-run policy's would-be verdict, when it differs from the enforced one.
@@ -125,6 +127,7 @@ impl ConnLog {
             src_workload: None,
             dst_workload: None,
             dst_service: None,
+            via: None,
             security: "none",
             dry_run: None,
             start: Instant::now(),
@@ -227,6 +230,7 @@ impl ConnLog {
             dst.identity = %Opt(&self.dst_identity),
             dst.workload = %Opt(&dst_workload),
             dst.service = %Opt(&self.dst_service),
+            via = %Opt(&self.via),
             security = self.security,
             bytes_sent = sent,
             bytes_received = received,

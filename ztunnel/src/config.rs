@@ -65,6 +65,11 @@ pub struct Config {
     #[arg(long, env = "CLUSTER_ID", default_value = "Kubernetes")]
     pub cluster_id: String,
 
+    /// The network this node is on (Istio's `NETWORK`). An endpoint on another network is
+    /// reached through that network's gateway (double HBONE), never directly.
+    #[arg(long, env = "NETWORK", default_value = "")]
+    pub network: String,
+
     /// Istio control plane mode: the projected service-account token (audience `istio-ca`)
     /// presented to xDS and the CA; re-read for every connection. Not sent when missing.
     #[arg(

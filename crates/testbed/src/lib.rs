@@ -11,7 +11,8 @@
 //! - [`kube_mock`]: an in-process Kubernetes API server speaking list/watch JSON;
 //! - [`demo`]: the local mesh (`local-mesh`) and its report;
 //! - [`cni`]: container networks on simulated nodes and a minimal CNI runtime driving them;
-//! - [`podman`]: a real CNI runtime (podman + reference plugins) inside simulated nodes.
+//! - [`podman`]: a real CNI runtime (podman + reference plugins) inside simulated nodes;
+//! - [`relay`]: a stand-in waypoint or network gateway (an HBONE server that logs and forwards).
 //!
 //! Everything here needs root; [`require_root`] fails loudly without it.
 
@@ -29,6 +30,7 @@ pub mod lab;
 pub mod mesh;
 pub mod metrics;
 pub mod podman;
+pub mod relay;
 
 /// Why this machine cannot host a lab.
 pub fn preflight() -> Result<(), String> {

@@ -61,7 +61,8 @@ pub enum Incoming {
 }
 
 impl Incoming {
-    async fn open(self) -> Result<RecvStream, CopyError> {
+    /// The stream, once the peer answered 200.
+    pub async fn open(self) -> Result<RecvStream, CopyError> {
         match self {
             Incoming::Open(recv) => Ok(recv),
             Incoming::Pending(response) => {

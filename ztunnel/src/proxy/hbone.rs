@@ -20,20 +20,22 @@ pub struct Source<'a> {
     pub pod_name: &'a str,
 }
 
-fn authority(addr: SocketAddr) -> String {
-    // SocketAddr's Display already brackets IPv6: "[fd00::1]:80".
-    addr.to_string()
-}
-
-/// The CONNECT request for one tunnelled connection to `target`.
-pub fn connect_request(target: SocketAddr, src: Source<'_>) -> Request<()> {
+/// The CONNECT request for one tunnelled connection to `target`: an address (`SocketAddr`'s
+/// Display brackets IPv6, "[fd00::1]:80") or, through a network gateway, `hostname:port`.
+pub fn connect_request(target: impl std::fmt::Display, src: Source<'_>) -> Request<()> {
     let trace_id: u128 = rand::random::<u128>() | 1;
     let span_id: u64 = rand::random::<u64>() | 1;
     let mut req = Request::builder()
         .method(Method::CONNECT)
-        .uri(authority(target))
+        .uri(target.to_string())
         .body(())
-        .expect("an IP:port authority is a valid URI");
+        .unwrap_or_else(|_| {
+            // A hostname from the control plane that is not a valid authority: send one the
+            // peer refuses rather than panic.
+            let mut req = Request::new(());
+            *req.method_mut() = Method::CONNECT;
+            req
+        });
     let headers = req.headers_mut();
     let forwarded = format!("for=\"{}\"", src.addr);
     let baggage = format!(
@@ -71,8 +73,14 @@ fn bad_request(reason: impl Into<String>) -> Rejection {
 }
 
 /// Validates a CONNECT that arrived on a connection to `local` (this pod's address). Returns
-/// the app address to connect to.
-pub fn validate_connect<B>(req: &Request<B>, local: IpAddr) -> Result<SocketAddr, Rejection> {
+/// the app address to connect to. The authority is `IP:port` (this pod's), or, from a network
+/// gateway, `hostname:port` of a service: `service_port(hostname, port)` then gives this
+/// pod's target port for it, or `None` when this pod does not back that service.
+pub fn validate_connect<B>(
+    req: &Request<B>,
+    local: IpAddr,
+    service_port: impl FnOnce(&str, u16) -> Option<u16>,
+) -> Result<SocketAddr, Rejection> {
     if req.method() != Method::CONNECT {
         return Err(Rejection {
             status: StatusCode::METHOD_NOT_ALLOWED,
@@ -83,10 +91,26 @@ pub fn validate_connect<B>(req: &Request<B>, local: IpAddr) -> Result<SocketAddr
         .uri()
         .authority()
         .ok_or_else(|| bad_request("CONNECT without an authority"))?;
-    let target: SocketAddr = authority
-        .as_str()
-        .parse()
-        .map_err(|_| bad_request(format!("authority {authority} is not IP:port")))?;
+    let target: SocketAddr = match authority.as_str().parse() {
+        Ok(addr) => addr,
+        Err(_) => {
+            let not_ours = || bad_request(format!("authority {authority} is not IP:port"));
+            let host = authority.host();
+            let port = authority
+                .port_u16()
+                .filter(|p| *p != 0)
+                .ok_or_else(not_ours)?;
+            if host.is_empty() || host.starts_with('[') {
+                return Err(not_ours());
+            }
+            let target = service_port(host, port).ok_or_else(|| {
+                bad_request(format!(
+                    "authority {authority}: this pod backs no service {host} on port {port}"
+                ))
+            })?;
+            SocketAddr::new(local, target)
+        }
+    };
     if target.port() == 0 {
         return Err(bad_request("authority port 0"));
     }
@@ -120,6 +144,15 @@ pub fn same_ip(a: IpAddr, b: IpAddr) -> bool {
 mod tests {
     use super::*;
 
+    fn no_service(_: &str, _: u16) -> Option<u16> {
+        None
+    }
+
+    /// This pod backs `echo.ns.svc` port 80 on 8080.
+    fn echo_service(host: &str, port: u16) -> Option<u16> {
+        (host == "echo.ns.svc" && port == 80).then_some(8080)
+    }
+
     fn src() -> (Identity, SocketAddr) {
         (
             Identity::new("cluster.local", "ns", "sa").unwrap(),
@@ -149,7 +182,7 @@ mod tests {
                     .contains("k8s.namespace.name=ns")
             );
             assert_eq!(req.headers()[TRACEPARENT].len(), 55);
-            assert_eq!(validate_connect(&req, target.ip()), Ok(target));
+            assert_eq!(validate_connect(&req, target.ip(), no_service), Ok(target));
         }
     }
 
@@ -159,6 +192,9 @@ mod tests {
         let cases: &[(&str, &str, StatusCode)] = &[
             ("GET", "198.18.2.2:80", StatusCode::METHOD_NOT_ALLOWED),
             ("CONNECT", "example.com:80", StatusCode::BAD_REQUEST),
+            ("CONNECT", "echo.ns.svc:81", StatusCode::BAD_REQUEST),
+            ("CONNECT", "echo.ns.svc", StatusCode::BAD_REQUEST),
+            ("CONNECT", "echo.ns.svc:0", StatusCode::BAD_REQUEST),
             ("CONNECT", "198.18.2.2", StatusCode::BAD_REQUEST),
             ("CONNECT", "198.18.2.2:0", StatusCode::BAD_REQUEST),
             ("CONNECT", "198.18.2.3:80", StatusCode::BAD_REQUEST),
@@ -174,15 +210,25 @@ mod tests {
                 .uri(*uri)
                 .body(())
                 .unwrap();
-            let got = validate_connect(&req, local).unwrap_err();
+            let got = validate_connect(&req, local, echo_service).unwrap_err();
             assert_eq!(got.status, *status, "{method} {uri}: {}", got.reason);
         }
+        // A service hostname this pod backs: its target port on this pod's address.
+        let req = Request::builder()
+            .method("CONNECT")
+            .uri("echo.ns.svc:80")
+            .body(())
+            .unwrap();
+        assert_eq!(
+            validate_connect(&req, local, echo_service),
+            Ok(SocketAddr::new(local, 8080))
+        );
         // A v4-mapped local address still matches its v4 authority.
         let req = Request::builder()
             .method("CONNECT")
             .uri("198.18.2.2:80")
             .body(())
             .unwrap();
-        assert!(validate_connect(&req, "::ffff:198.18.2.2".parse().unwrap()).is_ok());
+        assert!(validate_connect(&req, "::ffff:198.18.2.2".parse().unwrap(), no_service).is_ok());
     }
 }

@@ -13,6 +13,9 @@ use h2::server::SendResponse;
 use http::{Request, Response, StatusCode};
 use tokio::net::TcpStream;
 
+use tokio::io::AsyncWriteExt;
+
+use super::app_tunnel;
 use super::copy::{self, Incoming};
 use super::hbone;
 use super::pool::{CONNECTION_WINDOW, MAX_FRAME, SEND_BUFFER, STREAM_WINDOW, TLS_BUFFER};
@@ -23,6 +26,7 @@ use crate::accesslog::{ConnLog, Direction, WorkloadRef};
 use crate::errors::Chain;
 use crate::identity::Identity;
 use crate::state::authz::{Connection, Decision};
+use crate::state::{AppTunnelProtocol, ApplicationTunnel};
 use crate::tls;
 
 /// Most concurrent CONNECT streams one peer connection may have open here. A client's pool
@@ -199,7 +203,12 @@ async fn stream(
     pod: &Pod,
     inputs: &ProxyInputs,
 ) {
-    let target = match hbone::validate_connect(&req, local.ip()) {
+    let by_hostname = |host: &str, port: u16| {
+        let state = inputs.state.load();
+        let uid = pod.entry(&state, local.ip())?.uid.clone();
+        state.service_port_on(host, port, &uid)
+    };
+    let target = match hbone::validate_connect(&req, local.ip(), by_hostname) {
         Ok(t) => t,
         Err(rejection) => {
             answer(&mut respond, rejection.status);
@@ -230,7 +239,14 @@ async fn stream(
     let tracked = inputs
         .conns
         .track(ConnInfo::new(&log, pod), true, pod.drain.cut_signal());
-    let app = match socket::connect(pod, target, Some(peer.ip())).await {
+    let tunnel = pod
+        .entry(&inputs.state.load(), target.ip())
+        .and_then(|w| w.application_tunnel.clone());
+    let app_addr = match &tunnel {
+        Some(ApplicationTunnel { port: Some(p), .. }) => SocketAddr::new(target.ip(), *p),
+        _ => target,
+    };
+    let mut app = match socket::connect(pod, app_addr, Some(peer.ip())).await {
         Ok(app) => app,
         Err(e) => {
             answer(&mut respond, StatusCode::SERVICE_UNAVAILABLE);
@@ -238,6 +254,23 @@ async fn stream(
             return;
         }
     };
+    if let Some(ApplicationTunnel {
+        protocol: AppTunnelProtocol::Proxy,
+        ..
+    }) = &tunnel
+    {
+        let header = app_tunnel::proxy_v2_header(peer, target, log.src_identity.as_ref());
+        let written = match header {
+            Ok(h) => app.write_all(&h).await,
+            Err(e) => Err(e),
+        };
+        if let Err(e) = written {
+            answer(&mut respond, StatusCode::SERVICE_UNAVAILABLE);
+            log.finish(0, 0, Some(&ProxyError::Socket(e)));
+            socket::reset(app);
+            return;
+        }
+    }
     let send = match respond.send_response(Response::new(()), false) {
         Ok(send) => send,
         Err(e) => {
@@ -312,7 +345,7 @@ pub fn fuzz_connect(data: &[u8]) {
                 return;
             };
             while let Some(Ok((req, mut respond))) = conn.accept().await {
-                match hbone::validate_connect(&req, local) {
+                match hbone::validate_connect(&req, local, |_, _| None) {
                     Ok(target) => {
                         assert_eq!(target.ip(), local);
                         assert!(target.port() != 0);

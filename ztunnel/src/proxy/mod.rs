@@ -11,14 +11,18 @@
 //! - [`inbound`]: 15008, HBONE in: mTLS, CONNECT validation, transparent connect to the app.
 //! - [`plaintext`]: 15006, plain TCP in from peers outside the mesh.
 //! - [`hbone`]: CONNECT request building and validation (sans IO).
+//! - [`app_tunnel`]: the PROXY v2 header for application-tunnel workloads;
 //! - [`copy`]: byte shuttling with half-close, TCP↔HTTP/2 and TCP↔TCP.
+//! - [`double`]: double HBONE through another network's gateway (TLS inside a tunnel);
 //! - [`socket`]: sockets in a pod's netns (mark 0x539, transparent bind, original dst);
 //! - [`readahead`]: large socket reads under TLS;
 //! - [`limits`]: connection caps, in all and per source address;
 //! - [`tracker`]: live connections, for the debug view and for closing the ones a policy
 //!   change denies.
 
+pub mod app_tunnel;
 pub mod copy;
+pub mod double;
 pub mod hbone;
 pub mod inbound;
 pub mod limits;
@@ -83,21 +87,27 @@ impl Pod {
         format!("{}/{}", self.info.namespace, self.info.name)
     }
 
+    /// This pod's workload entry: by uid, else by `ip` when that workload is in the pod's
+    /// namespace.
+    pub fn entry<'s>(
+        &self,
+        state: &'s State,
+        ip: std::net::IpAddr,
+    ) -> Option<&'s Arc<crate::state::Workload>> {
+        state.workloads.get(&self.uid).or_else(|| {
+            state
+                .workload_by_ip(ip)
+                .filter(|w| w.namespace == self.info.namespace)
+        })
+    }
+
     /// This pod as logs and metrics name it: its workload entry when the state has one
     /// (by uid, else by `ip`), else its ZDS name.
     pub fn workload(&self, state: &State, ip: std::net::IpAddr) -> WorkloadRef {
-        state
-            .workloads
-            .get(&self.uid)
-            .or_else(|| {
-                state
-                    .workload_by_ip(ip)
-                    .filter(|w| w.namespace == self.info.namespace)
-            })
-            .map_or_else(
-                || WorkloadRef::pod(&self.info.namespace, &self.info.name),
-                |w| WorkloadRef::of(w),
-            )
+        self.entry(state, ip).map_or_else(
+            || WorkloadRef::pod(&self.info.namespace, &self.info.name),
+            |w| WorkloadRef::of(w),
+        )
     }
 }
 
@@ -112,9 +122,9 @@ pub enum ProxyError {
     NotThisPod { dst: SocketAddr, pod_ip: String },
     #[error("destination {0} is not a known workload (registry-only mode)")]
     RegistryOnly(SocketAddr),
-    #[error("service {service} cannot take this connection: {reason}")]
+    #[error("{target} cannot take this connection: {reason}")]
     Unroutable {
-        service: String,
+        target: String,
         reason: &'static str,
     },
     #[error("socket setup in the pod netns")]

@@ -10,9 +10,10 @@ use super::copy::{self, Transferred};
 use super::hbone::{self, Source};
 use super::pool::{Pool, PoolKey};
 use super::tracker::ConnInfo;
-use super::{Pod, ProxyError, ProxyInputs, socket};
+use super::{Pod, ProxyError, ProxyInputs, double, socket};
 use crate::accesslog::{ConnLog, Direction, WorkloadRef};
 use crate::state::Upstream;
+use crate::state::lb::Origin;
 
 /// Serves one outbound connection from `app` (whose address is `src`) to completion.
 pub async fn serve(
@@ -63,31 +64,38 @@ async fn route(
         return refuse(app, ProxyError::Loop(dst));
     }
     let state = inputs.state.load();
-    let upstream = state.resolve(dst, |n| rand::random_range(0..n));
+    let origin = Origin {
+        workload: pod.entry(&state, src.ip()).map(|w| &**w),
+        network: &inputs.config.network,
+    };
+    let upstream = state.resolve(dst, &origin, |n| rand::random_range(0..n));
     drop(state);
     match upstream {
         Upstream::Hbone {
+            hop,
+            authority,
             workload,
             service,
-            target,
-            identities,
+            waypoint,
         } => {
-            let next_hop = SocketAddr::new(target.ip(), ports::HBONE);
-            log.hbone = Some(next_hop);
+            log.hbone = Some(hop.addr);
             log.dst_workload = Some(WorkloadRef::of(&workload));
             log.dst_service = service.map(|s| s.hostname.clone());
-            log.dst_identity = identities.first().cloned();
+            log.dst_identity = hop.identities.first().cloned();
+            if waypoint {
+                log.via = Some(format!("waypoint {}", workload.uid));
+            }
             log.security = "mtls";
             log.open();
             let tracked =
                 inputs
                     .conns
                     .track(ConnInfo::new(log, pod), false, pod.drain.cut_signal());
-            let key = PoolKey::new(pod.identity.clone(), identities, next_hop, src.ip());
+            let key = PoolKey::new(pod.identity.clone(), hop.identities, hop.addr, src.ip());
             let name = pod.info.name.clone();
             let req = || {
                 hbone::connect_request(
-                    target,
+                    authority,
                     Source {
                         addr: src,
                         identity: &pod.identity,
@@ -116,13 +124,40 @@ async fn route(
             refuse(app, ProxyError::RegistryOnly(dst))
         }
         Upstream::Passthrough => plain(app, dst, pod, inputs, log).await,
-        Upstream::Unroutable { service, reason } => refuse(
-            app,
-            ProxyError::Unroutable {
-                service: service.hostname.clone(),
-                reason,
-            },
-        ),
+        Upstream::Gateway {
+            gateway,
+            authority,
+            identities,
+            workload,
+            service,
+        } => {
+            log.hbone = Some(gateway.addr);
+            log.dst_workload = Some(WorkloadRef::of(&workload));
+            log.dst_service = Some(service.hostname.clone());
+            log.dst_identity = identities.first().cloned();
+            log.via = Some(format!("gateway {}", gateway.addr));
+            log.security = "mtls";
+            log.open();
+            let tracked =
+                inputs
+                    .conns
+                    .track(ConnInfo::new(log, pod), false, pod.drain.cut_signal());
+            let hops = double::Hops {
+                gateway,
+                authority,
+                identities,
+            };
+            match double::open(&hops, src, pod, inputs, pool).await {
+                Ok((send, incoming, _tunnel)) => {
+                    let (t, r) = copy::hbone(app, send, incoming, tracked.stopped()).await;
+                    (t, r.map_err(|e| tracked.explain(e)))
+                }
+                Err(e) => refuse(app, e),
+            }
+        }
+        Upstream::Unroutable { target, reason } => {
+            refuse(app, ProxyError::Unroutable { target, reason })
+        }
     }
 }
 

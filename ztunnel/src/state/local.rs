@@ -16,7 +16,11 @@ use serde::Deserialize;
 
 use super::parts::{Parts, Source, Sources};
 use super::policy::Authorization;
-use super::{Endpoint, HealthStatus, NetworkAddress, Protocol, Service, State, Workload};
+use super::{
+    AppTunnelProtocol, ApplicationTunnel, Endpoint, GatewayAddress, GatewayDestination,
+    HealthStatus, Locality, NamespacedHostname, NetworkAddress, Protocol, Service, State, Workload,
+    lb,
+};
 use crate::identity::Identity;
 
 /// Why a config file was rejected. `path` is the YAML path of the offending field.
@@ -49,37 +53,65 @@ struct LocalConfig {
     policies: Vec<Authorization>,
 }
 
+/// Istio's spelling: `destination` is `<network>/<ip>` (or a bare IP) or `<namespace>/<hostname>`.
 #[derive(Debug, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
-struct GatewayAddress {
-    #[allow(dead_code)]
+struct LocalGateway {
     destination: String,
-    #[allow(dead_code)]
     hbone_mtls_port: u16,
 }
 
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct Locality {
-    #[serde(default)]
-    #[allow(dead_code)]
-    region: String,
-    #[serde(default)]
-    #[allow(dead_code)]
-    zone: String,
-    #[serde(default)]
-    #[allow(dead_code)]
-    subzone: String,
+impl LocalGateway {
+    fn convert(&self, at: &str) -> Result<GatewayAddress, LocalConfigError> {
+        let (prefix, last) = self
+            .destination
+            .rsplit_once('/')
+            .unwrap_or(("", &self.destination));
+        let destination = match last.parse::<IpAddr>() {
+            Ok(address) => GatewayDestination::Address(NetworkAddress {
+                network: prefix.to_string(),
+                address,
+            }),
+            Err(_) if !prefix.is_empty() && !last.is_empty() => {
+                GatewayDestination::Hostname(NamespacedHostname {
+                    namespace: prefix.to_string(),
+                    hostname: last.to_string(),
+                })
+            }
+            Err(_) => {
+                return Err(invalid(
+                    format!("{at}.destination"),
+                    format!(
+                        "{:?} is neither \"<network>/<ip>\" nor \"<namespace>/<hostname>\"",
+                        self.destination
+                    ),
+                ));
+            }
+        };
+        if self.hbone_mtls_port == 0 {
+            return Err(invalid(format!("{at}.hboneMtlsPort"), "port 0"));
+        }
+        Ok(GatewayAddress {
+            destination,
+            hbone_mtls_port: self.hbone_mtls_port,
+        })
+    }
 }
 
 #[derive(Debug, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
-struct ApplicationTunnel {
-    #[allow(dead_code)]
-    protocol: String,
+struct LocalAppTunnel {
+    protocol: AppTunnelName,
     #[serde(default)]
-    #[allow(dead_code)]
     port: Option<u16>,
+}
+
+#[derive(Debug, Clone, Copy, Deserialize)]
+enum AppTunnelName {
+    #[serde(rename = "NONE")]
+    None,
+    #[serde(rename = "PROXY")]
+    Proxy,
 }
 
 #[derive(Debug, Clone, Copy, Deserialize, Default, PartialEq, Eq)]
@@ -130,12 +162,11 @@ struct LocalWorkload {
     #[allow(dead_code)]
     native_tunnel: bool,
     #[serde(default)]
-    #[allow(dead_code)]
-    application_tunnel: Option<ApplicationTunnel>,
+    application_tunnel: Option<LocalAppTunnel>,
     #[serde(default)]
-    waypoint: Option<GatewayAddress>,
+    waypoint: Option<LocalGateway>,
     #[serde(default)]
-    network_gateway: Option<GatewayAddress>,
+    network_gateway: Option<LocalGateway>,
     #[serde(default)]
     authorization_policies: Vec<String>,
     #[serde(default)]
@@ -143,10 +174,8 @@ struct LocalWorkload {
     #[serde(default)]
     cluster_id: String,
     #[serde(default)]
-    #[allow(dead_code)]
-    locality: Option<Locality>,
+    locality: Locality,
     #[serde(default)]
-    #[allow(dead_code)]
     capacity: Option<u32>,
 }
 
@@ -161,22 +190,46 @@ struct LocalEndpoint {
     #[serde(default)]
     port: BTreeMap<u16, u16>,
     #[serde(default)]
-    #[allow(dead_code)]
     status: HealthStatus,
 }
 
+/// Names as Istio writes them (`Failover`, `FAILOVER`), parsed by [`lb`]'s `FromStr`.
 #[derive(Debug, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
-struct LoadBalancer {
+struct LocalLoadBalancer {
     #[serde(default)]
-    #[allow(dead_code)]
     routing_preferences: Vec<String>,
     #[serde(default)]
-    #[allow(dead_code)]
     mode: Option<String>,
     #[serde(default)]
-    #[allow(dead_code)]
     health_policy: Option<String>,
+}
+
+impl LocalLoadBalancer {
+    fn convert(&self, at: &str) -> Result<lb::LoadBalancer, LocalConfigError> {
+        let bad =
+            |field: String, e: lb::UnknownName| invalid(format!("{at}.{field}"), e.to_string());
+        let mut routing_preferences = Vec::new();
+        for (i, p) in self.routing_preferences.iter().enumerate() {
+            routing_preferences.push(
+                p.parse()
+                    .map_err(|e| bad(format!("routingPreferences[{i}]"), e))?,
+            );
+        }
+        let mode = match &self.mode {
+            Some(m) => m.parse().map_err(|e| bad("mode".into(), e))?,
+            None => lb::Mode::default(),
+        };
+        let health_policy = match &self.health_policy {
+            Some(h) => h.parse().map_err(|e| bad("healthPolicy".into(), e))?,
+            None => lb::HealthPolicy::default(),
+        };
+        Ok(lb::LoadBalancer {
+            routing_preferences,
+            mode,
+            health_policy,
+        })
+    }
 }
 
 #[derive(Debug, Deserialize)]
@@ -197,10 +250,9 @@ struct LocalService {
     #[serde(default)]
     subject_alt_names: Vec<String>,
     #[serde(default)]
-    waypoint: Option<GatewayAddress>,
+    waypoint: Option<LocalGateway>,
     #[serde(default)]
-    #[allow(dead_code)]
-    load_balancer: Option<LoadBalancer>,
+    load_balancer: Option<LocalLoadBalancer>,
     #[serde(default)]
     #[allow(dead_code)]
     ip_families: Option<String>,
@@ -243,12 +295,6 @@ fn build(config: LocalConfig, trust_domain: &str) -> Result<Parts, LocalConfigEr
         if w.network_mode == NetworkMode::HostNetwork {
             tracing::warn!(workload = %w.name, "hostNetwork workloads are not indexed by IP");
         }
-        if w.waypoint.is_some() || w.network_gateway.is_some() {
-            tracing::warn!(
-                workload = %w.name,
-                "waypoints and network gateways are not supported; traffic goes to the workload directly"
-            );
-        }
         let uid = match (w.uid.is_empty(), w.name.is_empty()) {
             (false, _) => w.uid.clone(),
             (true, false) => format!("{}/{}", w.namespace, w.name),
@@ -278,6 +324,23 @@ fn build(config: LocalConfig, trust_domain: &str) -> Result<Parts, LocalConfigEr
                 "service keys are \"<namespace>/<hostname>\"",
             ));
         }
+        let waypoint = w
+            .waypoint
+            .as_ref()
+            .map(|g| g.convert(&at("waypoint")))
+            .transpose()?;
+        let network_gateway = w
+            .network_gateway
+            .as_ref()
+            .map(|g| g.convert(&at("networkGateway")))
+            .transpose()?;
+        let application_tunnel = w.application_tunnel.as_ref().map(|t| ApplicationTunnel {
+            protocol: match t.protocol {
+                AppTunnelName::None => AppTunnelProtocol::None,
+                AppTunnelName::Proxy => AppTunnelProtocol::Proxy,
+            },
+            port: t.port.filter(|p| *p != 0),
+        });
         let ips = if w.network_mode == NetworkMode::HostNetwork {
             Vec::new()
         } else {
@@ -301,6 +364,11 @@ fn build(config: LocalConfig, trust_domain: &str) -> Result<Parts, LocalConfigEr
                 canonical_revision: w.canonical_revision,
                 cluster_id: w.cluster_id,
                 authorization_policies: w.authorization_policies,
+                waypoint,
+                network_gateway,
+                application_tunnel,
+                locality: w.locality,
+                capacity: w.capacity.unwrap_or(1),
                 identity,
             },
             w.services,
@@ -310,9 +378,16 @@ fn build(config: LocalConfig, trust_domain: &str) -> Result<Parts, LocalConfigEr
     let mut keys = HashSet::new();
     for (i, s) in config.services.into_iter().enumerate() {
         let at = |field: &str| format!("services[{i}].{field}");
-        if s.waypoint.is_some() {
-            tracing::warn!(service = %s.hostname, "service waypoints are not supported");
-        }
+        let waypoint = s
+            .waypoint
+            .as_ref()
+            .map(|g| g.convert(&at("waypoint")))
+            .transpose()?;
+        let load_balancer = s
+            .load_balancer
+            .as_ref()
+            .map(|l| l.convert(&at("loadBalancer")))
+            .transpose()?;
         let key = format!("{}/{}", s.namespace, s.hostname);
         if !keys.insert(key.clone()) {
             return Err(invalid(
@@ -350,6 +425,7 @@ fn build(config: LocalConfig, trust_domain: &str) -> Result<Parts, LocalConfigEr
             eps.push(Endpoint {
                 workload_uid: e.workload_uid,
                 port: e.port,
+                status: e.status,
             });
         }
         services.push(Service {
@@ -360,6 +436,8 @@ fn build(config: LocalConfig, trust_domain: &str) -> Result<Parts, LocalConfigEr
             ports: s.ports,
             subject_alt_names: s.subject_alt_names,
             endpoints: eps,
+            waypoint,
+            load_balancer,
         });
     }
     let mut policy_keys = HashSet::new();

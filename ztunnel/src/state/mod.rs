@@ -8,9 +8,13 @@
 //! snapshot and an address.
 
 pub mod authz;
+pub mod lb;
 pub mod local;
 pub mod parts;
 pub mod policy;
+mod resolve;
+
+pub use resolve::{HboneHop, Upstream};
 
 use std::collections::{BTreeMap, HashMap};
 use std::net::{IpAddr, SocketAddr};
@@ -59,9 +63,49 @@ pub struct Workload {
     pub canonical_revision: String,
     pub cluster_id: String,
     pub authorization_policies: Vec<String>,
+    /// Every connection to this workload's own addresses goes through this waypoint.
+    pub waypoint: Option<GatewayAddress>,
+    /// Peers on another network reach this workload through this east-west gateway.
+    pub network_gateway: Option<GatewayAddress>,
+    /// How inbound HBONE is handed to the application.
+    pub application_tunnel: Option<ApplicationTunnel>,
+    pub locality: Locality,
+    /// Relative share of a service's traffic (Istio's `capacity`, default 1; 0 is never picked).
+    pub capacity: u32,
     /// Identity, derived once at load time.
     #[serde(skip)]
     pub identity: Identity,
+}
+
+impl Workload {
+    /// A workload known by uid and identity only: no addresses, reached as plain TCP,
+    /// healthy, capacity 1, nothing else set. Callers fill in what they know.
+    pub fn new(uid: &str, identity: Identity) -> Self {
+        Self {
+            uid: uid.to_string(),
+            name: uid.to_string(),
+            namespace: identity.namespace().to_string(),
+            service_account: identity.service_account().to_string(),
+            trust_domain: identity.trust_domain().to_string(),
+            workload_ips: Vec::new(),
+            protocol: Protocol::Tcp,
+            status: HealthStatus::Healthy,
+            node: String::new(),
+            network: String::new(),
+            workload_name: String::new(),
+            workload_type: String::new(),
+            canonical_name: String::new(),
+            canonical_revision: String::new(),
+            cluster_id: String::new(),
+            authorization_policies: Vec::new(),
+            waypoint: None,
+            network_gateway: None,
+            application_tunnel: None,
+            locality: Locality::default(),
+            capacity: 1,
+            identity,
+        }
+    }
 }
 
 /// A service VIP on a network.
@@ -71,6 +115,84 @@ pub struct NetworkAddress {
     pub address: IpAddr,
 }
 
+/// A service named by namespace and hostname (the key istiod uses).
+#[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize)]
+pub struct NamespacedHostname {
+    pub namespace: String,
+    pub hostname: String,
+}
+
+impl NamespacedHostname {
+    pub fn key(&self) -> String {
+        format!("{}/{}", self.namespace, self.hostname)
+    }
+}
+
+/// Where a waypoint or an east-west gateway is: an address (a service VIP or a workload's
+/// own) or a service by name; and the port it takes mTLS HBONE on.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct GatewayAddress {
+    pub destination: GatewayDestination,
+    pub hbone_mtls_port: u16,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub enum GatewayDestination {
+    Address(NetworkAddress),
+    Hostname(NamespacedHostname),
+}
+
+impl std::fmt::Display for GatewayAddress {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match &self.destination {
+            GatewayDestination::Address(a) if a.network.is_empty() => {
+                write!(f, "{}", SocketAddr::new(a.address, self.hbone_mtls_port))
+            }
+            GatewayDestination::Address(a) => write!(
+                f,
+                "{}/{}",
+                a.network,
+                SocketAddr::new(a.address, self.hbone_mtls_port)
+            ),
+            GatewayDestination::Hostname(h) => {
+                write!(f, "{}:{}", h.key(), self.hbone_mtls_port)
+            }
+        }
+    }
+}
+
+/// Where a workload runs, for locality-aware load balancing.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Locality {
+    #[serde(default)]
+    pub region: String,
+    #[serde(default)]
+    pub zone: String,
+    #[serde(default)]
+    pub subzone: String,
+}
+
+/// How inbound HBONE is handed to an application that reads tunnel metadata itself.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct ApplicationTunnel {
+    pub protocol: AppTunnelProtocol,
+    /// Deliver to this port instead of the CONNECT's.
+    pub port: Option<u16>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+pub enum AppTunnelProtocol {
+    /// Bytes as they come.
+    #[serde(rename = "NONE")]
+    None,
+    /// A PROXY protocol v2 header first, carrying the peer's address and SPIFFE id.
+    #[serde(rename = "PROXY")]
+    Proxy,
+}
+
 /// A workload backing a service, with its port mapping.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "camelCase")]
@@ -78,6 +200,8 @@ pub struct Endpoint {
     pub workload_uid: String,
     /// Service port → target port on this workload (overrides the service's own mapping).
     pub port: BTreeMap<u16, u16>,
+    /// The endpoint's own health (the local config's); the workload's status counts too.
+    pub status: HealthStatus,
 }
 
 /// A service: VIPs, ports, and its endpoints.
@@ -92,6 +216,10 @@ pub struct Service {
     pub ports: BTreeMap<u16, u16>,
     pub subject_alt_names: Vec<String>,
     pub endpoints: Vec<Endpoint>,
+    /// Every connection to the service's VIPs goes through this waypoint.
+    pub waypoint: Option<GatewayAddress>,
+    /// How endpoints are picked; `None` is Istio's default (healthy endpoints, by capacity).
+    pub load_balancer: Option<lb::LoadBalancer>,
 }
 
 impl Service {
@@ -113,32 +241,6 @@ pub struct State {
     by_vip: HashMap<IpAddr, Arc<Service>>,
     #[serde(skip)]
     authz: authz::PolicyIndex,
-}
-
-/// Where a connection to some address should go.
-#[derive(Clone, Debug)]
-pub enum Upstream {
-    /// A mesh workload: tunnel over HBONE to `workload`'s 15008; the CONNECT authority is
-    /// `target`; the server must prove one of `identities`.
-    Hbone {
-        workload: Arc<Workload>,
-        service: Option<Arc<Service>>,
-        target: SocketAddr,
-        identities: Vec<Identity>,
-    },
-    /// A known workload outside the mesh: plain TCP to `target`.
-    Tcp {
-        workload: Arc<Workload>,
-        service: Option<Arc<Service>>,
-        target: SocketAddr,
-    },
-    /// Not a known workload or service: plain TCP to the original destination.
-    Passthrough,
-    /// A service that cannot serve this connection.
-    Unroutable {
-        service: Arc<Service>,
-        reason: &'static str,
-    },
 }
 
 impl State {
@@ -210,95 +312,6 @@ impl State {
                 dry_run: None,
             },
         }
-    }
-
-    /// Resolves an original destination. `pick(n)` chooses one of `n` candidate endpoints
-    /// (random in production, fixed in tests).
-    pub fn resolve(&self, dst: SocketAddr, pick: impl FnOnce(usize) -> usize) -> Upstream {
-        if let Some(service) = self.by_vip.get(&dst.ip()) {
-            return self.resolve_service(service, dst, pick);
-        }
-        match self.by_ip.get(&dst.ip()) {
-            Some(w) => workload_upstream(w.clone(), None, dst, Vec::new()),
-            None => Upstream::Passthrough,
-        }
-    }
-
-    fn resolve_service(
-        &self,
-        service: &Arc<Service>,
-        dst: SocketAddr,
-        pick: impl FnOnce(usize) -> usize,
-    ) -> Upstream {
-        let unroutable = |reason| Upstream::Unroutable {
-            service: service.clone(),
-            reason,
-        };
-        let Some(&service_target) = service.ports.get(&dst.port()) else {
-            return unroutable("service has no such port");
-        };
-        let candidates: Vec<(&Endpoint, &Arc<Workload>)> = service
-            .endpoints
-            .iter()
-            .filter_map(|e| self.workloads.get(&e.workload_uid).map(|w| (e, w)))
-            .filter(|(_, w)| w.status == HealthStatus::Healthy && !w.workload_ips.is_empty())
-            .collect();
-        if candidates.is_empty() {
-            return unroutable("no healthy endpoints");
-        }
-        let (endpoint, workload) = candidates[pick(candidates.len()) % candidates.len()];
-        let port = endpoint
-            .port
-            .get(&dst.port())
-            .copied()
-            .filter(|p| *p != 0)
-            .unwrap_or(if service_target == 0 {
-                dst.port()
-            } else {
-                service_target
-            });
-        // Prefer an address of the same family as the VIP.
-        let ip = workload
-            .workload_ips
-            .iter()
-            .find(|ip| ip.is_ipv4() == dst.is_ipv4())
-            .unwrap_or(&workload.workload_ips[0]);
-        let sans = service
-            .subject_alt_names
-            .iter()
-            .filter_map(|s| s.parse::<Identity>().ok())
-            .collect();
-        workload_upstream(
-            workload.clone(),
-            Some(service.clone()),
-            SocketAddr::new(*ip, port),
-            sans,
-        )
-    }
-}
-
-fn workload_upstream(
-    workload: Arc<Workload>,
-    service: Option<Arc<Service>>,
-    target: SocketAddr,
-    mut identities: Vec<Identity>,
-) -> Upstream {
-    match workload.protocol {
-        Protocol::Hbone => {
-            identities.retain(|i| *i != workload.identity);
-            identities.insert(0, workload.identity.clone());
-            Upstream::Hbone {
-                workload,
-                service,
-                target,
-                identities,
-            }
-        }
-        Protocol::Tcp => Upstream::Tcp {
-            workload,
-            service,
-            target,
-        },
     }
 }
 

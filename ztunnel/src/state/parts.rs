@@ -32,6 +32,7 @@ impl Parts {
                 by_service.entry(key).or_default().push(Endpoint {
                     workload_uid: w.uid.clone(),
                     port: ports,
+                    status: super::HealthStatus::Healthy,
                 });
             }
             workloads.push(w);

@@ -1,24 +1,14 @@
+use super::lb::Origin;
 use super::*;
+
+mod routing;
 
 fn workload(uid: &str, ip: &str, protocol: Protocol, status: HealthStatus) -> Workload {
     Workload {
-        uid: uid.into(),
-        name: uid.into(),
-        namespace: "ns".into(),
-        service_account: uid.into(),
-        trust_domain: "cluster.local".into(),
         workload_ips: vec![ip.parse().unwrap()],
         protocol,
         status,
-        node: String::new(),
-        network: String::new(),
-        workload_name: String::new(),
-        workload_type: String::new(),
-        canonical_name: String::new(),
-        canonical_revision: String::new(),
-        cluster_id: String::new(),
-        authorization_policies: Vec::new(),
-        identity: Identity::new("cluster.local", "ns", uid).unwrap(),
+        ..Workload::new(uid, Identity::new("cluster.local", "ns", uid).unwrap())
     }
 }
 
@@ -38,14 +28,26 @@ fn service(vip: &str, ports: &[(u16, u16)], endpoints: &[(&str, &[(u16, u16)])])
             .map(|(uid, p)| Endpoint {
                 workload_uid: uid.to_string(),
                 port: p.iter().copied().collect(),
+                status: HealthStatus::Healthy,
             })
             .collect(),
+        waypoint: None,
+        load_balancer: None,
     }
 }
 
 fn kind(u: &Upstream) -> String {
     match u {
-        Upstream::Hbone { target, .. } => format!("hbone {target}"),
+        Upstream::Hbone {
+            hop,
+            authority,
+            waypoint: true,
+            ..
+        } => format!("waypoint {} for {authority}", hop.addr),
+        Upstream::Hbone { authority, .. } => format!("hbone {authority}"),
+        Upstream::Gateway {
+            gateway, authority, ..
+        } => format!("gateway {} for {authority}", gateway.addr),
         Upstream::Tcp { target, .. } => format!("tcp {target}"),
         Upstream::Passthrough => "passthrough".into(),
         Upstream::Unroutable { reason, .. } => format!("unroutable: {reason}"),
@@ -86,7 +88,7 @@ fn resolution_table() {
         ("198.19.0.12:80", "unroutable: no healthy endpoints"),
     ];
     for (dst, want) in cases {
-        let got = kind(&state.resolve(dst.parse().unwrap(), |_| 0));
+        let got = kind(&state.resolve(dst.parse().unwrap(), &Origin::default(), |_| 0));
         assert_eq!(got, want, "{dst}");
     }
 }
@@ -106,8 +108,15 @@ fn endpoint_choice_uses_the_picker() {
         vec![],
     );
     let dst = "198.19.0.10:80".parse().unwrap();
-    assert_eq!(kind(&state.resolve(dst, |_| 0)), "hbone 198.18.1.2:80");
-    assert_eq!(kind(&state.resolve(dst, |n| n - 1)), "hbone 198.18.1.3:80");
+    let origin = Origin::default();
+    assert_eq!(
+        kind(&state.resolve(dst, &origin, |_| 0)),
+        "hbone 198.18.1.2:80"
+    );
+    assert_eq!(
+        kind(&state.resolve(dst, &origin, |n| n - 1)),
+        "hbone 198.18.1.3:80"
+    );
 }
 
 /// A pod the state has no entry for cannot have its selector policies applied: its inbound

@@ -94,7 +94,7 @@ impl Store {
                 AddressResource::Workload(w) => parts
                     .workloads
                     .push((w.workload.clone(), w.services.clone())),
-                AddressResource::Service(s) => parts.services.push(s.clone()),
+                AddressResource::Service(s) => parts.services.push((**s).clone()),
             }
         }
         parts.policies = self.policies.values().map(|(_, p)| p.clone()).collect();

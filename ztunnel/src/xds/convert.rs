@@ -7,11 +7,15 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use super::proto::{security as sec, workload as wl};
 use crate::identity::Identity;
+use crate::state::lb::{self, LoadBalancer};
 use crate::state::parts::BackedServices;
 use crate::state::policy::{
     Action, Authorization, Cidr, RbacMatch, Scope, ServiceAccountMatch, StringMatch,
 };
-use crate::state::{HealthStatus, NetworkAddress, Protocol, Service, Workload};
+use crate::state::{
+    AppTunnelProtocol, ApplicationTunnel, GatewayAddress, GatewayDestination, HealthStatus,
+    Locality, NamespacedHostname, NetworkAddress, Protocol, Service, Workload,
+};
 
 /// A workload and the services it backs, from which service endpoints are assembled.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -25,7 +29,7 @@ pub struct XdsWorkload {
 pub enum AddressResource {
     Workload(Box<XdsWorkload>),
     /// A service without endpoints; workloads name the services they back.
-    Service(Service),
+    Service(Box<Service>),
 }
 
 /// Why a resource was refused.
@@ -63,7 +67,9 @@ pub fn address(
         Some(wl::address::Type::Workload(w)) => {
             workload(w, default_trust_domain).map(|w| AddressResource::Workload(Box::new(w)))
         }
-        Some(wl::address::Type::Service(s)) => service(s).map(AddressResource::Service),
+        Some(wl::address::Type::Service(s)) => {
+            service(s).map(|s| AddressResource::Service(Box::new(s)))
+        }
         None => Err("Address has neither a workload nor a service".into()),
     }
 }
@@ -130,6 +136,48 @@ fn workload(w: &wl::Workload, default_trust_domain: &str) -> Result<XdsWorkload,
         }
         services.insert(key.clone(), ports);
     }
+    let at = |what: &str| format!("workload {} {what}", w.uid);
+    let waypoint = w
+        .waypoint
+        .as_ref()
+        .map(|g| gateway(g, &at("waypoint")))
+        .transpose()?;
+    let network_gateway = w
+        .network_gateway
+        .as_ref()
+        .map(|g| gateway(g, &at("network gateway")))
+        .transpose()?;
+    let application_tunnel = match &w.application_tunnel {
+        None => None,
+        Some(t) => {
+            let protocol = match wl::application_tunnel::Protocol::try_from(t.protocol) {
+                Ok(wl::application_tunnel::Protocol::None) => AppTunnelProtocol::None,
+                Ok(wl::application_tunnel::Protocol::Proxy) => AppTunnelProtocol::Proxy,
+                // Delivering without the header an app expects would hand it bytes it cannot
+                // attribute: refuse the workload instead.
+                Err(_) => {
+                    return Err(at(&format!(
+                        "application tunnel: unknown protocol {}",
+                        t.protocol
+                    )));
+                }
+            };
+            let port = match t.port {
+                0 => None,
+                p => Some(port(p, &at("application tunnel port"))?),
+            };
+            Some(ApplicationTunnel { protocol, port })
+        }
+    };
+    let locality = w
+        .locality
+        .as_ref()
+        .map(|l| Locality {
+            region: l.region.clone(),
+            zone: l.zone.clone(),
+            subzone: l.subzone.clone(),
+        })
+        .unwrap_or_default();
     Ok(XdsWorkload {
         workload: Workload {
             uid: w.uid.clone(),
@@ -148,6 +196,11 @@ fn workload(w: &wl::Workload, default_trust_domain: &str) -> Result<XdsWorkload,
             canonical_revision: w.canonical_revision.clone(),
             cluster_id: w.cluster_id.clone(),
             authorization_policies: w.authorization_policies.clone(),
+            waypoint,
+            network_gateway,
+            application_tunnel,
+            locality,
+            capacity: w.capacity.unwrap_or(1),
             identity,
         },
         services,
@@ -179,6 +232,17 @@ fn service(s: &wl::Service) -> Result<Service, Refusal> {
         san.parse::<Identity>()
             .map_err(|e| format!("service {}: subject alt name: {e}", s.hostname))?;
     }
+    let at = |what: &str| format!("service {} {what}", s.hostname);
+    let waypoint = s
+        .waypoint
+        .as_ref()
+        .map(|g| gateway(g, &at("waypoint")))
+        .transpose()?;
+    let load_balancer = s
+        .load_balancing
+        .as_ref()
+        .map(|l| load_balancing(l).map_err(|e| at(&format!("load balancing: {e}"))))
+        .transpose()?;
     Ok(Service {
         name: s.name.clone(),
         namespace: s.namespace.clone(),
@@ -187,6 +251,74 @@ fn service(s: &wl::Service) -> Result<Service, Refusal> {
         ports,
         subject_alt_names: s.subject_alt_names.clone(),
         endpoints: Vec::new(),
+        waypoint,
+        load_balancer,
+    })
+}
+
+/// A waypoint or network gateway. One without a destination or a port cannot be reached, and
+/// dropping it would send traffic around the waypoint: the resource is refused.
+fn gateway(g: &wl::GatewayAddress, what: &str) -> Result<GatewayAddress, Refusal> {
+    let destination = match &g.destination {
+        Some(wl::gateway_address::Destination::Address(a)) => {
+            GatewayDestination::Address(NetworkAddress {
+                network: a.network.clone(),
+                address: ip(&a.address, what)?,
+            })
+        }
+        Some(wl::gateway_address::Destination::Hostname(h)) => {
+            if h.namespace.is_empty() || h.hostname.is_empty() {
+                return Err(format!("{what}: a hostname needs a namespace and a name"));
+            }
+            GatewayDestination::Hostname(NamespacedHostname {
+                namespace: h.namespace.clone(),
+                hostname: h.hostname.clone(),
+            })
+        }
+        None => return Err(format!("{what} has no destination")),
+    };
+    let hbone_mtls_port = port(g.hbone_mtls_port, what)?;
+    if hbone_mtls_port == 0 {
+        return Err(format!("{what} has no HBONE port"));
+    }
+    Ok(GatewayAddress {
+        destination,
+        hbone_mtls_port,
+    })
+}
+
+/// istiod's `LoadBalancing`. Unknown enum values are refused: reading a future scope as
+/// "none" would turn a STRICT policy into one that sends traffic anywhere.
+fn load_balancing(l: &wl::LoadBalancing) -> Result<LoadBalancer, Refusal> {
+    use wl::load_balancing::{HealthPolicy as H, Mode as M, Scope as S};
+    let mut routing_preferences = Vec::with_capacity(l.routing_preference.len());
+    for p in &l.routing_preference {
+        routing_preferences.push(match S::try_from(*p) {
+            Ok(S::Region) => lb::Scope::Region,
+            Ok(S::Zone) => lb::Scope::Zone,
+            Ok(S::Subzone) => lb::Scope::Subzone,
+            Ok(S::Node) => lb::Scope::Node,
+            Ok(S::Cluster) => lb::Scope::Cluster,
+            Ok(S::Network) => lb::Scope::Network,
+            Ok(S::UnspecifiedScope) | Err(_) => return Err(format!("unknown scope {p}")),
+        });
+    }
+    let mode = match M::try_from(l.mode) {
+        Ok(M::UnspecifiedMode) => lb::Mode::Standard,
+        Ok(M::Strict) => lb::Mode::Strict,
+        Ok(M::Failover) => lb::Mode::Failover,
+        Ok(M::Passthrough) => lb::Mode::Passthrough,
+        Err(_) => return Err(format!("unknown mode {}", l.mode)),
+    };
+    let health_policy = match H::try_from(l.health_policy) {
+        Ok(H::OnlyHealthy) => lb::HealthPolicy::OnlyHealthy,
+        Ok(H::AllowAll) => lb::HealthPolicy::AllowAll,
+        Err(_) => return Err(format!("unknown health policy {}", l.health_policy)),
+    };
+    Ok(LoadBalancer {
+        routing_preferences,
+        mode,
+        health_policy,
     })
 }
 

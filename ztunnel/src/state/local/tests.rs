@@ -73,14 +73,16 @@ fn istio_style_file_loads() {
     assert_eq!(svc.vips.len(), 2);
     // Through the VIP to the HBONE endpoint, on the mapped target port, expecting both the
     // workload's identity and the service's SAN (deduplicated).
-    match state.resolve("198.19.100.2:80".parse().unwrap(), |_| 0) {
-        Upstream::Hbone {
-            target, identities, ..
-        } => {
-            assert_eq!(target, "198.18.1.2:8080".parse().unwrap());
-            assert_eq!(identities.len(), 1);
+    match state.resolve(
+        "198.19.100.2:80".parse().unwrap(),
+        &lb::Origin::default(),
+        |_| 0,
+    ) {
+        Upstream::Hbone { authority, hop, .. } => {
+            assert_eq!(authority, "198.18.1.2:8080".parse().unwrap());
+            assert_eq!(hop.identities.len(), 1);
             assert_eq!(
-                identities[0].to_string(),
+                hop.identities[0].to_string(),
                 "spiffe://cluster.local/ns/default/sa/echo"
             );
         }
@@ -105,9 +107,97 @@ fn defaults_fill_identity_and_uid() {
 }
 
 #[test]
+fn routing_fields_load() {
+    let state = parse(
+        r#"
+workloads:
+- name: a
+  namespace: ns
+  workloadIps: [198.18.1.9]
+  waypoint: {destination: "ns/waypoint.ns.svc", hboneMtlsPort: 15008}
+  networkGateway: {destination: "net2/198.18.9.1", hboneMtlsPort: 15009}
+  applicationTunnel: {protocol: PROXY, port: 9000}
+  locality: {region: r1, zone: z1}
+  capacity: 4
+services:
+- name: s
+  namespace: ns
+  hostname: s.ns
+  waypoint: {destination: "198.19.0.50", hboneMtlsPort: 15008}
+  loadBalancer: {routingPreferences: [Region, Zone], mode: Failover, healthPolicy: AllowAll}
+"#,
+        "cluster.local",
+    )
+    .unwrap();
+    let w = &state.workloads["ns/a"];
+    assert_eq!(
+        w.waypoint.as_ref().map(ToString::to_string).as_deref(),
+        Some("ns/waypoint.ns.svc:15008")
+    );
+    assert_eq!(
+        w.network_gateway
+            .as_ref()
+            .map(ToString::to_string)
+            .as_deref(),
+        Some("net2/198.18.9.1:15009")
+    );
+    assert_eq!(
+        w.application_tunnel,
+        Some(ApplicationTunnel {
+            protocol: AppTunnelProtocol::Proxy,
+            port: Some(9000)
+        })
+    );
+    assert_eq!(
+        (w.locality.region.as_str(), w.locality.zone.as_str()),
+        ("r1", "z1")
+    );
+    assert_eq!(w.capacity, 4);
+    let s = &state.services["ns/s.ns"];
+    assert_eq!(
+        s.waypoint.as_ref().map(ToString::to_string).as_deref(),
+        Some("198.19.0.50:15008")
+    );
+    let lb = s.load_balancer.as_ref().unwrap();
+    assert_eq!(lb.mode, lb::Mode::Failover);
+    assert_eq!(lb.routing_preferences, [lb::Scope::Region, lb::Scope::Zone]);
+    assert_eq!(lb.health_policy, lb::HealthPolicy::AllowAll);
+}
+
+#[test]
 fn bad_files_name_the_field() {
     let cases: &[(&str, &str, &str)] = &[
         ("unknown top-level key", "bogus: 1", "bogus"),
+        (
+            "waypoint destination that is neither an address nor a hostname",
+            "workloads: [{namespace: a, name: x, workloadIps: [], waypoint: {destination: nowhere, hboneMtlsPort: 15008}}]",
+            "workloads[0].waypoint.destination",
+        ),
+        (
+            "gateway on port 0",
+            "workloads: [{namespace: a, name: x, workloadIps: [], networkGateway: {destination: 198.18.0.1, hboneMtlsPort: 0}}]",
+            "workloads[0].networkGateway.hboneMtlsPort",
+        ),
+        (
+            "unknown application tunnel protocol",
+            "workloads: [{namespace: a, name: x, workloadIps: [], applicationTunnel: {protocol: SOCKS}}]",
+            "workloads[0].applicationTunnel.protocol",
+        ),
+        (
+            "unknown routing preference",
+            "services: [{name: s, namespace: a, hostname: s.a, loadBalancer: {routingPreferences: [Nearby]}}]",
+            "services[0].loadBalancer.routingPreferences[0]",
+        ),
+        (
+            "unknown load-balancing mode",
+            "services: [{name: s, namespace: a, hostname: s.a, loadBalancer: {mode: Sometimes}}]",
+            "services[0].loadBalancer.mode",
+        ),
+        (
+            "unknown locality key",
+            "workloads: [{namespace: a, name: x, workloadIps: [], locality: {planet: earth}}]",
+            "workloads[0].locality",
+        ),
         (
             "unknown workload key",
             "workloads: [{namespace: a, workloadIps: [], workloadIp: 1.2.3.4, name: x}]",

@@ -143,6 +143,124 @@ fn golden_service_decodes_to_the_expected_state() {
     assert!(s.endpoints.is_empty());
 }
 
+/// Waypoint, network gateway, application tunnel, locality and capacity on a workload;
+/// waypoint and load balancing on a service: Istio's field numbers, byte by byte.
+#[test]
+fn golden_routing_fields_decode_to_the_expected_state() {
+    let gw_address = |network: &str, ip: &[u8], port: u64| {
+        cat(&[
+            bytes(2, &cat(&[string(1, network), bytes(2, ip)])),
+            num(3, port),
+        ])
+    };
+    let gw_hostname = |ns: &str, host: &str, port: u64| {
+        cat(&[
+            bytes(1, &cat(&[string(1, ns), string(2, host)])),
+            num(3, port),
+        ])
+    };
+    let workload = cat(&[
+        string(20, "uid-w"),
+        string(2, "ns-a"),
+        bytes(8, &gw_address("net1", &[198, 19, 0, 9], 15008)),
+        bytes(
+            19,
+            &gw_hostname("istio-system", "eastwest.istio-system.svc", 15009),
+        ),
+        bytes(23, &cat(&[num(1, 1), num(2, 9000)])), // PROXY, port 9000
+        bytes(
+            24,
+            &cat(&[
+                string(1, "region-1"),
+                string(2, "zone-a"),
+                string(3, "rack-7"),
+            ]),
+        ),
+        bytes(27, &num(1, 3)), // UInt32Value { value: 3 }
+    ]);
+    let addr = wl::Address::decode(bytes(1, &workload).as_slice()).unwrap();
+    let AddressResource::Workload(got) = address(&addr, "cluster.local").unwrap() else {
+        panic!("not a workload");
+    };
+    let w = &got.workload;
+    assert_eq!(
+        w.waypoint,
+        Some(GatewayAddress {
+            destination: GatewayDestination::Address(NetworkAddress {
+                network: "net1".into(),
+                address: "198.19.0.9".parse().unwrap(),
+            }),
+            hbone_mtls_port: 15008,
+        })
+    );
+    assert_eq!(
+        w.network_gateway,
+        Some(GatewayAddress {
+            destination: GatewayDestination::Hostname(NamespacedHostname {
+                namespace: "istio-system".into(),
+                hostname: "eastwest.istio-system.svc".into(),
+            }),
+            hbone_mtls_port: 15009,
+        })
+    );
+    assert_eq!(
+        w.application_tunnel,
+        Some(ApplicationTunnel {
+            protocol: AppTunnelProtocol::Proxy,
+            port: Some(9000),
+        })
+    );
+    assert_eq!(
+        w.locality,
+        Locality {
+            region: "region-1".into(),
+            zone: "zone-a".into(),
+            subzone: "rack-7".into(),
+        }
+    );
+    assert_eq!(w.capacity, 3);
+    // Unset capacity is 1, as istiod means it.
+    let bare = wl::Address::decode(bytes(1, &cat(&[string(20, "u"), string(2, "ns")])).as_slice())
+        .unwrap();
+    let AddressResource::Workload(bare) = address(&bare, "cluster.local").unwrap() else {
+        panic!("not a workload");
+    };
+    assert_eq!(bare.workload.capacity, 1);
+    assert_eq!(bare.workload.waypoint, None);
+
+    let svc = cat(&[
+        string(2, "ns-b"),
+        string(3, "echo.ns-b.svc"),
+        bytes(7, &gw_hostname("ns-b", "waypoint.ns-b.svc", 15008)),
+        bytes(
+            8,
+            &cat(&[
+                num(1, 6), // NETWORK
+                num(1, 1), // REGION
+                num(1, 2), // ZONE
+                num(2, 2), // FAILOVER
+                num(3, 1), // ALLOW_ALL
+            ]),
+        ),
+    ]);
+    let addr = wl::Address::decode(bytes(2, &svc).as_slice()).unwrap();
+    let AddressResource::Service(s) = address(&addr, "cluster.local").unwrap() else {
+        panic!("not a service");
+    };
+    assert_eq!(
+        s.waypoint.as_ref().map(|w| w.to_string()),
+        Some("ns-b/waypoint.ns-b.svc:15008".to_string())
+    );
+    assert_eq!(
+        s.load_balancer,
+        Some(LoadBalancer {
+            routing_preferences: vec![lb::Scope::Network, lb::Scope::Region, lb::Scope::Zone],
+            mode: lb::Mode::Failover,
+            health_policy: lb::HealthPolicy::AllowAll,
+        })
+    );
+}
+
 #[test]
 fn golden_authorization_decodes_to_the_expected_policy() {
     let exact = bytes(1, b"cluster.local/ns/ns-a/sa/client");
@@ -248,10 +366,99 @@ fn malformed_resources_are_refused_with_a_reason() {
             ),
             "not a TCP port",
         ),
+        (
+            "waypoint without a destination",
+            workload(&[base(), vec![bytes(8, &num(3, 15008))]].concat()),
+            "waypoint has no destination",
+        ),
+        (
+            "waypoint without a port",
+            workload(&[base(), vec![bytes(8, &bytes(2, &bytes(2, &[10, 0, 0, 1])))]].concat()),
+            "no HBONE port",
+        ),
+        (
+            "waypoint with a 3-byte address",
+            workload(
+                &[
+                    base(),
+                    vec![bytes(
+                        8,
+                        &cat(&[bytes(2, &bytes(2, &[10, 0, 0])), num(3, 15008)]),
+                    )],
+                ]
+                .concat(),
+            ),
+            "3 bytes",
+        ),
+        (
+            "network gateway hostname without a namespace",
+            workload(
+                &[
+                    base(),
+                    vec![bytes(
+                        19,
+                        &cat(&[bytes(1, &string(2, "gw.example")), num(3, 15008)]),
+                    )],
+                ]
+                .concat(),
+            ),
+            "needs a namespace",
+        ),
+        (
+            "unknown application tunnel protocol",
+            workload(&[base(), vec![bytes(23, &num(1, 5))]].concat()),
+            "unknown protocol 5",
+        ),
+        (
+            "application tunnel port out of range",
+            workload(&[base(), vec![bytes(23, &cat(&[num(1, 1), num(2, 70000)]))]].concat()),
+            "not a TCP port",
+        ),
     ];
     for (name, resource, want) in cases {
         match address(&resource, "cluster.local") {
             Err(e) => assert!(e.contains(want), "{name}: {e}"),
+            Ok(r) => panic!("{name}: accepted {r:?}"),
+        }
+    }
+
+    let service = |parts: &[Vec<u8>]| {
+        let svc = cat(&[&[string(2, "ns"), string(3, "svc.ns")][..], parts].concat());
+        wl::Address::decode(bytes(2, &svc).as_slice()).unwrap()
+    };
+    let cases: Vec<(&str, wl::Address, &str)> = vec![
+        (
+            "unknown routing scope",
+            service(&[bytes(8, &num(1, 9))]),
+            "unknown scope 9",
+        ),
+        (
+            "unspecified routing scope",
+            service(&[bytes(8, &num(1, 0))]),
+            "unknown scope 0",
+        ),
+        (
+            "unknown load-balancing mode",
+            service(&[bytes(8, &num(2, 7))]),
+            "unknown mode 7",
+        ),
+        (
+            "unknown health policy",
+            service(&[bytes(8, &num(3, 4))]),
+            "unknown health policy 4",
+        ),
+        (
+            "service waypoint without a port",
+            service(&[bytes(
+                7,
+                &bytes(1, &cat(&[string(1, "ns"), string(2, "wp")])),
+            )]),
+            "no HBONE port",
+        ),
+    ];
+    for (name, resource, want) in cases {
+        match address(&resource, "cluster.local") {
+            Err(e) => assert!(e.contains(want) && e.contains("svc.ns"), "{name}: {e}"),
             Ok(r) => panic!("{name}: accepted {r:?}"),
         }
     }
