@@ -9,6 +9,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use mesh_testbed::apps::{EchoServer, connect, echo_roundtrip, listen};
+use mesh_testbed::capture::{Capture, contains};
 use mesh_testbed::lab::Pod;
 use mesh_testbed::mesh::{Mesh, Workload, eventually};
 use mesh_testbed::relay::{Forward, HboneTarget, Relay, Seen};
@@ -223,9 +224,99 @@ fn application_tunnel_gets_a_proxy_v2_header_with_the_client_identity() {
         other => panic!("{other:?}"),
     }
     let tlvs: Vec<_> = header.tlvs().collect::<Result<_, _>>().unwrap();
-    let id = tlvs
-        .iter()
-        .find(|t| t.kind == 0xD0)
-        .expect("TLV 0xD0");
+    let id = tlvs.iter().find(|t| t.kind == 0xD0).expect("TLV 0xD0");
     assert_eq!(&*id.value, b"spiffe://cluster.local/ns/ns-a/sa/client");
+}
+
+/// Nodes a (network net1) and b (net2) share no link: node g between them carries only the
+/// gateway pod's traffic. a1 reaches service `echo` (backed by b1 on net2) with double HBONE:
+/// an outer tunnel to the gateway, inside it end-to-end mTLS to b1's ztunnel. The gateway only sees
+/// `echo.ns-b.svc:80` and TLS; both of g's links carry nothing else.
+#[test]
+fn a_second_network_is_reached_through_its_gateway_with_double_hbone() {
+    let mut m = Mesh::new(&["a", "g", "b"]);
+    // Cut a <-> b: only g joins them, and g forwards nothing but what its gateway pod sends.
+    m.lab
+        .node("a")
+        .ns
+        .ip(&["link", "del", &m.lab.link("a", "b")]);
+    let a1 = m.lab.add_pod("a", "a1");
+    let gw = m.lab.add_pod("g", "gw");
+    let b1 = m.lab.add_pod("b", "b1");
+    assert!(
+        connect(&a1, b1.addr(9), Duration::from_millis(500)).is_err(),
+        "a1 reaches b1 without the gateway"
+    );
+    let wa = Workload::mesh(&a1, "ns-a", "client");
+    let wb = Workload::mesh(&b1, "ns-b", "server");
+    let wg = Workload::mesh(&gw, "istio-system", "eastwest");
+    let mut y = String::from("workloads:\n");
+    y += &workload_yaml(&wa, "  network: net1\n");
+    y += &workload_yaml(
+        &wb,
+        &format!(
+            "  network: net2\n  services: {{\"ns-b/echo.ns-b.svc\": {{80: 8080}}}}\n  networkGateway: {{destination: \"net1/{}\", hboneMtlsPort: 15008}}\n",
+            gw.ip
+        ),
+    );
+    y += &workload_yaml(&wg, "  network: net1\n");
+    y += "services:\n- {name: echo, namespace: ns-b, hostname: echo.ns-b.svc, vips: [\"net1/198.19.100.1\"], ports: {80: 8080}}\n";
+    m.write_config_text(&y);
+    m.start_ztunnel("a", &["--network", "net1"]);
+    m.start_ztunnel("b", &["--network", "net2"]);
+    m.enroll(&wa);
+    m.enroll(&wb);
+    let server = EchoServer::start(&b1, 8080);
+    let b1_hbone = b1.addr(15008);
+    let route =
+        Arc::new(move |authority: &str| (authority == "echo.ns-b.svc:80").then_some(b1_hbone));
+    let relay = Relay::start(&m, &gw, "istio-system", "eastwest", Forward::Raw(route));
+
+    let g = m.lab.node("g").clone();
+    let outer = Capture::start(&g.ns, &m.lab.link("g", "a"), m.lab.dir());
+    let inner = Capture::start(&g.ns, &m.lab.link("g", "b"), m.lab.dir());
+    let data = mesh_testbed::apps::payload("SECRET-TWO-NETWORKS", 256 * 1024);
+    let got = roundtrip(&a1, VIP.parse().unwrap(), &data).unwrap();
+    assert!(got == data, "echo across networks corrupted the data");
+    let (outer, inner) = (outer.stop(), inner.stop());
+
+    assert_eq!(
+        relay.seen(),
+        vec![Seen {
+            authority: "echo.ns-b.svc:80".into(),
+            peer: Some("spiffe://cluster.local/ns/ns-a/sa/client".into()),
+        }],
+        "the gateway saw the service hostname, never a pod address"
+    );
+    assert_eq!(server.peers().len(), 1);
+    for (link, segments) in [("outer", &outer), ("inner", &inner)] {
+        assert!(!segments.is_empty(), "{link}: capture saw nothing");
+        assert!(
+            !contains(segments, b"SECRET-TWO-NETWORKS"),
+            "{link}: plaintext on the wire"
+        );
+        let mut flows = std::collections::HashSet::new();
+        for s in segments.iter().filter(|s| !s.payload.is_empty()) {
+            assert!(
+                s.src.port() == 15008 || s.dst.port() == 15008,
+                "{link}: non-HBONE segment {} -> {}",
+                s.src,
+                s.dst
+            );
+            if flows.insert((s.src, s.dst)) {
+                assert_eq!(
+                    &s.payload[..2],
+                    &[22, 3],
+                    "{link}: {} -> {} is not TLS",
+                    s.src,
+                    s.dst
+                );
+            }
+        }
+    }
+    // The inner session is end to end: b1's ztunnel saw a1's identity, not the gateway's.
+    assert!(eventually(T, || m.ztunnel_log("b").contains(
+        "src.identity=spiffe://cluster.local/ns/ns-a/sa/client"
+    )));
+    assert!(m.ztunnel_log("a").contains("via=gateway"));
 }
