@@ -124,6 +124,14 @@ fn cell(v: &Value) -> String {
     }
 }
 
+/// A waypoint or gateway as `destination:port`; empty when unset.
+fn gateway(g: &Value) -> String {
+    if g.is_null() {
+        return String::new();
+    }
+    format!("{}:{}", cell(&g["destination"]), cell(&g["hboneMtlsPort"]))
+}
+
 fn rows(list: &Value, f: impl Fn(&Value) -> Vec<String>) -> Vec<Vec<String>> {
     list.as_array()
         .map(|a| a.iter().map(f).collect())
@@ -155,31 +163,62 @@ fn render(what: &What, dump: &Value) -> String {
                 "IPS",
                 "PROTOCOL",
                 "NODE",
+                "NETWORK",
+                "LOCALITY",
+                "WAYPOINT",
                 "SERVICE ACCOUNT",
                 "POLICIES",
             ],
             rows(&dump["workloads"], |w| {
+                let l = &w["locality"];
+                let locality = [&l["region"], &l["zone"], &l["subzone"]]
+                    .map(cell)
+                    .join("/");
                 vec![
                     cell(&w["namespace"]),
                     cell(&w["name"]),
                     cell(&w["workloadIps"]),
                     cell(&w["protocol"]),
                     cell(&w["node"]),
+                    cell(&w["network"]),
+                    locality.trim_matches('/').to_string(),
+                    gateway(&w["waypoint"]),
                     cell(&w["serviceAccount"]),
                     cell(&w["authorizationPolicies"]),
                 ]
             }),
         ),
         What::Services => table(
-            &["NAMESPACE", "HOSTNAME", "VIPS", "PORTS", "ENDPOINTS"],
+            &[
+                "NAMESPACE",
+                "HOSTNAME",
+                "VIPS",
+                "PORTS",
+                "ENDPOINTS",
+                "WAYPOINT",
+                "LOAD BALANCING",
+            ],
             rows(&dump["services"], |s| {
                 let vips = rows(&s["vips"], |v| vec![cell(&v["address"])]);
+                let lb = &s["loadBalancer"];
+                let lb = if lb.is_null() {
+                    String::new()
+                } else {
+                    format!(
+                        "{}({}) {}",
+                        cell(&lb["mode"]),
+                        cell(&lb["routingPreferences"]),
+                        cell(&lb["healthPolicy"])
+                    )
+                };
                 vec![
                     cell(&s["namespace"]),
                     cell(&s["hostname"]),
                     vips.concat().join(","),
                     cell(&s["ports"]),
                     s["endpoints"].as_array().map_or(0, Vec::len).to_string(),
+                    gateway(&s["waypoint"]),
+                    lb,
                 ]
             }),
         ),
@@ -339,6 +378,45 @@ mod tests {
         );
         assert_eq!(t, "A    LONGER\nxyz  -\nq    r\n");
         assert_eq!(table(&["A"], vec![]), "A\n(none)\n");
+    }
+
+    /// A dump as `/config_dump` serializes the state: waypoint, network and locality on
+    /// workloads, waypoint and load balancing on services.
+    #[test]
+    fn routing_columns_show_waypoints_locality_and_load_balancing() {
+        let state = ztunnel::state::local::parse(
+            r#"
+workloads:
+- name: a
+  namespace: ns
+  workloadIps: [198.18.1.9]
+  network: net1
+  locality: {region: r1, zone: z1}
+  waypoint: {destination: "ns/wp.ns.svc", hboneMtlsPort: 15008}
+services:
+- name: s
+  namespace: ns
+  hostname: s.ns
+  waypoint: {destination: "/198.19.0.50", hboneMtlsPort: 15008}
+  loadBalancer: {routingPreferences: [Region, Zone], mode: Failover}
+"#,
+            "cluster.local",
+        )
+        .unwrap();
+        let dump = serde_json::json!({
+            "workloads": state.workloads.values().collect::<Vec<_>>(),
+            "services": state.services.values().collect::<Vec<_>>(),
+        });
+        let workloads = render(&What::Workloads, &dump);
+        assert!(workloads.contains("net1"), "{workloads}");
+        assert!(workloads.contains("r1/z1"), "{workloads}");
+        assert!(workloads.contains("ns/wp.ns.svc:15008"), "{workloads}");
+        let services = render(&What::Services, &dump);
+        assert!(services.contains("/198.19.0.50:15008"), "{services}");
+        assert!(
+            services.contains("FAILOVER(REGION,ZONE) ONLY_HEALTHY"),
+            "{services}"
+        );
     }
 
     #[test]

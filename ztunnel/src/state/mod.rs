@@ -137,11 +137,22 @@ pub struct GatewayAddress {
     pub hbone_mtls_port: u16,
 }
 
-#[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize)]
-#[serde(rename_all = "camelCase")]
+/// Serialized as Istio's config dump writes it: `<network>/<ip>` or `<namespace>/<hostname>`.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub enum GatewayDestination {
     Address(NetworkAddress),
     Hostname(NamespacedHostname),
+}
+
+impl Serialize for GatewayDestination {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        match self {
+            GatewayDestination::Address(a) => {
+                s.collect_str(&format_args!("{}/{}", a.network, a.address))
+            }
+            GatewayDestination::Hostname(h) => s.collect_str(&h.key()),
+        }
+    }
 }
 
 impl std::fmt::Display for GatewayAddress {
