@@ -128,8 +128,9 @@ pub struct Config {
     pub excluded_namespaces: Vec<String>,
 
     /// Capture pods' DNS to ztunnel's DNS proxy (port 15053) unless a pod says otherwise.
-    /// A pod is not enrolled while nothing serves 15053 in it (its DNS would be lost). Off by
-    /// default: this project's ztunnel does not serve DNS yet.
+    /// A pod is not enrolled while nothing serves 15053 in it (its DNS would be lost); this
+    /// project's ztunnel serves it unless run with `--dns-proxy false`. Off by default, as in
+    /// Istio.
     #[arg(long, env = "AGENT_DNS_CAPTURE")]
     pub dns_capture: bool,
 

@@ -394,16 +394,16 @@ fn cni_check_fails_while_no_ztunnel_serves_the_pod() {
 }
 
 /// With DNS capture on, the pod's port 53 goes to 15053. While nothing serves 15053 in the
-/// pod (our ztunnel has no DNS proxy yet) the pod is not called enrolled: it stays pending
+/// pod (a ztunnel run without its DNS proxy) the pod is not called enrolled: it stays pending
 /// with the reason, rather than starting with its DNS going nowhere. Once something serves
-/// UDP and TCP there, it is enrolled.
+/// UDP and TCP there, it is enrolled. (With the proxy on, `ztunnel_dns.rs` shows it served.)
 #[test]
 fn dns_capture_is_refused_while_nothing_serves_15053() {
     let mut s = Scene::new();
     s.m.write_config(&[&s.wa, &s.wb], &[]);
     s.m.write_pods("a", &[&s.wa], "");
     s.m.start_agent("a", &["--dns-capture"]);
-    s.m.start_ztunnel("a", &[]);
+    s.m.start_ztunnel("a", &["--dns-proxy", "false"]);
     let pending = || {
         let (_, pods) = s.m.agent_get("a", "/pods");
         pods.contains("DNS capture is on but nothing serves UDP or TCP on port 15053")

@@ -16,6 +16,7 @@ type Entry = fn(&[u8]);
 const TARGETS: &[(&str, Entry)] = &[
     ("agent_request_body", node_agent::cni::fuzz_request_body),
     ("cni_invocation", cni_plugin::fuzz_invocation),
+    ("dns_query", ztunnel::proxy::dns::fuzz_query),
     ("hbone_connect", ztunnel::proxy::inbound::fuzz_connect),
     ("local_config", ztunnel::state::local::fuzz_config),
     ("xds_address", ztunnel::xds::convert::fuzz_address),
@@ -69,6 +70,7 @@ macro_rules! replays {
 replays!(
     agent_request_body,
     cni_invocation,
+    dns_query,
     hbone_connect,
     local_config,
     xds_address,

@@ -61,6 +61,20 @@ fn the_local_mesh_report_shows_identities_and_mtls_and_nothing_is_left_behind() 
         assert_eq!((r.bytes_sent, r.bytes_received), (65536, 65536), "{label}");
         assert!(r.latency > Duration::ZERO);
     }
+    // Through the stand-in waypoint: mTLS to the waypoint, which carries it on to backend.
+    let r = row(&report, "through a waypoint");
+    assert!(r.mtls, "{r:#?}");
+    assert_eq!(
+        (&r.client_identity, &r.server_identity),
+        (&id("shop", "frontend"), &id("shop", "waypoint"))
+    );
+    assert_eq!((r.bytes_sent, r.bytes_received), (65536, 65536));
+    // DNS from a mesh pod: its mesh name answered by ztunnel, an outside one forwarded.
+    assert_eq!(report.dns.len(), 2, "{report:#?}");
+    assert!(report.dns.iter().all(|d| d.ok), "{:#?}", report.dns);
+    let rendered = mesh_testbed::demo::render(&report);
+    assert!(rendered.contains("through a waypoint"), "{rendered}");
+    assert!(rendered.contains("answered by ztunnel"), "{rendered}");
     // A client outside the mesh reaches a mesh pod in plaintext: no client identity.
     let r = row(&report, "from outside the mesh");
     assert!(!r.mtls && r.client_identity.is_none(), "{r:#?}");

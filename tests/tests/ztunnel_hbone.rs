@@ -24,6 +24,7 @@ fn pod_traffic_crosses_nodes_only_inside_hbone() {
         port: 80,
         target_port: 8080,
         endpoints: vec!["b1".into()],
+        waypoint: None,
     };
     m.write_config(&[&wa, &wb], &[svc]);
     m.start_ztunnel("a", &[]);

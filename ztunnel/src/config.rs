@@ -157,6 +157,21 @@ pub struct Config {
     #[arg(long, env = "ZTUNNEL_MAX_CONNECTIONS_PER_SOURCE", default_value_t = 10_000, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..))]
     pub max_connections_per_source: usize,
 
+    /// Serve DNS on 127.0.0.1:15053 (and [::1]) in every enrolled pod: mesh names from the
+    /// state, the rest forwarded to `--dns-upstream`. The node agent's DNS capture sends a
+    /// pod's port-53 traffic here.
+    #[arg(long, env = "ZTUNNEL_DNS_PROXY", default_value_t = true, action = clap::ArgAction::Set)]
+    pub dns_proxy: bool,
+
+    /// Resolvers the DNS proxy forwards other names to, tried in order (default: the
+    /// nameservers of ztunnel's own /etc/resolv.conf, which in a pod is the cluster DNS).
+    #[arg(long = "dns-upstream", env = "ZTUNNEL_DNS_UPSTREAM", value_delimiter = ',', default_values_t = system_resolvers())]
+    pub dns_upstreams: Vec<std::net::SocketAddr>,
+
+    /// The cluster's DNS suffix, for the search domains pods append.
+    #[arg(long, env = "CLUSTER_DOMAIN", default_value = "cluster.local")]
+    pub cluster_domain: String,
+
     /// Log format.
     #[arg(long, env = "ZTUNNEL_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
@@ -164,6 +179,28 @@ pub struct Config {
     /// Log filter, e.g. `info` or `info,access=off,ztunnel::proxy=debug`.
     #[arg(long, env = "ZTUNNEL_LOG", default_value = "info")]
     pub log: String,
+}
+
+/// The nameservers in /etc/resolv.conf, port 53.
+fn system_resolvers() -> Vec<std::net::SocketAddr> {
+    std::fs::read_to_string("/etc/resolv.conf")
+        .map(|text| parse_resolv_conf(&text))
+        .unwrap_or_default()
+}
+
+/// `nameserver` lines of a resolv.conf; other lines and unparseable addresses are skipped.
+pub fn parse_resolv_conf(text: &str) -> Vec<std::net::SocketAddr> {
+    text.lines()
+        .filter_map(|l| l.trim().strip_prefix("nameserver"))
+        .filter_map(|rest| {
+            rest.trim()
+                .split('%')
+                .next()?
+                .parse::<std::net::IpAddr>()
+                .ok()
+        })
+        .map(|ip| std::net::SocketAddr::new(ip, 53))
+        .collect()
 }
 
 impl Config {

@@ -1,7 +1,10 @@
 //! The local mesh: N simulated nodes, each running the real `node-agent` (which installs the
 //! CNI plugin into the node's CNI config) and the real `ztunnel`; pods created through the real
 //! CNI path (`bridge` + `host-local`, then `ambient-cni`, exec'd by [`crate::cni`]'s runtime);
-//! traffic across and within nodes; a report built from ztunnel's own access logs.
+//! traffic across and within nodes, through a stand-in waypoint ([`crate::relay`]) for the
+//! `checkout` service; pods' DNS captured to ztunnel's DNS proxy (mesh names answered there,
+//! others forwarded to a dnsmasq upstream); a report built from ztunnel's own access logs and
+//! the answers `dig` got in a pod.
 //!
 //! The `local-mesh` binary prints the report; the integration tests run the same mesh
 //! headless and assert on [`Report`].
@@ -21,6 +24,11 @@ use crate::mesh::{Mesh, Service, Workload, eventually};
 pub const KEPT_ID: &str = "lmesh";
 
 const SERVICE_VIP: &str = "198.19.100.10";
+/// `checkout`: backend again, but every connection goes through the waypoint.
+const WAYPOINT_VIP: &str = "198.19.100.11";
+/// What the upstream resolver answers for [`OUTSIDE_NAME`].
+const OUTSIDE_NAME: &str = "outside.example";
+const OUTSIDE_ANSWER: &str = "198.18.77.7";
 const LOAD_PORT: u16 = 7000;
 /// db's second port, which a namespace policy closes.
 const DB_ADMIN_PORT: u16 = 9000;
@@ -98,11 +106,23 @@ pub struct LoadSummary {
     pub p99: Duration,
 }
 
+/// One DNS query from a mesh pod, captured to ztunnel's DNS proxy.
+#[derive(Debug, Clone)]
+pub struct DnsRow {
+    pub name: String,
+    pub answer: String,
+    /// `ztunnel` for a mesh name, `upstream` for one ztunnel forwarded.
+    pub answered_by: &'static str,
+    /// The expected address came back, from the expected place.
+    pub ok: bool,
+}
+
 /// What the run found.
 #[derive(Debug, Clone)]
 pub struct Report {
     pub nodes: usize,
     pub rows: Vec<Row>,
+    pub dns: Vec<DnsRow>,
     pub load: Option<LoadSummary>,
     /// Each pod's full CNI ADD (the chain, enrollment included).
     pub cni_adds: Vec<Duration>,
@@ -111,6 +131,7 @@ pub struct Report {
 impl Report {
     pub fn failures(&self) -> usize {
         self.rows.iter().filter(|r| !r.ok).count()
+            + self.dns.iter().filter(|r| !r.ok).count()
             + self.load.as_ref().map_or(0, |l| l.flows - l.ok)
     }
 }
@@ -123,6 +144,9 @@ pub struct LocalMesh {
     /// Each pod's CNI ADD time.
     pub cni_adds: Vec<Duration>,
     servers: Vec<EchoServer>,
+    /// The stand-in waypoint's pod, and the waypoint while traffic runs.
+    waypoint: Pod,
+    relay: Option<crate::relay::Relay>,
 }
 
 impl std::fmt::Debug for LocalMesh {
@@ -152,6 +176,16 @@ impl LocalMesh {
             ));
         }
         crate::cni::check_plugins()?;
+        for (tool, package) in [
+            ("/usr/bin/dig", "bind9-dnsutils"),
+            ("/usr/sbin/dnsmasq", "dnsmasq-base"),
+        ] {
+            if !std::path::Path::new(tool).exists() {
+                return Err(format!(
+                    "the DNS rows need {tool}: apt-get install {package}"
+                ));
+            }
+        }
         if opts.keep && !std::path::Path::new("/bin/busybox").exists() {
             return Err(
                 "--keep runs busybox echo servers in the pods: apt-get install busybox-static"
@@ -208,7 +242,41 @@ impl LocalMesh {
             std::fs::write(mesh.pod_file(node), y).map_err(|e| e.to_string())?;
         }
 
-        progress("starting node-agent (installing the CNI plugin) and ztunnel on every node");
+        progress(&format!(
+            "starting a stand-in waypoint on {} and an upstream DNS resolver (dnsmasq) on {}",
+            names[1], names[0]
+        ));
+        let waypoint = mesh.lab.add_pod(&names[1], "waypoint");
+        let resolver = mesh.lab.add_pod(&names[0], "resolver");
+        let dnsmasq: Vec<String> = [
+            "--keep-in-foreground".to_string(),
+            "--no-resolv".into(),
+            "--no-hosts".into(),
+            "--bind-interfaces".into(),
+            format!("--listen-address={}", resolver.ip),
+            format!("--address=/{OUTSIDE_NAME}/{OUTSIDE_ANSWER}"),
+            "--log-queries".into(),
+            "--log-facility=-".into(),
+            format!(
+                "--pid-file={}",
+                mesh.lab.dir().join("dnsmasq.pid").display()
+            ),
+            "--user=root".into(),
+        ]
+        .to_vec();
+        let resolver_ns = resolver.ns.clone();
+        mesh.lab.spawn(
+            "dnsmasq",
+            &resolver_ns,
+            std::path::Path::new("/usr/sbin/dnsmasq"),
+            &dnsmasq,
+            &[],
+        );
+        let upstream = format!("{}:53", resolver.ip);
+
+        progress(
+            "starting node-agent (installing the CNI plugin, capturing DNS) and ztunnel on every node",
+        );
         let plugin = crate::binary("ambient-cni").display().to_string();
         for net in &nets {
             let conf = net.conf_dir.display().to_string();
@@ -221,9 +289,13 @@ impl LocalMesh {
                 &bin,
                 "--cni-plugin",
                 &plugin,
+                "--dns-capture",
             ];
             mesh.start_agent(&net.node, &flags);
-            mesh.start_ztunnel(&net.node, &["--log-format", "json"]);
+            mesh.start_ztunnel(
+                &net.node,
+                &["--log-format", "json", "--dns-upstream", &upstream],
+            );
         }
         for node in &names {
             if !eventually(T, || mesh.agent_get(node, "/readyz").0 == 200) {
@@ -272,7 +344,7 @@ impl LocalMesh {
         progress(
             "publishing the pods' addresses and L4 policies to every ztunnel (the local config)",
         );
-        let workloads: Vec<Workload> = pods
+        let mut workloads: Vec<Workload> = pods
             .iter()
             .filter(|p| p.in_mesh)
             .map(|p| {
@@ -283,15 +355,27 @@ impl LocalMesh {
                 w
             })
             .collect();
-        let service = Service {
-            name: "backend".into(),
+        workloads.push(Workload::mesh(&waypoint, "shop", "waypoint"));
+        // Report rows tell flows apart by destination port: checkout listens on 81.
+        let service = |name: &str, vip: &str, port: u16, waypoint: Option<String>| Service {
+            name: name.into(),
             namespace: "shop".into(),
-            vip: SERVICE_VIP.into(),
-            port: 80,
+            vip: vip.into(),
+            port,
             target_port: 8080,
             endpoints: vec!["backend".into()],
+            waypoint,
         };
-        let registry = crate::mesh::config_yaml(&workloads.iter().collect::<Vec<_>>(), &[service]);
+        let services = [
+            service("backend", SERVICE_VIP, 80, None),
+            service(
+                "checkout",
+                WAYPOINT_VIP,
+                81,
+                Some(format!("/{}", waypoint.ip)),
+            ),
+        ];
+        let registry = crate::mesh::config_yaml(&workloads.iter().collect::<Vec<_>>(), &services);
         mesh.write_config_text(&format!("{registry}{POLICIES}"));
         for node in &names {
             if !eventually(T, || {
@@ -306,6 +390,8 @@ impl LocalMesh {
             pods,
             cni_adds: adds,
             servers: Vec::new(),
+            waypoint,
+            relay: None,
         })
     }
 
@@ -338,6 +424,8 @@ impl LocalMesh {
             self.servers.push(EchoServer::start(p, LOAD_PORT));
         }
         let vip: SocketAddr = format!("{SERVICE_VIP}:80").parse().expect("vip");
+        let waypoint_vip: SocketAddr = format!("{WAYPOINT_VIP}:81").parse().expect("vip");
+        self.relay = Some(self.start_waypoint(&backend, waypoint_vip));
         // (label, client, destination, destination's name, expected to be denied by policy)
         let flows = [
             (
@@ -352,6 +440,13 @@ impl LocalMesh {
                 &frontend,
                 vip,
                 "backend (svc)",
+                false,
+            ),
+            (
+                "through a waypoint",
+                &frontend,
+                waypoint_vip,
+                "backend (wp)",
                 false,
             ),
             ("across namespaces", &frontend, db.addr(5432), "db", false),
@@ -438,12 +533,81 @@ impl LocalMesh {
                 p99: lat[(lat.len() * 99 / 100).min(lat.len() - 1)],
             }
         });
+        progress("asking DNS from frontend (dig): a mesh name and an outside one");
+        let dns = self.dns_rows(&frontend);
         Report {
             nodes: self.nets.len(),
             rows,
+            dns,
             load: load_summary,
             cni_adds: self.cni_adds.clone(),
         }
+    }
+
+    /// The stand-in waypoint: `checkout`'s connections, re-tunnelled to backend's ztunnel.
+    fn start_waypoint(&self, backend: &Pod, vip: SocketAddr) -> crate::relay::Relay {
+        let backend_app = backend.addr(8080);
+        let backend_hbone = backend.addr(15008);
+        let identity =
+            ztunnel::identity::Identity::new("cluster.local", "shop", "backend").expect("identity");
+        let vip = vip.to_string();
+        let route = std::sync::Arc::new(move |authority: &str| {
+            (authority == vip).then(|| crate::relay::HboneTarget {
+                addr: backend_hbone,
+                identity: identity.clone(),
+                authority: backend_app.to_string(),
+            })
+        });
+        crate::relay::Relay::start(
+            &self.mesh,
+            &self.waypoint,
+            "shop",
+            "waypoint",
+            crate::relay::Forward::Hbone(route),
+        )
+    }
+
+    /// `dig` in `from` for a mesh name (ztunnel must answer it, dnsmasq never hear of it) and
+    /// an outside name (forwarded: dnsmasq answers). Any resolver address does: the pod's
+    /// port 53 is captured.
+    fn dns_rows(&mut self, from: &Pod) -> Vec<DnsRow> {
+        let mesh_name = "backend.shop.svc.cluster.local";
+        let mut rows = Vec::new();
+        let wanted = [
+            (mesh_name, SERVICE_VIP, "ztunnel"),
+            (OUTSIDE_NAME, OUTSIDE_ANSWER, "upstream"),
+        ];
+        for (name, _, by) in wanted {
+            let out = from
+                .ns
+                .open()
+                .command("/usr/bin/dig")
+                .args(["@198.18.200.53", "+short", "+time=2", "+tries=2", name])
+                .output();
+            let answer = out
+                .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+                .unwrap_or_else(|e| format!("dig failed: {e}"));
+            rows.push(DnsRow {
+                name: name.to_string(),
+                answer: if answer.is_empty() {
+                    "(none)".into()
+                } else {
+                    answer
+                },
+                answered_by: by,
+                ok: false,
+            });
+        }
+        let upstream_saw = |name: &str, log: &str| log.contains(&format!("query[A] {name}"));
+        eventually(Duration::from_secs(2), || {
+            upstream_saw(OUTSIDE_NAME, &self.mesh.lab.process("dnsmasq").log_text())
+        });
+        let log = self.mesh.lab.process("dnsmasq").log_text();
+        for (r, (_, expected, _)) in rows.iter_mut().zip(wanted) {
+            let heard = upstream_saw(&r.name, &log);
+            r.ok = r.answer == expected && heard == (r.answered_by == "upstream");
+        }
+        rows
     }
 
     /// Every access event of every ztunnel so far.
@@ -500,6 +664,8 @@ impl LocalMesh {
     /// the server pods; `local-mesh down` removes it.
     pub fn keep(mut self) -> PathBuf {
         self.servers.clear();
+        // The stand-in waypoint lives in this process: `checkout` is refused once it exits.
+        self.relay = None;
         for (name, port) in [("backend", 8080), ("db", 5432), ("outsider", 9090)] {
             let ns = self.pod(name).pod.ns.clone();
             let args: Vec<String> = ["nc", "-ll", "-p", &port.to_string(), "-e", "/bin/cat"]
@@ -677,6 +843,22 @@ pub fn render(report: &Report) -> String {
                 .map_or(String::new(), |e| format!("  FAILED: {e}"))
         );
     }
+    if !report.dns.is_empty() {
+        let _ = writeln!(
+            out,
+            "\nDNS from frontend (port 53 captured to ztunnel's DNS proxy on 15053):"
+        );
+        for d in &report.dns {
+            let _ = writeln!(
+                out,
+                "  {:<34} -> {:<16} answered by {}{}",
+                d.name,
+                d.answer,
+                d.answered_by,
+                if d.ok { "" } else { "  FAILED" }
+            );
+        }
+    }
     if let Some(l) = &report.load {
         let _ = writeln!(
             out,
@@ -703,7 +885,7 @@ pub fn render(report: &Report) -> String {
     }
     let _ = writeln!(
         out,
-        "identities are SPIFFE ids shown as namespace/service-account; latency is connect + a 64 KiB echo round trip"
+        "identities are SPIFFE ids shown as namespace/service-account (through the waypoint: the waypoint's); latency is connect + a 64 KiB echo round trip"
     );
     out
 }

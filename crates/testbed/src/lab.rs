@@ -75,6 +75,28 @@ impl Ns {
         String::from_utf8_lossy(&out.stdout).into_owned()
     }
 
+    /// Gives the namespace its own `/etc/<file>` (e.g. `resolv.conf`), seen by programs run
+    /// with [`Ns::exec_etc`]; removed with the namespace.
+    pub fn write_etc(&self, file: &str, text: &str) {
+        let dir = Path::new("/etc/netns").join(&self.name);
+        std::fs::create_dir_all(&dir).expect("/etc/netns dir");
+        std::fs::write(dir.join(file), text).expect("write /etc/netns file");
+    }
+
+    /// Runs `program` as `ip netns exec` does: inside the namespace, with its
+    /// [`Ns::write_etc`] files over the host's `/etc`. Returns the exit status and stdout.
+    pub fn exec_etc(&self, program: &str, args: &[&str]) -> (bool, String) {
+        let out = Command::new("ip")
+            .args(["netns", "exec", &self.name, program])
+            .args(args)
+            .output()
+            .unwrap_or_else(|e| panic!("cannot run {program}: {e}"));
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+        )
+    }
+
     /// A TCP connection to `addr` from inside this namespace.
     pub fn connect(
         &self,
@@ -479,12 +501,18 @@ impl Drop for Lab {
         }
         self.processes.clear();
         for ns in self.namespaces.iter().rev() {
-            let _ = Command::new("ip")
-                .args(["netns", "del", &ns.name])
-                .stderr(Stdio::null())
-                .status();
+            delete_netns(&ns.name);
         }
     }
+}
+
+/// Deletes a namespace and its `/etc/netns` files, if any.
+fn delete_netns(name: &str) {
+    let _ = Command::new("ip")
+        .args(["netns", "del", name])
+        .stderr(Stdio::null())
+        .status();
+    let _ = std::fs::remove_dir_all(Path::new("/etc/netns").join(name));
 }
 
 /// Removes everything lab `id` created, from outside the lab's owner (e.g. on Ctrl-C, when
@@ -509,10 +537,7 @@ pub fn purge(id: &str) {
                 }
             }
         }
-        let _ = Command::new("ip")
-            .args(["netns", "del", &name])
-            .stderr(Stdio::null())
-            .status();
+        delete_netns(&name);
     }
     if let Ok(entries) = std::fs::read_dir(std::env::temp_dir()) {
         for entry in entries.flatten() {
@@ -540,7 +565,7 @@ fn cleanup_stale() {
             continue;
         };
         if !Path::new(&format!("/proc/{pid}")).exists() {
-            let _ = Command::new("ip").args(["netns", "del", &name]).status();
+            delete_netns(&name);
         }
     }
 }

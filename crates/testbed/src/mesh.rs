@@ -37,7 +37,8 @@ impl Workload {
     }
 }
 
-/// A service in the local config: `vip:port` → `target_port` on `endpoints`.
+/// A service in the local config: `vip:port` → `target_port` on `endpoints`, named
+/// `<name>.<namespace>.svc.cluster.local` as in Kubernetes.
 #[derive(Debug, Clone)]
 pub struct Service {
     pub name: String,
@@ -46,6 +47,14 @@ pub struct Service {
     pub port: u16,
     pub target_port: u16,
     pub endpoints: Vec<String>,
+    /// The waypoint's address (`<network>/<ip>` or `<namespace>/<hostname>`), HBONE on 15008.
+    pub waypoint: Option<String>,
+}
+
+impl Service {
+    pub fn hostname(&self) -> String {
+        format!("{}.{}.svc.cluster.local", self.name, self.namespace)
+    }
 }
 
 /// Renders the local config for `workloads` and `services` in Istio's format.
@@ -67,8 +76,11 @@ pub fn config_yaml(workloads: &[&Workload], services: &[Service]) -> String {
             .filter(|s| s.endpoints.contains(&w.pod.name))
             .map(|s| {
                 format!(
-                    "\"{}/{}.svc\": {{{}: {}}}",
-                    s.namespace, s.name, s.port, s.target_port
+                    "\"{}/{}\": {{{}: {}}}",
+                    s.namespace,
+                    s.hostname(),
+                    s.port,
+                    s.target_port
                 )
             })
             .collect();
@@ -78,9 +90,15 @@ pub fn config_yaml(workloads: &[&Workload], services: &[Service]) -> String {
     for s in services {
         let _ = writeln!(y, "- name: {}", s.name);
         let _ = writeln!(y, "  namespace: {}", s.namespace);
-        let _ = writeln!(y, "  hostname: {}.svc", s.name);
+        let _ = writeln!(y, "  hostname: {}", s.hostname());
         let _ = writeln!(y, "  vips: [\"/{}\"]", s.vip);
         let _ = writeln!(y, "  ports: {{{}: {}}}", s.port, s.target_port);
+        if let Some(w) = &s.waypoint {
+            let _ = writeln!(
+                y,
+                "  waypoint: {{destination: \"{w}\", hboneMtlsPort: 15008}}"
+            );
+        }
     }
     y
 }

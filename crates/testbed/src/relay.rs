@@ -162,6 +162,7 @@ struct Conn {
 
 impl Conn {
     async fn serve(self, tcp: TcpStream) {
+        let _ = tcp.set_nodelay(true);
         let Ok(tls) = tokio_rustls::TlsAcceptor::from(self.server.clone())
             .accept(tcp)
             .await
@@ -202,6 +203,7 @@ impl Conn {
         match &self.forward {
             Forward::Raw(route) => {
                 let tcp = TcpStream::connect(route(authority)?).await.ok()?;
+                let _ = tcp.set_nodelay(true);
                 Some(Box::new(tcp))
             }
             Forward::Hbone(route) => {
@@ -211,6 +213,7 @@ impl Conn {
                     .client_config(self.cert.clone(), vec![target.identity.clone()])
                     .ok()?;
                 let tcp = TcpStream::connect(target.addr).await.ok()?;
+                let _ = tcp.set_nodelay(true);
                 let tls = tokio_rustls::TlsConnector::from(config)
                     .connect(ServerName::IpAddress(target.addr.ip().into()), tcp)
                     .await

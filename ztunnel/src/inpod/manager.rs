@@ -12,7 +12,7 @@ use tokio::task::AbortHandle;
 use crate::drain::Drain;
 use crate::identity::Identity;
 use crate::proxy::worker::{ListenersClosed, Workers};
-use crate::proxy::{Pod, ProxyInputs, socket};
+use crate::proxy::{Pod, ProxyInputs, dns, socket};
 
 /// How long an add waits for the pod's first certificate before acking anyway (connections
 /// fail until it arrives, and the renewal task keeps trying).
@@ -154,6 +154,20 @@ impl PodManager {
             .run(|| socket::pod_listeners(self.workers.len()))
             .map_err(|e| e.to_string())?
             .map_err(|e| format!("cannot listen in the pod netns: {e}"))?;
+        // Without its DNS sockets the pod is still proxied; the node agent sees nothing on
+        // 15053 and does not send the pod's DNS here.
+        let dns = if self.inputs.config.dns_proxy {
+            match netns.run(|| dns::sockets(socket::ipv6_available())) {
+                Ok(Ok(s)) => Some(s),
+                Ok(Err(e)) => {
+                    tracing::warn!(%uid, error = %e, "cannot serve DNS in the pod (port {} taken?)", mesh_contract::ports::DNS);
+                    None
+                }
+                Err(e) => return Err(e.to_string()),
+            }
+        } else {
+            None
+        };
         let pod = Arc::new(Pod {
             uid: uid.to_string(),
             info: info.clone(),
@@ -163,7 +177,7 @@ impl PodManager {
             server_tls,
             drain: self.drain.child(),
         });
-        let closed = self.workers.serve_pod(&pod, listeners);
+        let closed = self.workers.serve_pod(&pod, listeners, dns);
         Ok((pod, closed))
     }
 

@@ -13,6 +13,7 @@
 //! - [`hbone`]: CONNECT request building and validation (sans IO).
 //! - [`app_tunnel`]: the PROXY v2 header for application-tunnel workloads;
 //! - [`copy`]: byte shuttling with half-close, TCP↔HTTP/2 and TCP↔TCP.
+//! - [`dns`]: 15053, the pod's DNS, answered from the state or forwarded upstream;
 //! - [`double`]: double HBONE through another network's gateway (TLS inside a tunnel);
 //! - [`socket`]: sockets in a pod's netns (mark 0x539, transparent bind, original dst);
 //! - [`readahead`]: large socket reads under TLS;
@@ -22,6 +23,7 @@
 
 pub mod app_tunnel;
 pub mod copy;
+pub mod dns;
 pub mod double;
 pub mod hbone;
 pub mod inbound;

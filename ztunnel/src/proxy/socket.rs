@@ -85,7 +85,7 @@ pub fn pod_listeners(copies: usize) -> io::Result<Vec<Vec<(ListenerKind, std::ne
 }
 
 /// Whether IPv6 is enabled in the current netns.
-fn ipv6_available() -> bool {
+pub fn ipv6_available() -> bool {
     Socket::new(Domain::IPV6, Type::STREAM.cloexec(), None)
         .and_then(|s| s.bind(&SocketAddr::new(Ipv6Addr::LOCALHOST.into(), 0).into()))
         .is_ok()

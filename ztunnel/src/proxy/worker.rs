@@ -13,7 +13,7 @@ use tokio::sync::{mpsc, oneshot};
 use super::limits::OverLimit;
 use super::pool::{Pool, PoolEntry};
 use super::socket::{self, ListenerKind};
-use super::{Pod, ProxyInputs, inbound, outbound, plaintext, spin};
+use super::{Pod, ProxyInputs, dns, inbound, outbound, plaintext, spin};
 use crate::metrics::FailureLabels;
 
 #[derive(Debug)]
@@ -86,10 +86,24 @@ impl Workers {
         self.workers.is_empty()
     }
 
-    /// Starts accepting for `pod` on every worker. `listeners` has one set per worker. The
-    /// returned handle resolves once every listener is closed (after the pod drains).
-    pub fn serve_pod(&self, pod: &Arc<Pod>, listeners: PodListeners) -> ListenersClosed {
+    /// Starts accepting for `pod` on every worker. `listeners` has one set per worker; the
+    /// DNS proxy, if given its sockets, runs on the first. The returned handle resolves once
+    /// every listener is closed (after the pod drains).
+    pub fn serve_pod(
+        &self,
+        pod: &Arc<Pod>,
+        listeners: PodListeners,
+        dns: Option<dns::DnsSockets>,
+    ) -> ListenersClosed {
         let (open, closed) = mpsc::channel::<()>(1);
+        if let (Some(sockets), Some(first)) = (dns, self.workers.first()) {
+            first.handle.spawn(dns::serve(
+                sockets,
+                pod.clone(),
+                self.inputs.clone(),
+                open.clone(),
+            ));
+        }
         for (worker, set) in self.workers.iter().zip(listeners) {
             for (kind, listener) in set {
                 worker.handle.spawn(accept_loop(

@@ -154,7 +154,6 @@ struct LocalWorkload {
     #[serde(default)]
     canonical_revision: String,
     #[serde(default)]
-    #[allow(dead_code)]
     hostname: String,
     #[serde(default)]
     node: String,
@@ -354,6 +353,7 @@ fn build(config: LocalConfig, trust_domain: &str) -> Result<Parts, LocalConfigEr
                 service_account: sa,
                 trust_domain: td,
                 workload_ips: ips,
+                hostname: w.hostname,
                 protocol: w.protocol,
                 status: w.status,
                 node: w.node,

@@ -53,6 +53,9 @@ pub struct Workload {
     pub service_account: String,
     pub trust_domain: String,
     pub workload_ips: Vec<IpAddr>,
+    /// The name the DNS proxy answers with this workload's addresses (a headless service's
+    /// pod, a ServiceEntry endpoint); empty for most.
+    pub hostname: String,
     pub protocol: Protocol,
     pub status: HealthStatus,
     pub node: String,
@@ -88,6 +91,7 @@ impl Workload {
             service_account: identity.service_account().to_string(),
             trust_domain: identity.trust_domain().to_string(),
             workload_ips: Vec::new(),
+            hostname: String::new(),
             protocol: Protocol::Tcp,
             status: HealthStatus::Healthy,
             node: String::new(),
@@ -250,6 +254,11 @@ pub struct State {
     by_ip: HashMap<IpAddr, Arc<Workload>>,
     #[serde(skip)]
     by_vip: HashMap<IpAddr, Arc<Service>>,
+    /// Services and workloads by DNS name (lowercase), for the DNS proxy.
+    #[serde(skip)]
+    services_by_host: HashMap<String, Vec<Arc<Service>>>,
+    #[serde(skip)]
+    workloads_by_host: HashMap<String, Arc<Workload>>,
     #[serde(skip)]
     authz: authz::PolicyIndex,
 }
@@ -281,6 +290,11 @@ impl State {
                     state.by_ip.insert(*ip, w.clone());
                 }
             }
+            if !w.hostname.is_empty() {
+                state
+                    .workloads_by_host
+                    .insert(w.hostname.to_ascii_lowercase(), w.clone());
+            }
             state.workloads.insert(w.uid.clone(), w);
         }
         for s in services {
@@ -288,6 +302,11 @@ impl State {
             for vip in &s.vips {
                 state.by_vip.insert(vip.address, s.clone());
             }
+            state
+                .services_by_host
+                .entry(s.hostname.to_ascii_lowercase())
+                .or_default()
+                .push(s.clone());
             state.services.insert(s.key(), s);
         }
         state
@@ -299,6 +318,17 @@ impl State {
 
     pub fn service_by_vip(&self, ip: IpAddr) -> Option<&Arc<Service>> {
         self.by_vip.get(&ip)
+    }
+
+    /// The services named `hostname` (lowercase), one per namespace that defines it.
+    pub fn services_by_hostname(&self, hostname: &str) -> &[Arc<Service>] {
+        self.services_by_host
+            .get(hostname)
+            .map_or(&[], Vec::as_slice)
+    }
+
+    pub fn workload_by_hostname(&self, hostname: &str) -> Option<&Arc<Workload>> {
+        self.workloads_by_host.get(hostname)
     }
 
     /// Authorizes a connection into the enrolled pod `pod_uid` (namespace `pod_namespace`).

@@ -162,6 +162,7 @@ fn golden_routing_fields_decode_to_the_expected_state() {
     let workload = cat(&[
         string(20, "uid-w"),
         string(2, "ns-a"),
+        string(21, "db-0.db.ns-a.svc.cluster.local"),
         bytes(8, &gw_address("net1", &[198, 19, 0, 9], 15008)),
         bytes(
             19,
@@ -219,6 +220,7 @@ fn golden_routing_fields_decode_to_the_expected_state() {
         }
     );
     assert_eq!(w.capacity, 3);
+    assert_eq!(w.hostname, "db-0.db.ns-a.svc.cluster.local");
     // Unset capacity is 1, as istiod means it.
     let bare = wl::Address::decode(bytes(1, &cat(&[string(20, "u"), string(2, "ns")])).as_slice())
         .unwrap();
