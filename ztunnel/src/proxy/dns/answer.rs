@@ -60,7 +60,8 @@ pub fn candidates(query: &str, client: &Client<'_>) -> Vec<String> {
 }
 
 /// The addresses `query` has in the mesh, or `None` when the mesh does not know the name.
-/// A service in the client's own namespace wins over one of the same name elsewhere.
+/// A service in the client's own namespace wins over one of the same name elsewhere; a
+/// service's VIPs are answered (its endpoints' addresses when it has none: headless).
 pub fn lookup(state: &State, query: &str, client: &Client<'_>) -> Option<Vec<IpAddr>> {
     for name in candidates(query, client) {
         let services = state.services_by_hostname(&name);
@@ -69,6 +70,17 @@ pub fn lookup(state: &State, query: &str, client: &Client<'_>) -> Option<Vec<IpA
             .find(|s| s.namespace == client.namespace)
             .or_else(|| services.first());
         if let Some(s) = service {
+            // A headless service (no VIP) answers with its endpoints' own addresses.
+            if s.vips.is_empty() {
+                return Some(
+                    s.endpoints
+                        .iter()
+                        .filter_map(|e| state.workloads.get(&e.workload_uid))
+                        .filter(|w| w.network == client.network)
+                        .flat_map(|w| w.workload_ips.iter().copied())
+                        .collect(),
+                );
+            }
             return Some(
                 s.vips
                     .iter()

@@ -7,13 +7,15 @@ fn state() -> State {
     crate::state::local::parse(
         r#"
 workloads:
-- {name: db-0, namespace: ns, workloadIps: [198.18.1.7], hostname: db-0.db.ns.svc.cluster.local}
+- {name: db-0, namespace: ns, workloadIps: [198.18.1.7], hostname: db-0.db.ns.svc.cluster.local, services: {"ns/db.ns.svc.cluster.local": {5432: 5432}}}
+- {name: db-1, namespace: ns, workloadIps: [198.18.1.8], services: {"ns/db.ns.svc.cluster.local": {5432: 5432}}}
 services:
 - {name: echo, namespace: ns, hostname: echo.ns.svc.cluster.local, vips: ["/198.19.0.1", "/fd00::1", "net2/198.19.9.1"]}
 - {name: echo, namespace: other, hostname: echo.other.svc.cluster.local, vips: [198.19.0.2]}
 - {name: shared, namespace: ns, hostname: shared.example, vips: [198.19.0.3]}
 - {name: shared, namespace: other, hostname: shared.example, vips: [198.19.0.4]}
 - {name: ext, namespace: other, hostname: api.example.com, vips: [198.19.0.5]}
+- {name: db, namespace: ns, hostname: db.ns.svc.cluster.local, ports: {5432: 5432}}
 "#,
         "cluster.local",
     )
@@ -101,6 +103,12 @@ fn mesh_names_are_answered_and_others_forwarded() {
             "db-0.db.ns.svc.cluster.local.",
             A,
             v(&["198.18.1.7"]),
+        ),
+        (
+            "headless service: its endpoints",
+            "db.ns.svc.cluster.local.",
+            A,
+            v(&["198.18.1.7", "198.18.1.8"]),
         ),
         (
             "known, no address of that family",
