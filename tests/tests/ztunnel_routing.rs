@@ -73,6 +73,21 @@ fn scene() -> Scene {
     s
 }
 
+/// [`scene`] with both ztunnels running, a1 and b1 enrolled, and b1's app on 8080.
+fn running_scene() -> (Scene, EchoServer) {
+    let mut s = scene();
+    s.m.start_ztunnel("a", &[]);
+    s.m.start_ztunnel("b", &[]);
+    for w in [
+        Workload::mesh(&s.a1, "ns-a", "client"),
+        Workload::mesh(&s.b1, "ns-b", "server"),
+    ] {
+        s.m.enroll(&w);
+    }
+    let server = EchoServer::start(&s.b1, 8080);
+    (s, server)
+}
+
 /// The waypoint forwards both the VIP and b1's own address to b1's ztunnel, as itself.
 fn waypoint(s: &Scene) -> Relay {
     let b1 = s.b1.clone();
@@ -93,14 +108,7 @@ fn roundtrip(from: &Pod, to: SocketAddr, data: &[u8]) -> std::io::Result<Vec<u8>
 
 #[test]
 fn service_and_workload_traffic_goes_through_the_waypoint() {
-    let mut s = scene();
-    s.m.start_ztunnel("a", &[]);
-    s.m.start_ztunnel("b", &[]);
-    let wa = Workload::mesh(&s.a1, "ns-a", "client");
-    let wb = Workload::mesh(&s.b1, "ns-b", "server");
-    s.m.enroll(&wa);
-    s.m.enroll(&wb);
-    let server = EchoServer::start(&s.b1, 8080);
+    let (s, server) = running_scene();
     let wp = waypoint(&s);
     let client = Some("spiffe://cluster.local/ns/ns-a/sa/client".to_string());
 
@@ -134,14 +142,7 @@ fn service_and_workload_traffic_goes_through_the_waypoint() {
 
 #[test]
 fn a_waypoint_that_is_down_or_unknown_refuses_never_bypasses() {
-    let mut s = scene();
-    s.m.start_ztunnel("a", &[]);
-    s.m.start_ztunnel("b", &[]);
-    let wa = Workload::mesh(&s.a1, "ns-a", "client");
-    let wb = Workload::mesh(&s.b1, "ns-b", "server");
-    s.m.enroll(&wa);
-    s.m.enroll(&wb);
-    let server = EchoServer::start(&s.b1, 8080);
+    let (mut s, server) = running_scene();
     // Down: nothing listens on the waypoint's 15008.
     assert!(refused(roundtrip(&s.a1, VIP.parse().unwrap(), b"x")));
     assert!(refused(roundtrip(&s.a1, s.b1.addr(8080), b"x")));

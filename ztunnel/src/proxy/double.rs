@@ -89,14 +89,7 @@ pub async fn open(
                 addr: gateway,
                 source,
             })?;
-        let (sender, conn) = h2::client::Builder::new()
-            .initial_window_size(pool::STREAM_WINDOW)
-            .initial_connection_window_size(pool::CONNECTION_WINDOW)
-            .max_frame_size(pool::MAX_FRAME)
-            .max_send_buffer_size(pool::SEND_BUFFER)
-            .enable_push(false)
-            .handshake::<_, Bytes>(tls)
-            .await?;
+        let (sender, conn) = pool::h2_client().handshake::<_, Bytes>(tls).await?;
         Ok::<_, ProxyError>((sender, conn))
     };
     let (sender, conn) = tokio::time::timeout(HANDSHAKE_TIMEOUT, handshake)

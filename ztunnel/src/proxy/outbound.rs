@@ -78,19 +78,10 @@ async fn route(
             service,
             waypoint,
         } => {
-            log.hbone = Some(hop.addr);
-            log.dst_workload = Some(WorkloadRef::of(&workload));
-            log.dst_service = service.map(|s| s.hostname.clone());
-            log.dst_identity = hop.identities.first().cloned();
-            if waypoint {
-                log.via = Some(format!("waypoint {}", workload.uid));
-            }
-            log.security = "mtls";
-            log.open();
-            let tracked =
-                inputs
-                    .conns
-                    .track(ConnInfo::new(log, pod), false, pod.drain.cut_signal());
+            let via = waypoint.then(|| format!("waypoint {}", workload.uid));
+            let service = service.map(|s| s.hostname.clone());
+            let id = hop.identities.first().cloned();
+            let tracked = open_tunnel(log, pod, inputs, hop.addr, &workload, service, id, via);
             let key = PoolKey::new(pod.identity.clone(), hop.identities, hop.addr, src.ip());
             let name = pod.info.name.clone();
             let req = || {
@@ -131,17 +122,10 @@ async fn route(
             workload,
             service,
         } => {
-            log.hbone = Some(gateway.addr);
-            log.dst_workload = Some(WorkloadRef::of(&workload));
-            log.dst_service = Some(service.hostname.clone());
-            log.dst_identity = identities.first().cloned();
-            log.via = Some(format!("gateway {}", gateway.addr));
-            log.security = "mtls";
-            log.open();
-            let tracked =
-                inputs
-                    .conns
-                    .track(ConnInfo::new(log, pod), false, pod.drain.cut_signal());
+            let via = Some(format!("gateway {}", gateway.addr));
+            let service = Some(service.hostname.clone());
+            let id = identities.first().cloned();
+            let tracked = open_tunnel(log, pod, inputs, gateway.addr, &workload, service, id, via);
             let hops = double::Hops {
                 gateway,
                 authority,
@@ -159,6 +143,30 @@ async fn route(
             refuse(app, ProxyError::Unroutable { target, reason })
         }
     }
+}
+
+/// Fills in the log of a tunnelled connection, counts it open and tracks it.
+#[allow(clippy::too_many_arguments)]
+fn open_tunnel(
+    log: &mut ConnLog,
+    pod: &Pod,
+    inputs: &ProxyInputs,
+    hbone: SocketAddr,
+    workload: &crate::state::Workload,
+    service: Option<String>,
+    identity: Option<crate::identity::Identity>,
+    via: Option<String>,
+) -> super::tracker::Tracked {
+    log.hbone = Some(hbone);
+    log.dst_workload = Some(WorkloadRef::of(workload));
+    log.dst_service = service;
+    log.dst_identity = identity;
+    log.via = via;
+    log.security = "mtls";
+    log.open();
+    inputs
+        .conns
+        .track(ConnInfo::new(log, pod), false, pod.drain.cut_signal())
 }
 
 /// Plain TCP from the pod's own address (its netns, marked so it is not captured again).

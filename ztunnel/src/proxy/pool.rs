@@ -38,6 +38,17 @@ pub const TLS_BUFFER: usize = 1024 * 1024;
 pub const PING_INTERVAL: Duration = Duration::from_secs(10);
 pub const PING_TIMEOUT: Duration = Duration::from_secs(20);
 
+/// The HTTP/2 client side of an HBONE connection: SPEC §5 windows and frames, no push.
+pub fn h2_client() -> h2::client::Builder {
+    let mut b = h2::client::Builder::new();
+    b.initial_window_size(STREAM_WINDOW)
+        .initial_connection_window_size(CONNECTION_WINDOW)
+        .max_frame_size(MAX_FRAME)
+        .max_send_buffer_size(SEND_BUFFER)
+        .enable_push(false);
+    b
+}
+
 /// What a pooled connection proved, and so which streams it may carry.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub struct PoolKey {
@@ -260,14 +271,7 @@ impl Pool {
                 .map_err(|source| ProxyError::Tls { addr, source })?;
             tls.get_mut().1.set_buffer_limit(Some(TLS_BUFFER));
             tls.get_mut().0.grow();
-            let (sender, conn) = h2::client::Builder::new()
-                .initial_window_size(STREAM_WINDOW)
-                .initial_connection_window_size(CONNECTION_WINDOW)
-                .max_frame_size(MAX_FRAME)
-                .max_send_buffer_size(SEND_BUFFER)
-                .enable_push(false)
-                .handshake::<_, Bytes>(tls)
-                .await?;
+            let (sender, conn) = h2_client().handshake::<_, Bytes>(tls).await?;
             Ok::<_, ProxyError>((sender, conn))
         };
         let (sender, conn) = tokio::time::timeout(HANDSHAKE_TIMEOUT, handshake)
