@@ -114,6 +114,7 @@ fn info(pod: &PodInfo) -> WorkloadInfo {
         name: pod.name.clone(),
         namespace: pod.namespace.clone(),
         service_account: pod.service_account.clone(),
+        dns_nameservers: pod.dns_nameservers.clone(),
     }
 }
 

@@ -14,6 +14,7 @@ fn info(name: &str) -> WorkloadInfo {
         name: name.into(),
         namespace: "ns".into(),
         service_account: "sa".into(),
+        dns_nameservers: Vec::new(),
     }
 }
 

@@ -1,7 +1,8 @@
 //! The DNS proxy end to end: the real node agent captures a pod's DNS (port 53) into
 //! ztunnel's 15053 in the pod; real resolver tools in the pod (dig, and glibc's resolver
 //! through getent with the pod's own search domains) get mesh names answered by ztunnel and
-//! other names forwarded to a real upstream resolver (dnsmasq in another pod).
+//! other names forwarded to the pod's own upstream resolver (dnsmasq in another pod), which the
+//! agent learnt from the pod and passed to ztunnel over ZDS.
 
 use std::time::Duration;
 
@@ -59,10 +60,21 @@ fn pod_dns_is_answered_for_the_mesh_and_forwarded_for_the_rest() {
     let up_ns = up.ns.clone();
     m.lab.spawn("dnsmasq", &up_ns, &dnsmasq, &args, &[]);
 
+    // a1 brings its own nameserver (`dnsPolicy: None`): the agent hands it to ztunnel, whose
+    // own upstream here answers nothing, so only the pod's own can resolve outside names.
     m.write_pods("a", &[&wa], "");
+    let pods = std::fs::read_to_string(m.pod_file("a")).unwrap().replace(
+        &format!("netns: {}}}", a1.ns.path().display()),
+        &format!(
+            "netns: {}, dnsNameservers: [\"{}\"]}}",
+            a1.ns.path().display(),
+            up.ip
+        ),
+    );
+    assert!(pods.contains("dnsNameservers"), "{pods}");
+    std::fs::write(m.pod_file("a"), pods).unwrap();
     m.start_agent("a", &["--dns-capture"]);
-    let upstream = format!("{}:53", up.ip);
-    m.start_ztunnel("a", &["--dns-upstream", &upstream]);
+    m.start_ztunnel("a", &["--dns-upstream", "127.0.0.1:9"]);
     assert!(eventually(T, || proxied(&a1)), "a1 was not enrolled");
     let rules = a1.ns.exec("nft", &["list", "ruleset"]);
     assert!(rules.contains("dport 53"), "no DNS capture in a1: {rules}");

@@ -26,6 +26,7 @@ fn add_request(uid: &str) -> Vec<u8> {
                 name: "p".into(),
                 namespace: "ns".into(),
                 service_account: "sa".into(),
+                dns_nameservers: Vec::new(),
             }),
         })),
     }

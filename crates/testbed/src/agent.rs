@@ -84,6 +84,7 @@ impl FakeAgent {
             name: pod.name.clone(),
             namespace: namespace.into(),
             service_account: service_account.into(),
+            dns_nameservers: Vec::new(),
         };
         self.request(
             &Request::Add {

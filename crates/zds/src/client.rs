@@ -17,6 +17,8 @@ pub struct WorkloadInfo {
     pub name: String,
     pub namespace: String,
     pub service_account: String,
+    /// The pod's own DNS upstreams (empty: ztunnel's), from the agent's view of the pod.
+    pub dns_nameservers: Vec<std::net::IpAddr>,
 }
 
 /// What the agent asks ztunnel to do.
@@ -111,6 +113,7 @@ impl ClientSession {
                 let info = add
                     .workload_info
                     .ok_or_else(|| ProtocolError::MissingWorkloadInfo(add.uid.clone()))?;
+                let dns_nameservers = nameservers(&add.uid, &info.dns_nameservers)?;
                 if let Phase::Snapshot { named } = &mut self.phase {
                     named.insert(add.uid.clone());
                 }
@@ -120,6 +123,7 @@ impl ClientSession {
                         name: info.name,
                         namespace: info.namespace,
                         service_account: info.service_account,
+                        dns_nameservers,
                     },
                     netns: fds.pop().expect("length checked"),
                 })
@@ -168,6 +172,17 @@ pub fn ack(result: Result<(), String>) -> Vec<u8> {
     .encode_to_vec()
 }
 
+/// The agent's nameservers for pod `uid`: IP addresses only; anything else refuses the add
+/// rather than forwarding the pod's DNS somewhere unmeant.
+fn nameservers(uid: &str, raw: &[String]) -> Result<Vec<std::net::IpAddr>, ProtocolError> {
+    raw.iter()
+        .map(|s| {
+            s.parse()
+                .map_err(|_| ProtocolError::BadNameserver(uid.to_string(), s.clone()))
+        })
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -188,6 +203,7 @@ mod tests {
                 name: "p".into(),
                 namespace: "ns".into(),
                 service_account: "sa".into(),
+                dns_nameservers: Vec::new(),
             }),
         }))
     }
@@ -301,6 +317,18 @@ mod tests {
                 del(""),
                 0,
                 ProtocolError::MissingUid("del"),
+            ),
+            (
+                "add with a nameserver that is not an address",
+                enc(Payload::Add(AddWorkload {
+                    uid: "x".into(),
+                    workload_info: Some(proto::WorkloadInfo {
+                        dns_nameservers: vec!["resolver.local".into()],
+                        ..Default::default()
+                    }),
+                })),
+                1,
+                ProtocolError::BadNameserver("x".into(), "resolver.local".into()),
             ),
             (
                 "add without info",

@@ -43,6 +43,8 @@ pub enum ProtocolError {
     MissingUid(&'static str),
     #[error("add for {0} has no workload_info")]
     MissingWorkloadInfo(String),
+    #[error("add for {0}: DNS nameserver {1:?} is not an IP address")]
+    BadNameserver(String, String),
     #[error("keep for {0} after the snapshot ended")]
     KeepAfterSnapshot(String),
     #[error("second snapshot_sent on one connection")]

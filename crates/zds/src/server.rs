@@ -38,6 +38,11 @@ impl Request {
                     name: info.name.clone(),
                     namespace: info.namespace.clone(),
                     service_account: info.service_account.clone(),
+                    dns_nameservers: info
+                        .dns_nameservers
+                        .iter()
+                        .map(ToString::to_string)
+                        .collect(),
                 }),
             }),
             Request::Keep { uid } => Payload::Keep(proto::KeepWorkload { uid: uid.clone() }),
@@ -313,6 +318,7 @@ mod tests {
             name: "pod".into(),
             namespace: "ns".into(),
             service_account: "sa".into(),
+            dns_nameservers: vec!["198.18.0.53".parse().unwrap(), "fd00::53".parse().unwrap()],
         };
         let data = server
             .start(&Request::Add {

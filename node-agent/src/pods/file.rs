@@ -16,6 +16,7 @@
 //!   ips: ["198.18.1.11"]
 //!   netns: /run/netns/frontend        # or containerId: <sandbox id>, or neither
 //!   hostNetwork: false
+//!   dnsNameservers: ["198.18.1.53"]   # the pod's own resolv.conf servers; default: none
 //! ```
 //! Unknown keys are errors that name their path; a bad file leaves the previous set in force.
 
@@ -80,6 +81,8 @@ struct FilePod {
     container_id: Option<String>,
     #[serde(default)]
     host_network: bool,
+    #[serde(default)]
+    dns_nameservers: Vec<IpAddr>,
 }
 
 /// Parses a pod file.
@@ -147,6 +150,7 @@ pub fn parse(text: &str) -> Result<PodSet, FileError> {
             ips: p.ips,
             host_network: p.host_network,
             netns,
+            dns_nameservers: p.dns_nameservers,
         });
     }
     let namespaces = file
@@ -227,9 +231,14 @@ mod tests {
             "namespaces: [{name: shop, labels: {istio.io/dataplane-mode: ambient}}]\n\
              pods:\n- {name: a, namespace: shop, ips: [198.18.1.2], netns: /run/netns/a}\n\
              - {name: b, namespace: shop, serviceAccount: sa, containerId: abc}\n\
-             - {name: c, namespace: shop, uid: u-c}\n",
+             - {name: c, namespace: shop, uid: u-c, dnsNameservers: [198.18.0.53]}\n",
         )
         .unwrap();
+        assert_eq!(
+            set.pods[2].dns_nameservers,
+            ["198.18.0.53".parse::<IpAddr>().unwrap()]
+        );
+        assert!(set.pods[0].dns_nameservers.is_empty());
         assert_eq!(set.namespaces.len(), 1);
         assert_eq!(set.pods[0].uid, "shop/a");
         assert_eq!(set.pods[0].service_account, "default");

@@ -69,6 +69,32 @@ fn ips(pod: &Pod, name: &str) -> Vec<IpAddr> {
         .collect()
 }
 
+/// The nameservers of a pod that brings its own (`dnsPolicy: None`); with any other policy
+/// its resolv.conf names the cluster DNS (or the node's), which ztunnel already forwards to.
+fn own_nameservers(spec: Option<&k8s_openapi::api::core::v1::PodSpec>, name: &str) -> Vec<IpAddr> {
+    let Some(spec) = spec.filter(|s| s.dns_policy.as_deref() == Some("None")) else {
+        return Vec::new();
+    };
+    let raw = spec
+        .dns_config
+        .as_ref()
+        .and_then(|c| c.nameservers.clone())
+        .unwrap_or_default();
+    raw.into_iter()
+        .filter_map(|s| match s.parse() {
+            Ok(ip) => Some(ip),
+            Err(_) => {
+                tracing::warn!(
+                    pod = name,
+                    nameserver = s,
+                    "ignoring an unparsable nameserver"
+                );
+                None
+            }
+        })
+        .collect()
+}
+
 /// Converts a pod object, or says why it cannot be used.
 pub fn convert_pod(pod: &Pod) -> Result<Option<PodInfo>, &'static str> {
     let meta = &pod.metadata;
@@ -94,6 +120,7 @@ pub fn convert_pod(pod: &Pod) -> Result<Option<PodInfo>, &'static str> {
     let spec = pod.spec.as_ref();
     Ok(Some(PodInfo {
         ips: ips(pod, &name),
+        dns_nameservers: own_nameservers(spec, &name),
         uid,
         name,
         namespace,
@@ -332,5 +359,27 @@ mod tests {
             "status": {"phase": "Succeeded"}
         }));
         assert!(convert_pod(&done).unwrap().is_none());
+    }
+
+    /// Only a pod with `dnsPolicy: None` brings its own nameservers; bad ones are dropped.
+    #[test]
+    fn own_nameservers_come_from_dns_policy_none_only() {
+        let with = |policy: &str| {
+            let p = pod(serde_json::json!({
+                "metadata": {"uid": "u", "name": "a", "namespace": "n"},
+                "spec": {"containers": [], "dnsPolicy": policy,
+                         "dnsConfig": {"nameservers": ["198.18.0.53", "fd00::53", "dns.example"]}}
+            }));
+            convert_pod(&p).unwrap().unwrap().dns_nameservers
+        };
+        assert_eq!(
+            with("None"),
+            vec![
+                "198.18.0.53".parse::<IpAddr>().unwrap(),
+                "fd00::53".parse().unwrap()
+            ]
+        );
+        assert!(with("ClusterFirst").is_empty());
+        assert!(with("Default").is_empty());
     }
 }

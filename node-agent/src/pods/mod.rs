@@ -50,6 +50,9 @@ pub struct PodInfo {
     pub ips: Vec<IpAddr>,
     pub host_network: bool,
     pub netns: NetnsHint,
+    /// The pod's own DNS servers (`dnsPolicy: None` with `dnsConfig.nameservers`), passed to
+    /// ztunnel's DNS proxy; empty means the cluster DNS ztunnel itself uses.
+    pub dns_nameservers: Vec<IpAddr>,
 }
 
 /// One namespace, for its labels.

@@ -1,7 +1,8 @@
 //! The DNS proxy on port 15053, UDP and TCP, inside each enrolled pod's netns (loopback:
 //! the node agent's DNS capture redirects the pod's port-53 traffic there). Names the mesh
 //! knows are answered from the state ([`answer`]); everything else is forwarded unchanged to
-//! the upstream resolvers, from a socket in the pod's netns carrying ztunnel's mark (so it is
+//! the upstream resolvers (the pod's own when the node agent sent them over ZDS, else
+//! `--dns-upstream`), from a socket in the pod's netns carrying ztunnel's mark (so it is
 //! not captured again), and the upstream's reply is relayed unchanged. A query that cannot
 //! be parsed gets FORMERR, one whose upstream fails gets SERVFAIL: nothing is dropped
 //! silently.
@@ -216,7 +217,19 @@ async fn handle(
         return local.to_vec().ok();
     }
     drop(state);
-    for upstream in &inputs.config.dns_upstreams {
+    // The pod's own nameservers when the agent sent them, else ztunnel's.
+    let own: Vec<SocketAddr> = pod
+        .info
+        .dns_nameservers
+        .iter()
+        .map(|ip| SocketAddr::new(*ip, 53))
+        .collect();
+    let upstreams = if own.is_empty() {
+        &inputs.config.dns_upstreams
+    } else {
+        &own
+    };
+    for upstream in upstreams {
         match forward(query, *upstream, transport, pod).await {
             Ok(reply) => return Some(reply),
             Err(e) => {
