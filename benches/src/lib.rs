@@ -199,6 +199,83 @@ pub fn connection_rate(
     threads: usize,
     window: Duration,
 ) -> Window {
+    let dst = server.addr(port);
+    rate(server, port, threads, window, move |client_stop, done| {
+        let client = client.clone();
+        std::thread::spawn(move || {
+            let mut b = [0u8; 1];
+            while !client_stop.load(Ordering::Relaxed) {
+                let Ok(mut conn) = connect(&client, dst) else {
+                    continue;
+                };
+                if conn.write_all(b"x").is_ok() && conn.read_exact(&mut b).is_ok() {
+                    done.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+        })
+    })
+}
+
+/// Cold mTLS tunnels per second: each one a new TCP connection, TLS handshake (as
+/// `bench/prober`, a certificate from the mesh's CA in `ca_dir`) and HTTP/2 handshake to
+/// `target` (a ztunnel's 15008), one CONNECT, one byte each way, close. Clients run in
+/// `client`'s netns, one Tokio runtime per thread; the server app is in `server`.
+pub fn cold_tunnel_rate(
+    ca_dir: &std::path::Path,
+    client: &Pod,
+    server: &Pod,
+    target: &mesh_testbed::relay::HboneTarget,
+    threads: usize,
+    window: Duration,
+) -> Window {
+    let port = target
+        .authority
+        .rsplit(':')
+        .next()
+        .and_then(|p| p.parse().ok())
+        .expect("authority ip:port");
+    rate(server, port, threads, window, |client_stop, done| {
+        let (ca_dir, netns, target) = (ca_dir.to_path_buf(), client.ns.open(), target.clone());
+        std::thread::spawn(move || {
+            netns
+                .run(|| {
+                    let rt = tokio::runtime::Builder::new_current_thread()
+                        .enable_all()
+                        .build()
+                        .expect("runtime");
+                    rt.block_on(async {
+                        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+                        let (tls, cert, _certs) =
+                            mesh_testbed::relay::client_identity(&ca_dir, "bench", "prober").await;
+                        let mut b = [0u8; 1];
+                        while !client_stop.load(Ordering::Relaxed) {
+                            let Ok(mut s) =
+                                mesh_testbed::relay::hbone_stream(&tls, cert.clone(), &target)
+                                    .await
+                            else {
+                                continue;
+                            };
+                            if s.write_all(b"x").await.is_ok() && s.read_exact(&mut b).await.is_ok()
+                            {
+                                done.fetch_add(1, Ordering::Relaxed);
+                            }
+                        }
+                    })
+                })
+                .expect("enter the client netns")
+        })
+    })
+}
+
+/// Runs `threads` clients (from `spawn_client`, counting exchanges in `done`) against a
+/// one-byte echo server on `server`:`port` for `window`, after a 300 ms warm-up.
+fn rate(
+    server: &Pod,
+    port: u16,
+    threads: usize,
+    window: Duration,
+    mut spawn_client: impl FnMut(Arc<AtomicBool>, Arc<AtomicU64>) -> std::thread::JoinHandle<()>,
+) -> Window {
     const SERVER_THREADS: usize = 16;
     let listener = apps::listen(server, port);
     // A receive timeout makes accept return periodically, so server threads notice the stop.
@@ -224,22 +301,8 @@ pub fn connection_rate(
         })
         .collect();
     let done = Arc::new(AtomicU64::new(0));
-    let dst = server.addr(port);
     let clients: Vec<_> = (0..threads)
-        .map(|_| {
-            let (done, stop, client) = (done.clone(), stop.clone(), client.clone());
-            std::thread::spawn(move || {
-                let mut b = [0u8; 1];
-                while !stop.load(Ordering::Relaxed) {
-                    let Ok(mut conn) = connect(&client, dst) else {
-                        continue;
-                    };
-                    if conn.write_all(b"x").is_ok() && conn.read_exact(&mut b).is_ok() {
-                        done.fetch_add(1, Ordering::Relaxed);
-                    }
-                }
-            })
-        })
+        .map(|_| spawn_client(stop.clone(), done.clone()))
         .collect();
     std::thread::sleep(Duration::from_millis(300));
     let (n0, t0) = (done.load(Ordering::Relaxed), Instant::now());
@@ -255,6 +318,68 @@ pub fn connection_rate(
         units,
         seconds,
         cpu: 0.0,
+    }
+}
+
+/// Resident memory of a process, KiB (`VmRSS` in `/proc/<pid>/status`).
+pub fn process_rss_kib(pid: u32) -> f64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .unwrap_or(0.0)
+}
+
+/// What `count` idle connections from `client` to `server`:`port` cost the processes in
+/// `pids`, KiB per connection (their RSS before, and after every connection has exchanged
+/// one byte each way and sits idle). The caller's descriptor limit must allow 2×`count`.
+pub fn idle_connection_memory(
+    client: &Pod,
+    server: &Pod,
+    port: u16,
+    count: usize,
+    pids: &[u32],
+) -> f64 {
+    let rss = || pids.iter().map(|p| process_rss_kib(*p)).sum::<f64>();
+    let listener = apps::listen(server, port);
+    let held = std::thread::spawn(move || {
+        let mut held = Vec::with_capacity(count);
+        let mut b = [0u8; 1];
+        while held.len() < count {
+            let Ok((mut conn, _)) = listener.accept() else {
+                continue;
+            };
+            if conn.read_exact(&mut b).is_ok() && conn.write_all(&b).is_ok() {
+                held.push(conn);
+            }
+        }
+        held
+    });
+    std::thread::sleep(Duration::from_millis(500));
+    let before = rss();
+    let mut clients = Vec::with_capacity(count);
+    let mut b = [0u8; 1];
+    while clients.len() < count {
+        let Ok(mut conn) = connect(client, server.addr(port)) else {
+            continue;
+        };
+        if conn.write_all(b"x").is_ok() && conn.read_exact(&mut b).is_ok() {
+            clients.push(conn);
+        }
+    }
+    let servers = held.join().expect("server thread");
+    std::thread::sleep(Duration::from_millis(500));
+    let after = rss();
+    drop((clients, servers));
+    (after - before) / count as f64
+}
+
+/// Raises this process's descriptor limit to its hard limit (children inherit it).
+pub fn raise_fd_limit() {
+    use nix::sys::resource::{Resource, getrlimit, setrlimit};
+    if let Ok((_, hard)) = getrlimit(Resource::RLIMIT_NOFILE) {
+        let _ = setrlimit(Resource::RLIMIT_NOFILE, hard, hard);
     }
 }
 

@@ -138,11 +138,16 @@ impl FakeAgent {
 
 /// Installs SPEC §3 redirection in the pod's netns, with the node agent's own code.
 pub fn install_redirection(pod: &Pod) {
+    install_redirection_with(pod, redirect::Options::default());
+}
+
+/// The same with the node agent's per-pod options (DNS capture, inbound capture off, ...).
+pub fn install_redirection_with(pod: &Pod, options: redirect::Options) {
     let netns = std::sync::Arc::new(NetNs::open(pod.ns.path()).expect("pod netns"));
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .expect("runtime");
-    rt.block_on(redirect::Redirector::new().apply(&netns, redirect::Options::default()))
+    rt.block_on(redirect::Redirector::new().apply(&netns, options))
         .unwrap_or_else(|e| panic!("redirection for {}: {e:?}", pod.name));
 }

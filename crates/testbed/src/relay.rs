@@ -69,9 +69,11 @@ impl Relay {
         service_account: &str,
         forward: Forward,
     ) -> Self {
-        let identity =
-            Identity::new("cluster.local", namespace, service_account).expect("identity");
-        let ca = LocalCa::load_dir(&m.ca_dir).expect("CA");
+        let (ca_dir, namespace, service_account) = (
+            m.ca_dir.clone(),
+            namespace.to_string(),
+            service_account.to_string(),
+        );
         let seen = Arc::new(Mutex::new(Vec::new()));
         let (stop, stopped) = tokio::sync::oneshot::channel();
         let (ready_tx, ready_rx) = std::sync::mpsc::channel();
@@ -86,19 +88,9 @@ impl Relay {
                         .build()
                         .expect("runtime");
                     rt.block_on(async move {
-                        let certs = CertManager::new(
-                            Arc::new(ca),
-                            Duration::from_secs(3600),
-                            ztunnel::tls::provider(),
-                            tokio::runtime::Handle::current(),
-                        );
-                        let tls =
-                            Arc::new(TlsContext::new(certs.roots(), "cluster.local").expect("TLS"));
-                        let cert = certs.track(&identity);
-                        assert!(
-                            cert.ready(Duration::from_secs(10)).await,
-                            "relay certificate"
-                        );
+                        let (tls, cert, _certs) =
+                            client_identity(&ca_dir, &namespace, &service_account).await;
+                        let tls = Arc::new(tls);
                         let server = tls.server_config(cert.clone()).expect("server config");
                         let listener = TcpListener::bind(addr).await.expect("bind 15008");
                         ready_tx.send(()).expect("ready");
@@ -208,33 +200,79 @@ impl Conn {
             }
             Forward::Hbone(route) => {
                 let target = route(authority)?;
-                let config = self
-                    .tls
-                    .client_config(self.cert.clone(), vec![target.identity.clone()])
-                    .ok()?;
-                let tcp = TcpStream::connect(target.addr).await.ok()?;
-                let _ = tcp.set_nodelay(true);
-                let tls = tokio_rustls::TlsConnector::from(config)
-                    .connect(ServerName::IpAddress(target.addr.ip().into()), tcp)
+                let stream = hbone_stream(&self.tls, self.cert.clone(), &target)
                     .await
                     .ok()?;
-                let (sender, conn) = h2::client::handshake(tls).await.ok()?;
-                tokio::spawn(conn);
-                let req = http::Request::builder()
-                    .method(http::Method::CONNECT)
-                    .uri(target.authority.as_str())
-                    .body(())
-                    .ok()?;
-                let mut sender = sender.ready().await.ok()?;
-                let (response, send) = sender.send_request(req, false).ok()?;
-                let response = response.await.ok()?;
-                if response.status() != http::StatusCode::OK {
-                    return None;
-                }
-                Some(Box::new(StreamIo::new(send, response.into_body())))
+                Some(Box::new(stream))
             }
         }
     }
+}
+
+/// A fresh HBONE connection (TCP, mTLS presenting `cert`, HTTP/2) to `target` and one
+/// CONNECT on it, answered 200; the connection lives as long as the stream is used.
+pub async fn hbone_stream(
+    tls: &TlsContext,
+    cert: ztunnel::identity::manager::CertHandle,
+    target: &HboneTarget,
+) -> std::io::Result<StreamIo> {
+    let fail =
+        |what: &str, e: &dyn std::fmt::Display| std::io::Error::other(format!("{what}: {e}"));
+    let config = tls
+        .client_config(cert, vec![target.identity.clone()])
+        .map_err(|e| fail("TLS setup", &e))?;
+    let tcp = TcpStream::connect(target.addr).await?;
+    tcp.set_nodelay(true)?;
+    let tls = tokio_rustls::TlsConnector::from(config)
+        .connect(ServerName::IpAddress(target.addr.ip().into()), tcp)
+        .await?;
+    let (sender, conn) = h2::client::handshake(tls)
+        .await
+        .map_err(|e| fail("HTTP/2", &e))?;
+    tokio::spawn(conn);
+    let req = http::Request::builder()
+        .method(http::Method::CONNECT)
+        .uri(target.authority.as_str())
+        .body(())
+        .map_err(|e| fail("CONNECT", &e))?;
+    let mut sender = sender.ready().await.map_err(|e| fail("HTTP/2", &e))?;
+    let (response, send) = sender
+        .send_request(req, false)
+        .map_err(|e| fail("CONNECT", &e))?;
+    let response = response.await.map_err(|e| fail("CONNECT", &e))?;
+    if response.status() != http::StatusCode::OK {
+        return Err(fail("CONNECT", &response.status()));
+    }
+    Ok(StreamIo::new(send, response.into_body()))
+}
+
+/// TLS settings and a certificate from the mesh's CA (`ca_dir`) for `namespace/service_account`, for
+/// HBONE clients in a test or benchmark process. Must be called inside a Tokio runtime; keep
+/// the returned manager as long as the certificate is used.
+pub async fn client_identity(
+    ca_dir: &std::path::Path,
+    namespace: &str,
+    service_account: &str,
+) -> (
+    TlsContext,
+    ztunnel::identity::manager::CertHandle,
+    CertManager,
+) {
+    let ca = LocalCa::load_dir(ca_dir).expect("CA");
+    let certs = CertManager::new(
+        Arc::new(ca),
+        Duration::from_secs(3600),
+        ztunnel::tls::provider(),
+        tokio::runtime::Handle::current(),
+    );
+    let tls = TlsContext::new(certs.roots(), "cluster.local").expect("TLS");
+    let identity = Identity::new("cluster.local", namespace, service_account).expect("identity");
+    let cert = certs.track(&identity);
+    assert!(
+        cert.ready(Duration::from_secs(10)).await,
+        "client certificate"
+    );
+    (tls, cert, certs)
 }
 
 trait Upstream: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send {}
