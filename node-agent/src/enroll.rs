@@ -434,14 +434,22 @@ impl Manager {
                 }
             },
         };
-        match self.redirector.check(&netns, opts).await {
+        let marked = self.marks.contains(uid)
+            || pod
+                .annotations
+                .get(REDIRECTION)
+                .is_some_and(|v| v == "enabled");
+        // A pod never enrolled (a fresh sandbox at CNI ADD) has nothing to compare: the
+        // transaction replaces whatever is there, so listing the table first would only cost
+        // an `nft` run on the pod's start-up path.
+        let check = if marked {
+            self.redirector.check(&netns, opts).await
+        } else {
+            Ok(Check::Missing)
+        };
+        match check {
             Ok(Check::Intact) => {}
             Ok(check) => {
-                let marked = self.marks.contains(uid)
-                    || pod
-                        .annotations
-                        .get(REDIRECTION)
-                        .is_some_and(|v| v == "enabled");
                 match (&check, marked) {
                     (Check::Missing, false) => {
                         tracing::info!(uid, pod = %pod.name, "installing redirection")

@@ -13,7 +13,7 @@ use std::io;
 
 use bytes::{Bytes, BytesMut};
 use h2::{RecvStream, SendStream};
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 use super::socket;
@@ -88,8 +88,8 @@ pub async fn hbone(
     let mut sent = 0u64;
     let mut received = 0u64;
     let result = {
-        let (mut rd, mut wr) = app.split();
-        let up = app_to_stream(&mut rd, &mut send, &mut sent);
+        let (rd, mut wr) = app.split();
+        let up = app_to_stream(rd.as_ref(), &mut send, &mut sent);
         let down = async {
             let mut recv = incoming.open().await?;
             stream_to_app(&mut recv, &mut wr, &mut received).await
@@ -157,14 +157,21 @@ async fn join_explained(
     }
 }
 
-async fn app_to_stream<R: AsyncRead + Unpin>(
-    app: &mut R,
+async fn app_to_stream(
+    app: &TcpStream,
     send: &mut SendStream<Bytes>,
     count: &mut u64,
 ) -> Result<(), CopyError> {
     loop {
+        // Take a buffer only once there is something to read: an idle connection holds none
+        // (256 KiB each way would be most of what an idle tunnel costs).
+        app.readable().await.map_err(CopyError::AppRead)?;
         let mut buf = BytesMut::with_capacity(READ_CHUNK);
-        let n = app.read_buf(&mut buf).await.map_err(CopyError::AppRead)?;
+        let n = match app.try_read_buf(&mut buf) {
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+            Err(e) => return Err(CopyError::AppRead(e)),
+        };
         super::spin::activity();
         if n == 0 {
             send.send_data(Bytes::new(), true)
