@@ -51,9 +51,12 @@ fn agent_enrolls_pods_that_then_talk_over_hbone() {
     let mut s = scene();
     let _server = EchoServer::start(&s.b1, 8080);
     hbone_works(&mut s, "enrolled by the agent");
-    let (status, pods) = s.m.agent_get("a", "/pods");
+    // ztunnel listens (what `scene` waits for) a moment before the agent records the pod as
+    // enrolled: wait for the record, then read the rest.
+    let enrolled = || s.m.agent_get("a", "/pods").1.contains("\"state\": \"enrolled\"");
+    assert!(eventually(T, enrolled), "{}", s.m.agent_get("a", "/pods").1);
+    let (status, _) = s.m.agent_get("a", "/pods");
     assert_eq!(status, 200);
-    assert!(pods.contains("\"state\": \"enrolled\""), "{pods}");
     let (_, metrics) = s.m.agent_get("a", "/metrics");
     assert!(
         metrics.contains("ambient_agent_pods_enrolled 1"),

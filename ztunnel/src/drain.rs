@@ -102,10 +102,13 @@ impl Drain {
 
     /// Runs one connection's `work` to its end. When this scope terminates first, the work
     /// gets [`RESET_GRACE`] to reset its sockets and end by itself before it is dropped.
-    pub async fn run_until_cut(&self, work: impl Future<Output = ()>) {
-        let mut work = std::pin::pin!(work);
+    ///
+    /// `work` is pinned by the caller (`std::pin::pin!(async { .. })`): a future taken by
+    /// value would be stored twice in this one's state (the argument and its pinned move),
+    /// doubling every connection's task.
+    pub async fn run_until_cut<F: Future<Output = ()>>(&self, mut work: std::pin::Pin<&mut F>) {
         tokio::select! {
-            () = &mut work => {}
+            () = work.as_mut() => {}
             () = self.terminated() => {
                 let _ = tokio::time::timeout(RESET_GRACE, work).await;
             }

@@ -118,7 +118,15 @@ pub async fn serve(tcp: TcpStream, peer: SocketAddr, pod: Arc<Pod>, inputs: Arc<
                     open.fetch_add(1, std::sync::atomic::Ordering::AcqRel);
                     idle_since = tokio::time::Instant::now();
                     tokio::spawn(async move {
-                        let work = stream(req, respond, peer, local, peer_identity, &pod, &inputs);
+                        let work = std::pin::pin!(stream(
+                            req,
+                            respond,
+                            peer,
+                            local,
+                            peer_identity,
+                            &pod,
+                            &inputs
+                        ));
                         pod.drain.run_until_cut(work).await;
                         open.fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
                         drop(guard);

@@ -131,7 +131,7 @@ async fn route(
                 authority,
                 identities,
             };
-            match double::open(&hops, src, pod, inputs, pool).await {
+            match Box::pin(double::open(&hops, src, pod, inputs, pool)).await {
                 Ok((send, incoming, _tunnel)) => {
                     let (t, r) = copy::hbone(app, send, incoming, tracked.stopped()).await;
                     (t, r.map_err(|e| tracked.explain(e)))

@@ -225,7 +225,11 @@ impl Pool {
                 match self.checkout(key) {
                     Ok(found) => found,
                     Err(_) => {
-                        let conn = self.connect(key, pod).await.map_err(Refused::Failed)?;
+                        // Boxed: the handshakes run once per connection; inline, they would
+                        // size every stream's task.
+                        let conn = Box::pin(self.connect(key, pod))
+                            .await
+                            .map_err(Refused::Failed)?;
                         conn.streams.fetch_add(1, Ordering::AcqRel);
                         let sender = conn.sender.clone();
                         let mut keys = self.keys.lock().expect("not poisoned");

@@ -181,7 +181,7 @@ async fn accept_loop(
         let inputs = inputs.clone();
         let pool = pool.clone();
         tokio::spawn(async move {
-            let work = async {
+            let work = std::pin::pin!(async {
                 match kind {
                     ListenerKind::Outbound => {
                         outbound::serve(tcp, peer, &pod, &inputs, &pool).await
@@ -189,11 +189,13 @@ async fn accept_loop(
                     ListenerKind::InboundPlaintext => {
                         plaintext::serve(tcp, peer, &pod, &inputs).await
                     }
+                    // Boxed: its TLS and HTTP/2 handshakes would otherwise size every
+                    // connection's task, idle or not (once per HBONE connection, not stream).
                     ListenerKind::Hbone => {
-                        inbound::serve(tcp, peer, pod.clone(), inputs.clone()).await
+                        Box::pin(inbound::serve(tcp, peer, pod.clone(), inputs.clone())).await
                     }
                 }
-            };
+            });
             pod.drain.run_until_cut(work).await;
             drop(guard);
             drop(slot);
