@@ -222,33 +222,18 @@ fn main() {
     }
 
     // New connections per second.
+    let conn_rate = |pair: &Pair, port: u16| {
+        connection_rate(pair.client, pair.server, port, args.conn_threads, window).per_second
+    };
     let (mut d, mut t) = (Vec::new(), Vec::new());
     for _ in 0..args.reps {
         if !wanted("connections") {
             break;
         }
         if !args.tunnel_only {
-            d.push(
-                connection_rate(
-                    direct.client,
-                    direct.server,
-                    next_port(),
-                    args.conn_threads,
-                    window,
-                )
-                .per_second,
-            );
+            d.push(conn_rate(&direct, next_port()));
         }
-        t.push(
-            connection_rate(
-                tunnel.client,
-                tunnel.server,
-                next_port(),
-                args.conn_threads,
-                window,
-            )
-            .per_second,
-        );
+        t.push(conn_rate(&tunnel, next_port()));
     }
     d.sort_by(f64::total_cmp);
     t.sort_by(f64::total_cmp);
@@ -318,16 +303,7 @@ fn main() {
     if wanted("rules") {
         let (mut off, mut on) = (Vec::new(), Vec::new());
         for _ in 0..args.reps {
-            off.push(
-                connection_rate(
-                    direct.client,
-                    direct.server,
-                    next_port(),
-                    args.conn_threads,
-                    window,
-                )
-                .per_second,
-            );
+            off.push(conn_rate(&direct, next_port()));
         }
         mesh_testbed::agent::install_redirection_with(
             direct.server,
@@ -337,16 +313,7 @@ fn main() {
             },
         );
         for _ in 0..args.reps {
-            on.push(
-                connection_rate(
-                    direct.client,
-                    direct.server,
-                    next_port(),
-                    args.conn_threads,
-                    window,
-                )
-                .per_second,
-            );
+            on.push(conn_rate(&direct, next_port()));
         }
         off.sort_by(f64::total_cmp);
         on.sort_by(f64::total_cmp);
