@@ -53,7 +53,11 @@ fn agent_enrolls_pods_that_then_talk_over_hbone() {
     hbone_works(&mut s, "enrolled by the agent");
     // ztunnel listens (what `scene` waits for) a moment before the agent records the pod as
     // enrolled: wait for the record, then read the rest.
-    let enrolled = || s.m.agent_get("a", "/pods").1.contains("\"state\": \"enrolled\"");
+    let enrolled = || {
+        s.m.agent_get("a", "/pods")
+            .1
+            .contains("\"state\": \"enrolled\"")
+    };
     assert!(eventually(T, enrolled), "{}", s.m.agent_get("a", "/pods").1);
     let (status, _) = s.m.agent_get("a", "/pods");
     assert_eq!(status, 200);
