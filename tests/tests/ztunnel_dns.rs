@@ -6,7 +6,7 @@
 
 use std::time::Duration;
 
-use mesh_testbed::apps::proxied;
+use mesh_testbed::apps::{proxied, start_dnsmasq};
 use mesh_testbed::mesh::{Mesh, Service, Workload, eventually};
 
 const T: Duration = Duration::from_secs(10);
@@ -41,24 +41,7 @@ fn pod_dns_is_answered_for_the_mesh_and_forwarded_for_the_rest() {
     m.write_config(&[&wa, &wb], &[svc]);
 
     // The upstream resolver: dnsmasq, knowing one outside name, logging every query.
-    let dnsmasq = std::path::PathBuf::from("/usr/sbin/dnsmasq");
-    let args: Vec<String> = [
-        "--keep-in-foreground",
-        "--no-resolv",
-        "--no-hosts",
-        "--bind-interfaces",
-        &format!("--listen-address={}", up.ip),
-        "--address=/outside.example/198.18.77.7",
-        "--log-queries",
-        "--log-facility=-",
-        &format!("--pid-file={}", m.lab.dir().join("dnsmasq.pid").display()),
-        "--user=root",
-    ]
-    .iter()
-    .map(|s| s.to_string())
-    .collect();
-    let up_ns = up.ns.clone();
-    m.lab.spawn("dnsmasq", &up_ns, &dnsmasq, &args, &[]);
+    start_dnsmasq(&mut m.lab, &up, "outside.example", "198.18.77.7");
 
     // a1 brings its own nameserver (`dnsPolicy: None`): the agent hands it to ztunnel, whose
     // own upstream here answers nothing, so only the pod's own can resolve outside names.

@@ -257,3 +257,28 @@ impl Drop for Kubelet {
         }
     }
 }
+
+/// Starts dnsmasq in `pod` as process `dnsmasq`: a resolver on the pod's address, port 53, that
+/// answers `name` with `address` and nothing else (no upstream, no hosts file), and logs every
+/// query to its process log.
+pub fn start_dnsmasq(lab: &mut crate::lab::Lab, pod: &Pod, name: &str, address: &str) {
+    let args: Vec<String> = vec![
+        "--keep-in-foreground".into(),
+        "--no-resolv".into(),
+        "--no-hosts".into(),
+        "--bind-interfaces".into(),
+        format!("--listen-address={}", pod.ip),
+        format!("--address=/{name}/{address}"),
+        "--log-queries".into(),
+        "--log-facility=-".into(),
+        format!("--pid-file={}", lab.dir().join("dnsmasq.pid").display()),
+        "--user=root".into(),
+    ];
+    lab.spawn(
+        "dnsmasq",
+        &pod.ns,
+        std::path::Path::new("/usr/sbin/dnsmasq"),
+        &args,
+        &[],
+    );
+}

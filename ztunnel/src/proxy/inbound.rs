@@ -238,18 +238,19 @@ async fn stream(
     log.src_identity = peer_identity;
     log.dst_identity = Some(pod.identity.clone());
     log.security = "mtls";
-    if let Err(denied) = authorize(&mut log, pod, inputs) {
-        answer(&mut respond, StatusCode::UNAUTHORIZED);
-        log.finish(0, 0, Some(&denied));
-        return;
-    }
+    let entry = match authorize(&mut log, pod, inputs) {
+        Ok(entry) => entry,
+        Err(denied) => {
+            answer(&mut respond, StatusCode::UNAUTHORIZED);
+            log.finish(0, 0, Some(&denied));
+            return;
+        }
+    };
     log.open();
     let tracked = inputs
         .conns
         .track(ConnInfo::new(&log, pod), true, pod.drain.cut_signal());
-    let tunnel = pod
-        .entry(&inputs.state.load(), target.ip())
-        .and_then(|w| w.application_tunnel.clone());
+    let tunnel = entry.and_then(|w| w.application_tunnel.clone());
     let app_addr = match &tunnel {
         Some(ApplicationTunnel { port: Some(p), .. }) => SocketAddr::new(target.ip(), *p),
         _ => target,
@@ -292,17 +293,19 @@ async fn stream(
     log.finish(t.sent, t.received, r.err().as_ref());
 }
 
-/// Fills in the workloads on both ends and applies L4 policy; `Err` is the denial.
+/// Fills in the workloads on both ends and applies L4 policy; `Err` is the denial, `Ok` the
+/// pod's workload entry (when the state has one).
 pub(super) fn authorize(
     log: &mut ConnLog,
     pod: &Pod,
     inputs: &ProxyInputs,
-) -> Result<(), ProxyError> {
+) -> Result<Option<Arc<crate::state::Workload>>, ProxyError> {
     let state = inputs.state.load();
     log.src_workload = state
         .workload_by_ip(log.src.ip())
         .map(|w| WorkloadRef::of(w));
-    log.dst_workload = Some(pod.workload(&state, log.dst.ip()));
+    let entry = pod.entry(&state, log.dst.ip()).cloned();
+    log.dst_workload = Some(pod.workload_ref(entry.as_deref()));
     let conn = Connection::new(log.src_identity.as_ref(), log.src.ip(), log.dst);
     let verdict = state.authorize(&pod.uid, &pod.info.namespace, &conn);
     log.dry_run = verdict.dry_run.map(|d| match d {
@@ -310,7 +313,7 @@ pub(super) fn authorize(
         Decision::Deny(reason) => format!("deny ({reason})"),
     });
     match verdict.decision {
-        Decision::Allow => Ok(()),
+        Decision::Allow => Ok(entry),
         Decision::Deny(reason) => Err(ProxyError::Denied(reason)),
     }
 }

@@ -106,9 +106,14 @@ impl Pod {
     /// This pod as logs and metrics name it: its workload entry when the state has one
     /// (by uid, else by `ip`), else its ZDS name.
     pub fn workload(&self, state: &State, ip: std::net::IpAddr) -> WorkloadRef {
-        self.entry(state, ip).map_or_else(
+        self.workload_ref(self.entry(state, ip).map(|w| &**w))
+    }
+
+    /// This pod as logs name it, given its workload entry (from [`Pod::entry`]).
+    pub fn workload_ref(&self, entry: Option<&crate::state::Workload>) -> WorkloadRef {
+        entry.map_or_else(
             || WorkloadRef::pod(&self.info.namespace, &self.info.name),
-            |w| WorkloadRef::of(w),
+            WorkloadRef::of,
         )
     }
 }

@@ -38,8 +38,12 @@ pub async fn serve(
     };
     let mut log = ConnLog::new(Direction::Outbound, pod.name(), src, dst, &inputs.metrics);
     log.src_identity = Some(pod.identity.clone());
-    log.src_workload = Some(pod.workload(&inputs.state.load(), src.ip()));
-    let (transferred, result) = route(app, src, dst, pod, inputs, pool, &mut log).await;
+    // One lookup of this pod's entry serves the log and the routing decision.
+    let state = inputs.state.load();
+    let entry = pod.entry(&state, src.ip()).cloned();
+    log.src_workload = Some(pod.workload_ref(entry.as_deref()));
+    let (transferred, result) =
+        route(app, src, dst, pod, inputs, pool, &mut log, state, entry).await;
     log.finish(
         transferred.sent,
         transferred.received,
@@ -47,6 +51,7 @@ pub async fn serve(
     );
 }
 
+#[allow(clippy::too_many_arguments)]
 async fn route(
     app: TcpStream,
     src: SocketAddr,
@@ -55,6 +60,8 @@ async fn route(
     inputs: &ProxyInputs,
     pool: &Arc<Pool>,
     log: &mut ConnLog,
+    state: Arc<crate::state::State>,
+    entry: Option<Arc<crate::state::Workload>>,
 ) -> (Transferred, Result<(), ProxyError>) {
     let refuse = |app: TcpStream, e: ProxyError| {
         socket::reset(app);
@@ -63,9 +70,8 @@ async fn route(
     if ports::LOOP_GUARD.contains(&dst.port()) {
         return refuse(app, ProxyError::Loop(dst));
     }
-    let state = inputs.state.load();
     let origin = Origin {
-        workload: pod.entry(&state, src.ip()).map(|w| &**w),
+        workload: entry.as_deref(),
         network: &inputs.config.network,
     };
     let upstream = state.resolve(dst, &origin, |n| rand::random_range(0..n));

@@ -4,6 +4,7 @@
 //! `capacity`. A pure function of its inputs and the random draw, so a table test covers it.
 
 use std::str::FromStr;
+use std::sync::Arc;
 
 use serde::Serialize;
 
@@ -162,7 +163,7 @@ impl Origin<'_> {
 }
 
 /// An endpoint and its workload.
-pub type Candidate<'a> = (&'a Endpoint, &'a Workload);
+pub type Candidate<'a> = (&'a Endpoint, &'a Arc<Workload>);
 
 /// What [`choose`] decided.
 #[derive(Debug, PartialEq, Eq)]

@@ -62,6 +62,13 @@ pub enum Upstream {
     },
 }
 
+/// What a waypoint or gateway address names.
+enum GatewayTarget<'a> {
+    Service(&'a Arc<Service>),
+    /// A workload, at this one of its addresses.
+    Workload(&'a Arc<Workload>, std::net::IpAddr),
+}
+
 /// A waypoint or gateway resolved to the workload that takes the tunnel.
 struct Resolved {
     hop: HboneHop,
@@ -123,7 +130,7 @@ impl State {
             // A remote endpoint needs no address of its own: its gateway has one.
             let reachable = !w.workload_ips.is_empty()
                 || (w.network != origin.network && w.network_gateway.is_some());
-            reachable.then_some((e, w.as_ref()))
+            reachable.then_some((e, w))
         });
         let (endpoint, workload) = match lb::choose(
             service.load_balancer.as_ref(),
@@ -134,9 +141,6 @@ impl State {
             Choice::Endpoint(c) => c,
             Choice::Passthrough => return Upstream::Passthrough,
             Choice::None(reason) => return unroutable(reason),
-        };
-        let Some(workload) = self.workloads.get(&workload.uid) else {
-            return unroutable("no healthy endpoints");
         };
         let port = target_port(endpoint, service_target, dst.port());
         let sans: Vec<Identity> = service
@@ -227,38 +231,49 @@ impl State {
 
     /// The workload behind a waypoint or gateway address, and the hop to it. An address is a
     /// service VIP (an endpoint is picked) or a workload's own; a hostname names a service.
+    /// What a waypoint or gateway address names: a service (a VIP, or a hostname) or a
+    /// workload's own address.
+    fn gateway_target(&self, gateway: &GatewayAddress) -> Option<GatewayTarget<'_>> {
+        match &gateway.destination {
+            GatewayDestination::Address(a) => match self.service_by_vip(a.address) {
+                Some(s) => Some(GatewayTarget::Service(s)),
+                None => self
+                    .workload_by_ip(a.address)
+                    .map(|w| GatewayTarget::Workload(w, a.address)),
+            },
+            GatewayDestination::Hostname(h) => {
+                self.services.get(&h.key()).map(GatewayTarget::Service)
+            }
+        }
+    }
+
     fn resolve_gateway(
         &self,
         gateway: &GatewayAddress,
         draw: impl FnOnce(u64) -> u64,
     ) -> Option<Resolved> {
         let port = gateway.hbone_mtls_port;
-        let service = match &gateway.destination {
-            GatewayDestination::Address(a) => match self.service_by_vip(a.address) {
-                Some(s) => s,
-                None => {
-                    let w = self.workload_by_ip(a.address)?;
-                    return Some(Resolved {
-                        hop: HboneHop {
-                            addr: SocketAddr::new(a.address, port),
-                            identities: vec![w.identity.clone()],
-                        },
-                        workload: w.clone(),
-                    });
-                }
-            },
-            GatewayDestination::Hostname(h) => self.services.get(&h.key())?,
+        let service = match self.gateway_target(gateway)? {
+            GatewayTarget::Service(s) => s,
+            GatewayTarget::Workload(w, ip) => {
+                return Some(Resolved {
+                    hop: HboneHop {
+                        addr: SocketAddr::new(ip, port),
+                        identities: vec![w.identity.clone()],
+                    },
+                    workload: w.clone(),
+                });
+            }
         };
         let candidates = service.endpoints.iter().filter_map(|e| {
             let w = self.workloads.get(&e.workload_uid)?;
-            (!w.workload_ips.is_empty()).then_some((e, w.as_ref()))
+            (!w.workload_ips.is_empty()).then_some((e, w))
         });
-        let Choice::Endpoint((endpoint, chosen)) =
+        let Choice::Endpoint((endpoint, workload)) =
             lb::choose(None, candidates, &Origin::default(), draw)
         else {
             return None;
         };
-        let workload = self.workloads.get(&chosen.uid)?;
         let target = endpoint
             .port
             .get(&port)
@@ -285,9 +300,8 @@ impl State {
     /// The target port on workload `uid` for port `port` of the service named `hostname`
     /// (a CONNECT from a network gateway names the service, not the pod), when `uid` backs it.
     pub fn service_port_on(&self, hostname: &str, port: u16, uid: &str) -> Option<u16> {
-        self.services
-            .values()
-            .filter(|s| s.hostname == hostname)
+        self.services_by_hostname(&hostname.to_ascii_lowercase())
+            .iter()
             .find_map(|s| {
                 let endpoint = s.endpoints.iter().find(|e| e.workload_uid == uid)?;
                 Some(target_port(endpoint, *s.ports.get(&port)?, port))
@@ -300,21 +314,11 @@ impl State {
         let Some(me) = origin.workload else {
             return false;
         };
-        let service = match &gateway.destination {
-            GatewayDestination::Address(a) => match self.service_by_vip(a.address) {
-                Some(s) => s,
-                None => {
-                    return self
-                        .workload_by_ip(a.address)
-                        .is_some_and(|w| w.uid == me.uid);
-                }
-            },
-            GatewayDestination::Hostname(h) => match self.services.get(&h.key()) {
-                Some(s) => s,
-                None => return false,
-            },
-        };
-        service.endpoints.iter().any(|e| e.workload_uid == me.uid)
+        match self.gateway_target(gateway) {
+            Some(GatewayTarget::Service(s)) => s.endpoints.iter().any(|e| e.workload_uid == me.uid),
+            Some(GatewayTarget::Workload(w, _)) => w.uid == me.uid,
+            None => false,
+        }
     }
 }
 

@@ -1,3 +1,5 @@
+use std::sync::Arc;
+
 use super::*;
 use crate::identity::Identity;
 use crate::state::{Locality, Protocol};
@@ -46,7 +48,8 @@ fn load_balancing_table() {
         at("far", "r2", "z9", "n4", 2),
         at("empty", "r1", "z1", "n1", 0),
         sick,
-    ];
+    ]
+    .map(Arc::new);
     let endpoints: Vec<Endpoint> = workloads
         .iter()
         .map(|w| endpoint(&w.uid, HealthStatus::Healthy))
