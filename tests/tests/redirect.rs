@@ -9,7 +9,7 @@ use std::time::Duration;
 use mesh_netns::NetNs;
 use mesh_testbed::apps::{EchoServer, connect, echo_roundtrip};
 use mesh_testbed::lab::{Lab, Pod};
-use node_agent::redirect::{Check, Options, Redirector};
+use node_agent::redirect::{Check, Options, Redirector, TABLE, plan};
 use socket2::{Domain, SockRef, Socket, Type};
 
 const T: Duration = Duration::from_secs(5);
@@ -86,6 +86,18 @@ fn apply_is_idempotent_and_remove_leaves_nothing() {
         let before = installed(&pod);
         rt.block_on(r.apply(&ns(&pod), opts)).unwrap();
         let once = installed(&pod);
+        // What the agent replayed over netlink lists exactly as the plan does when `nft`
+        // itself installs it.
+        let effective = Options {
+            ipv6: pod_ipv6,
+            ..opts
+        };
+        let direct = lab.add_pod("a", &format!("d-{name}"));
+        let script = lab.dir().join(format!("{name}.nft"));
+        std::fs::write(&script, plan(&effective).table()).unwrap();
+        direct.ns.exec("nft", &["-f", script.to_str().unwrap()]);
+        let list = |p: &Pod| p.ns.exec("nft", &["list", "table", "inet", TABLE]);
+        assert_eq!(list(&pod), list(&direct), "{name}: replay differs from nft");
         rt.block_on(r.apply(&ns(&pod), opts)).unwrap();
         assert_eq!(
             installed(&pod),
@@ -131,18 +143,12 @@ fn drift_is_detected_and_repaired() {
     let opts = Options::default();
     let apply = || rt.block_on(r.apply(&ns(&pod), opts)).unwrap();
     let check = || rt.block_on(r.check(&ns(&pod), opts)).unwrap();
-    let tampering: [(&str, &[&str], &[&str]); 4] = [
+    // (what, command, the chain the drift report must name)
+    let tampering: [(&str, &[&str], &str); 6] = [
         (
             "rule flushed",
-            &[
-                "nft",
-                "flush",
-                "chain",
-                "inet",
-                "ztunnel-redirect",
-                "output-nat",
-            ],
-            &[],
+            &["nft", "flush", "chain", "inet", TABLE, "output-nat"],
+            "output-nat",
         ),
         (
             "rule added",
@@ -151,40 +157,60 @@ fn drift_is_detected_and_repaired() {
                 "add",
                 "rule",
                 "inet",
-                "ztunnel-redirect",
+                TABLE,
                 "output-nat",
                 "tcp",
                 "dport",
                 "9",
                 "accept",
             ],
-            &[],
+            "output-nat",
+        ),
+        (
+            "rule inserted first",
+            &[
+                "nft",
+                "insert",
+                "rule",
+                "inet",
+                TABLE,
+                "prerouting-nat",
+                "tcp",
+                "dport",
+                "9",
+                "accept",
+            ],
+            "prerouting-nat",
+        ),
+        (
+            "chain added",
+            &["nft", "add", "chain", "inet", TABLE, "extra"],
+            "extra",
         ),
         (
             "table deleted",
-            &["nft", "delete", "table", "inet", "ztunnel-redirect"],
-            &[],
+            &["nft", "delete", "table", "inet", TABLE],
+            "",
         ),
         (
             "policy rule deleted",
             &["ip", "-4", "rule", "del", "priority", "32764"],
-            &[],
+            "",
         ),
     ];
-    for (what, cmd, _) in tampering {
+    for (what, cmd, chain) in tampering {
         apply();
         assert_eq!(check(), Check::Intact);
         pod.ns.exec(cmd[0], &cmd[1..]);
-        assert!(
-            matches!(check(), Check::Drifted(_)),
-            "{what} went unnoticed"
-        );
+        match check() {
+            Check::Drifted(why) => assert!(why.contains(chain), "{what}: {why}"),
+            other => panic!("{what} went unnoticed: {other:?}"),
+        }
         apply();
         assert_eq!(check(), Check::Intact, "{what} not repaired");
     }
 }
 
-/// A listener standing in for ztunnel on `port` in `pod`.
 fn listen(pod: &Pod, addr: SocketAddr) -> TcpListener {
     pod.ns
         .open()
@@ -333,4 +359,29 @@ fn ipv6_traffic_is_captured_too() {
     let mut b = [0u8; 1];
     a.read_exact(&mut b).unwrap();
     assert_eq!(&b, b"6");
+}
+
+#[test]
+fn probe_set_elements_are_added_and_removed_over_netlink_for_both_families() {
+    use node_agent::redirect::host::{self, ProbeSource};
+    let mut lab = Lab::new();
+    let node = lab.add_node("a").ns;
+    let ips: Vec<std::net::IpAddr> =
+        vec!["198.18.9.2".parse().unwrap(), "fd00::9:2".parse().unwrap()];
+    let sets = || node.exec("nft", &["list", "table", "inet", host::HOST_TABLE]);
+    node.open()
+        .run(|| {
+            host::install(&ProbeSource::AnyLocal).unwrap();
+            host::add(&ips).unwrap();
+            // Adding what is there, and removing what is not, are fine.
+            host::add(&ips).unwrap();
+            let listed = sets();
+            assert!(listed.contains("elements = { 198.18.9.2 }"), "{listed}");
+            assert!(listed.contains("elements = { fd00::9:2 }"), "{listed}");
+            host::remove(&ips).unwrap();
+            host::remove(&ips).unwrap();
+            assert!(!sets().contains("elements"), "{}", sets());
+            host::uninstall().unwrap();
+        })
+        .unwrap();
 }

@@ -1,12 +1,10 @@
 //! Applying, checking and removing a pod's redirection inside its netns.
 //!
-//! nftables has no netlink library under a permissive license, so the ruleset goes through the
-//! `nft` binary: one `nft -f -` transaction, run with the child inside the pod's netns
-//! ([`mesh_netns::NetNs::command`]). The policy route goes through rtnetlink ([`super::route`]).
-//!
-//! Drift is judged against what `nft` itself lists for our ruleset: the expected listing of
-//! each option set is produced once by applying it in a scratch namespace, so a check compares
-//! two canonical listings rather than re-implementing nft's normal form.
+//! `nft` compiles each option set's ruleset once, in a scratch namespace; what the kernel then
+//! holds is read back over netlink and replayed into each pod's netns as one transaction
+//! ([`super::nfnl`]), so no process is started on a pod's path. A check compares the pod's
+//! table with that same scratch copy, so neither side re-implements nft's normal form. The
+//! policy route goes through rtnetlink ([`super::route`]).
 
 use std::collections::HashMap;
 use std::io::Write;
@@ -15,7 +13,8 @@ use std::sync::{Arc, Mutex};
 
 use mesh_netns::NetNs;
 
-use super::plan::{Options, Ruleset, TABLE, plan};
+use super::nfnl::{self, Snapshot};
+use super::plan::{Options, Ruleset, plan};
 use super::route::{self, RouteError};
 
 /// Why redirection could not be applied, checked or removed.
@@ -36,6 +35,8 @@ pub enum ApplyError {
     },
     #[error("policy route")]
     Route(#[from] RouteError),
+    #[error("nftables over netlink")]
+    Netlink(#[from] nfnl::NlError),
     #[error("scratch namespace")]
     Scratch(#[from] mesh_netns::Error),
 }
@@ -147,15 +148,6 @@ async fn blocking<T: Send + 'static>(
         })
 }
 
-/// The listing of our table, or `None` if it does not exist.
-fn listing(netns: &NetNs) -> Result<Option<String>, ApplyError> {
-    match run_nft(netns, &["list", "table", "inet", TABLE], None) {
-        Ok(text) => Ok(Some(text)),
-        Err(ApplyError::Failed { stderr, .. }) if stderr.contains("No such file") => Ok(None),
-        Err(e) => Err(e),
-    }
-}
-
 /// Checks that `nft` runs; a clear error at startup beats one per pod later.
 pub fn check_nft() -> Result<(), ApplyError> {
     let out = std::process::Command::new("nft")
@@ -188,10 +180,10 @@ async fn for_netns(netns: &Arc<NetNs>, mut opts: Options) -> Result<Options, App
     Ok(opts)
 }
 
-/// Applies, checks and removes rulesets; caches the canonical listing of each option set.
+/// Applies, checks and removes rulesets; caches the kernel's form of each option set.
 #[derive(Debug, Default)]
 pub struct Redirector {
-    expected: Mutex<HashMap<Options, String>>,
+    expected: Mutex<HashMap<Options, Arc<Snapshot>>>,
 }
 
 impl Redirector {
@@ -199,34 +191,37 @@ impl Redirector {
         Self::default()
     }
 
-    async fn expected(&self, opts: Options) -> Result<String, ApplyError> {
-        if let Some(l) = self.expected.lock().expect("not poisoned").get(&opts) {
-            return Ok(l.clone());
+    /// The kernel's form of the ruleset for `opts`: compiled by `nft` in a scratch namespace
+    /// the first time, then read over netlink.
+    async fn expected(&self, opts: Options) -> Result<Arc<Snapshot>, ApplyError> {
+        if let Some(s) = self.expected.lock().expect("not poisoned").get(&opts) {
+            return Ok(s.clone());
         }
         let scratch = Arc::new(NetNs::new_isolated()?);
-        let ruleset = plan(&opts);
-        let text = blocking(&scratch, move |ns| {
-            run_nft(ns, &["-f", "-"], Some(&ruleset.apply_script()))?;
-            Ok(listing(ns)?.unwrap_or_default())
+        let script = plan(&opts).table();
+        let snapshot = blocking(&scratch, move |ns| {
+            run_nft(ns, &["-f", "-"], Some(&script))?;
+            nfnl::read(ns)?.ok_or_else(|| ApplyError::Failed {
+                command: "nft -f -".into(),
+                stderr: "the scratch namespace holds no table after applying the ruleset".into(),
+            })
         })
         .await?;
+        let snapshot = Arc::new(snapshot);
         self.expected
             .lock()
             .expect("not poisoned")
-            .insert(opts, text.clone());
-        Ok(text)
+            .insert(opts, snapshot.clone());
+        Ok(snapshot)
     }
 
     /// Installs the ruleset for `opts` in `netns`, replacing any previous version in one
     /// transaction, and the policy route. Idempotent.
     pub async fn apply(&self, netns: &Arc<NetNs>, opts: Options) -> Result<(), ApplyError> {
         let opts = for_netns(netns, opts).await?;
+        let expected = self.expected(opts).await?;
         let ruleset: Ruleset = plan(&opts);
-        let script = ruleset.apply_script();
-        blocking(netns, move |ns| {
-            run_nft(ns, &["-f", "-"], Some(&script)).map(drop)
-        })
-        .await?;
+        blocking(netns, move |ns| Ok(nfnl::install(ns, &expected)?)).await?;
         route::ensure(netns, ruleset.ipv4_route, ruleset.ipv6_route).await?;
         Ok(())
     }
@@ -235,27 +230,24 @@ impl Redirector {
     pub async fn check(&self, netns: &Arc<NetNs>, opts: Options) -> Result<Check, ApplyError> {
         let opts = for_netns(netns, opts).await?;
         let expected = self.expected(opts).await?;
-        let current = blocking(netns, listing).await?;
+        let current = blocking(netns, |ns| Ok(nfnl::read(ns)?)).await?;
         let ruleset = plan(&opts);
         let routes = route::present(netns, ruleset.ipv4_route, ruleset.ipv6_route).await?;
         Ok(match current {
             None if !routes => Check::Missing,
             None => Check::Drifted("nftables table missing".into()),
-            Some(text) if text != expected => {
-                Check::Drifted("nftables rules differ from the plan".into())
-            }
-            Some(_) if !routes => Check::Drifted("policy route missing".into()),
-            Some(_) => Check::Intact,
+            Some(have) => match have.difference(&expected) {
+                Some(what) => Check::Drifted(what),
+                None if !routes => Check::Drifted("policy route missing".into()),
+                None => Check::Intact,
+            },
         })
     }
 
     /// Removes the ruleset and the policy route. Idempotent; removes what it can and reports
     /// the first failure.
     pub async fn remove(&self, netns: &Arc<NetNs>) -> Result<(), ApplyError> {
-        let nft = blocking(netns, |ns| {
-            run_nft(ns, &["-f", "-"], Some(&Ruleset::remove_script())).map(drop)
-        })
-        .await;
+        let nft = blocking(netns, |ns| Ok(nfnl::remove(ns)?)).await;
         let routes = route::remove(netns).await;
         nft.and(routes.map_err(ApplyError::from))
     }

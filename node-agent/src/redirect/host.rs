@@ -326,15 +326,19 @@ fn nft(script: &str) -> Result<(), ApplyError> {
     super::apply::run_nft_in(Command::new("nft"), &["-f", "-"], Some(script)).map(drop)
 }
 
-fn elements(ips: &[IpAddr], op: &str) -> String {
-    let mut s = String::new();
-    for ip in ips {
-        let set = if ip.is_ipv4() { "probe-v4" } else { "probe-v6" };
-        s.push_str(&format!(
-            "{op} element inet {HOST_TABLE} {set} {{ {ip} }}\n"
-        ));
+/// Adds or deletes `ips` in their family's probe set, over netlink (on every pod's path).
+fn elements(ips: &[IpAddr], add: bool) -> Result<(), ApplyError> {
+    for (v6, set) in [(false, "probe-v4"), (true, "probe-v6")] {
+        let of: Vec<IpAddr> = ips
+            .iter()
+            .copied()
+            .filter(|ip| ip.is_ipv6() == v6)
+            .collect();
+        if !of.is_empty() {
+            super::nfnl::set_elements(HOST_TABLE, set, &of, add)?;
+        }
     }
-    s
+    Ok(())
 }
 
 /// (Re)creates the host table for `probe` in one transaction, keeping the elements the
@@ -392,19 +396,16 @@ pub fn retain(keep: &[IpAddr]) -> Result<(), ApplyError> {
 
 /// Adds a pod's addresses to the probe sets (already present is fine).
 pub fn add(ips: &[IpAddr]) -> Result<(), ApplyError> {
-    if ips.is_empty() {
-        return Ok(());
-    }
-    nft(&elements(ips, "add"))
+    elements(ips, true)
 }
 
 /// Removes a pod's addresses from the probe sets (absent is fine).
 pub fn remove(ips: &[IpAddr]) -> Result<(), ApplyError> {
     for ip in ips {
-        match nft(&elements(&[*ip], "delete")) {
-            Ok(()) => {}
-            Err(ApplyError::Failed { stderr, .. }) if stderr.contains("No such file") => {}
-            Err(e) => return Err(e),
+        match elements(&[*ip], false) {
+            Err(ApplyError::Netlink(super::nfnl::NlError::Kernel { source, .. }))
+                if source.raw_os_error() == Some(nix::libc::ENOENT) => {}
+            done => done?,
         }
     }
     Ok(())
@@ -446,11 +447,6 @@ mod tests {
             }
             assert_eq!(got, std::fs::read_to_string(&file).unwrap(), "{name}");
         }
-        let e = elements(&kept, "add");
-        assert_eq!(
-            e,
-            "add element inet ztunnel-host probe-v4 { 198.18.1.2 }\nadd element inet ztunnel-host probe-v6 { fd00::2 }\n"
-        );
     }
 
     #[test]

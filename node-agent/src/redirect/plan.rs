@@ -198,20 +198,6 @@ impl Ruleset {
         s.push_str("}\n");
         s
     }
-
-    /// A script that replaces whatever is installed with this ruleset in one transaction
-    /// (create-then-delete makes the delete valid whether or not the table exists).
-    pub fn apply_script(&self) -> String {
-        format!(
-            "table inet {TABLE} {{}}\ndelete table inet {TABLE}\n{}",
-            self.table()
-        )
-    }
-
-    /// A script that removes the ruleset, valid whether or not it is installed.
-    pub fn remove_script() -> String {
-        format!("table inet {TABLE} {{}}\ndelete table inet {TABLE}\n")
-    }
 }
 
 #[cfg(test)]
