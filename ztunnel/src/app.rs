@@ -22,7 +22,7 @@ use crate::identity::manager::CertManager;
 use crate::inpod::client::{self, ZdsStatus};
 use crate::inpod::manager::PodManager;
 use crate::logging::LogControl;
-use crate::metrics::{self, Metrics};
+use crate::metrics::Metrics;
 use crate::proxy::ProxyInputs;
 use crate::proxy::worker::Workers;
 use crate::state::parts::{Parts, Source, Sources};
@@ -211,9 +211,9 @@ async fn serve(
         crate::readiness::handler(status.clone(), certs.clone(), xds.clone()),
     )
     .await?;
-    let registry = Arc::new(metrics::registry(
+    let registry = Arc::new(crate::scrape::registry(
         &metrics,
-        metrics::Readings {
+        crate::scrape::Readings {
             pods: pods.clone(),
             certs: certs.clone(),
             zds: status.clone(),
@@ -224,7 +224,7 @@ async fn serve(
         "metrics",
         "--metrics-addr",
         config.metrics_addr,
-        metrics::handler(registry),
+        crate::scrape::handler(registry),
     )
     .await?;
     let quit = Arc::new(Notify::new());

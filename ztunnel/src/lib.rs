@@ -9,28 +9,32 @@
 //! - [`identity`], [`tls`]: SPIFFE identities, the local and Istio CAs, certificates and rustls
 //!   setup;
 //! - [`state`]: workloads, services and policies, from the local config file and istiod;
-//! - [`xds`]: istiod's protos, their conversion and the delta ADS client;
-//! - [`admin`], [`metrics`], [`readiness`] (over [`http`]), [`accesslog`], [`logging`]: what
-//!   operators see;
+//! - [`xds`]: converting istiod's resources and the delta ADS client; [`proto`]: the
+//!   generated messages, shared with the CA client; [`grpc`]: the token both send;
+//! - [`admin`], [`scrape`] (the metrics endpoint), [`readiness`] (over [`http`]), [`logging`]:
+//!   what operators see; [`metrics`] holds the counters the data path updates, and its access
+//!   log is [`proxy::accesslog`];
 //! - [`drain`], [`errors`], [`config`], [`app`]: operations and wiring.
 //!
 //! The library exists so tests and benchmarks can use the same types; the binary is `main.rs`.
 
 #![forbid(unsafe_code)]
 
-pub mod accesslog;
 pub mod admin;
 pub mod app;
 pub mod config;
 pub mod drain;
 pub mod errors;
+pub mod grpc;
 pub mod http;
 pub mod identity;
 pub mod inpod;
 pub mod logging;
 pub mod metrics;
+pub mod proto;
 pub mod proxy;
 pub mod readiness;
+pub mod scrape;
 pub mod state;
 pub mod tls;
 pub mod xds;

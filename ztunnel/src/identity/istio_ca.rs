@@ -19,8 +19,8 @@ use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint};
 
 use super::Identity;
 use super::ca::{CaError, CertificateSource, FetchFuture, WorkloadCert};
-use crate::xds::proto::ca::IstioCertificateRequest;
-use crate::xds::proto::ca::istio_certificate_service_client::IstioCertificateServiceClient;
+use crate::proto::ca::IstioCertificateRequest;
+use crate::proto::ca::istio_certificate_service_client::IstioCertificateServiceClient;
 
 /// Istio's CA as a [`CertificateSource`].
 #[derive(Debug)]
@@ -106,7 +106,7 @@ impl IstioCa {
             metadata: Some(metadata),
         });
         if let Some(file) = &self.token_file {
-            crate::xds::attach_token(&mut req, file)
+            crate::grpc::attach_token(&mut req, file)
                 .map_err(|e| crate::errors::Chain(&e).to_string())?;
         }
         if let Ok(v) = self.cluster_id.parse() {

@@ -22,9 +22,9 @@ use super::pool::{CONNECTION_WINDOW, MAX_FRAME, SEND_BUFFER, STREAM_WINDOW, TLS_
 use super::readahead::ReadAhead;
 use super::tracker::ConnInfo;
 use super::{HANDSHAKE_TIMEOUT, Pod, ProxyError, ProxyInputs, socket};
-use crate::accesslog::{ConnLog, Direction, WorkloadRef};
 use crate::errors::Chain;
 use crate::identity::Identity;
+use crate::proxy::accesslog::{ConnLog, Direction, WorkloadRef};
 use crate::state::authz::{Connection, Decision};
 use crate::state::{AppTunnelProtocol, ApplicationTunnel};
 use crate::tls;

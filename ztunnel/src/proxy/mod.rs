@@ -18,9 +18,11 @@
 //! - [`socket`]: sockets in a pod's netns (mark 0x539, transparent bind, original dst);
 //! - [`readahead`]: large socket reads under TLS;
 //! - [`limits`]: connection caps, in all and per source address;
+//! - [`accesslog`]: one event per finished connection and its Istio TCP metrics;
 //! - [`tracker`]: live connections, for the debug view and for closing the ones a policy
 //!   change denies.
 
+pub mod accesslog;
 pub mod app_tunnel;
 pub mod copy;
 pub mod dns;
@@ -45,12 +47,12 @@ use std::time::Duration;
 use mesh_netns::NetNs;
 use mesh_zds::client::WorkloadInfo;
 
-use crate::accesslog::WorkloadRef;
 use crate::config::Config;
 use crate::drain::Drain;
 use crate::identity::Identity;
 use crate::identity::manager::{CertHandle, CertManager};
 use crate::metrics::Metrics;
+use crate::proxy::accesslog::WorkloadRef;
 use crate::state::authz::DenyReason;
 use crate::state::{State, StateHandle};
 use crate::tls::TlsContext;

@@ -11,7 +11,7 @@ use super::hbone::{self, Source};
 use super::pool::{Pool, PoolKey};
 use super::tracker::ConnInfo;
 use super::{Pod, ProxyError, ProxyInputs, double, socket};
-use crate::accesslog::{ConnLog, Direction, WorkloadRef};
+use crate::proxy::accesslog::{ConnLog, Direction, WorkloadRef};
 use crate::state::Upstream;
 use crate::state::lb::Origin;
 

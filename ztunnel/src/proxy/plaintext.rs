@@ -14,7 +14,7 @@ use tokio::net::TcpStream;
 use super::copy;
 use super::tracker::ConnInfo;
 use super::{Pod, ProxyError, ProxyInputs, hbone, inbound, socket};
-use crate::accesslog::{ConnLog, Direction};
+use crate::proxy::accesslog::{ConnLog, Direction};
 
 /// Serves one plaintext inbound connection to completion.
 pub async fn serve(tcp: TcpStream, peer: SocketAddr, pod: &Pod, inputs: &ProxyInputs) {

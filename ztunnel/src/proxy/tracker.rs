@@ -17,8 +17,8 @@ use tokio_util::sync::CancellationToken;
 
 use super::copy::CopyError;
 use super::{Pod, ProxyError};
-use crate::accesslog::{ConnLog, Direction};
 use crate::identity::Identity;
+use crate::proxy::accesslog::{ConnLog, Direction};
 use crate::state::State;
 use crate::state::authz::{Connection, Decision, DenyReason};
 

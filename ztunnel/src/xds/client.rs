@@ -19,10 +19,10 @@ use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 
 use super::convert::{self, AddressResource};
-use super::proto::discovery::aggregated_discovery_service_client::AggregatedDiscoveryServiceClient;
-use super::proto::discovery::{DeltaDiscoveryRequest, DeltaDiscoveryResponse, Node, Status};
-use super::proto::{security as sec, workload as wl};
 use super::{ADDRESS_TYPE, AUTHORIZATION_TYPE};
+use crate::proto::discovery::aggregated_discovery_service_client::AggregatedDiscoveryServiceClient;
+use crate::proto::discovery::{DeltaDiscoveryRequest, DeltaDiscoveryResponse, Node, Status};
+use crate::proto::{security as sec, workload as wl};
 use crate::state::parts::{Parts, Source, Sources};
 use crate::state::policy::Authorization;
 
@@ -199,7 +199,7 @@ enum StreamError {
     #[error("reading the root certificate {0}")]
     Roots(PathBuf, #[source] std::io::Error),
     #[error(transparent)]
-    Token(#[from] super::TokenError),
+    Token(#[from] crate::grpc::TokenError),
     #[error("control plane")]
     Grpc(#[from] tonic::Status),
     #[error("TLS configuration")]
@@ -302,7 +302,7 @@ async fn stream_inner(
     }
     let mut request = tonic::Request::new(ReceiverStream::new(rx));
     if let Some(file) = &config.token_file {
-        super::attach_token(&mut request, file)?;
+        crate::grpc::attach_token(&mut request, file)?;
     }
     let mut responses = client
         .delta_aggregated_resources(request)

@@ -5,8 +5,8 @@
 use std::collections::BTreeMap;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
-use super::proto::{security as sec, workload as wl};
 use crate::identity::Identity;
+use crate::proto::{security as sec, workload as wl};
 use crate::state::lb::{self, LoadBalancer};
 use crate::state::parts::BackedServices;
 use crate::state::policy::{

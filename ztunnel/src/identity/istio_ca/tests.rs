@@ -8,8 +8,8 @@ use rcgen::{BasicConstraints, CertificateSigningRequestParams, IsCa, Issuer, San
 use tokio_stream::wrappers::TcpListenerStream;
 
 use super::*;
-use crate::xds::proto::ca::IstioCertificateResponse;
-use crate::xds::proto::ca::istio_certificate_service_server::{
+use crate::proto::ca::IstioCertificateResponse;
+use crate::proto::ca::istio_certificate_service_server::{
     IstioCertificateService, IstioCertificateServiceServer,
 };
 

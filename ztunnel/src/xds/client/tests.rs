@@ -10,11 +10,11 @@ use tokio_stream::wrappers::{TcpListenerStream, UnboundedReceiverStream};
 use tonic::{Request, Response, Streaming};
 
 use super::*;
-use crate::state::StateHandle;
-use crate::xds::proto::discovery::Resource;
-use crate::xds::proto::discovery::aggregated_discovery_service_server::{
+use crate::proto::discovery::Resource;
+use crate::proto::discovery::aggregated_discovery_service_server::{
     AggregatedDiscoveryService, AggregatedDiscoveryServiceServer,
 };
+use crate::state::StateHandle;
 
 const T: Duration = Duration::from_secs(5);
 
