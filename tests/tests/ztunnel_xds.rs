@@ -8,7 +8,7 @@ use mesh_testbed::apps::{EchoServer, connect, echo_roundtrip, payload};
 use mesh_testbed::control_plane::ControlPlane;
 use mesh_testbed::lab::Pod;
 use mesh_testbed::mesh::{Mesh, Workload, eventually};
-use ztunnel::xds::proto::security as sec;
+use ztunnel::proto::security as sec;
 
 const T: Duration = Duration::from_secs(5);
 

@@ -13,15 +13,15 @@ use std::sync::{Arc, Mutex};
 use prost::Message;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::{TcpListenerStream, UnboundedReceiverStream};
-use ztunnel::xds::proto::ca::istio_certificate_service_server::{
+use ztunnel::proto::ca::istio_certificate_service_server::{
     IstioCertificateService, IstioCertificateServiceServer,
 };
-use ztunnel::xds::proto::ca::{IstioCertificateRequest, IstioCertificateResponse};
-use ztunnel::xds::proto::discovery::aggregated_discovery_service_server::{
+use ztunnel::proto::ca::{IstioCertificateRequest, IstioCertificateResponse};
+use ztunnel::proto::discovery::aggregated_discovery_service_server::{
     AggregatedDiscoveryService, AggregatedDiscoveryServiceServer,
 };
-use ztunnel::xds::proto::discovery::{DeltaDiscoveryRequest, DeltaDiscoveryResponse, Resource};
-use ztunnel::xds::proto::{security as sec, workload as wl};
+use ztunnel::proto::discovery::{DeltaDiscoveryRequest, DeltaDiscoveryResponse, Resource};
+use ztunnel::proto::{security as sec, workload as wl};
 use ztunnel::xds::{ADDRESS_TYPE, AUTHORIZATION_TYPE};
 
 use crate::lab::Ns;
