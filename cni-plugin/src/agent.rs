@@ -6,10 +6,8 @@ use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use mesh_contract::cni_event::{Answer, Event};
 use serde_json::Value;
-
-/// The agent's socket inside its run directory (Istio's name, so either side can be Istio's).
-pub const SOCKET: &str = "pluginevent.sock";
 
 /// Why the agent could not be asked.
 #[derive(Debug)]
@@ -33,7 +31,15 @@ pub enum AgentError {
 #[derive(Debug, Clone, PartialEq)]
 pub struct Reply {
     pub status: u16,
+    /// As sent: JSON (an [`Answer`] from our agent), or the text of a body that is not JSON.
     pub body: Value,
+}
+
+impl Reply {
+    /// The body as an [`Answer`]; empty if it is not one (an older or foreign agent).
+    pub fn answer(&self) -> Answer {
+        serde_json::from_value(self.body.clone()).unwrap_or_default()
+    }
 }
 
 /// Something that can carry a request to the agent (a socket, or a test double).
@@ -43,7 +49,7 @@ pub trait Agent {
         socket: &Path,
         method: &str,
         path: &str,
-        body: Option<&Value>,
+        body: Option<&Event>,
         timeout: Duration,
     ) -> Result<Reply, AgentError>;
 }
@@ -58,7 +64,7 @@ impl Agent for UnixAgent {
         socket: &Path,
         method: &str,
         path: &str,
-        body: Option<&Value>,
+        body: Option<&Event>,
         timeout: Duration,
     ) -> Result<Reply, AgentError> {
         let mut stream = UnixStream::connect(socket).map_err(|e| AgentError::NotRunning {
@@ -71,7 +77,9 @@ impl Agent for UnixAgent {
         stream
             .set_write_timeout(Some(timeout))
             .map_err(AgentError::Io)?;
-        let payload = body.map(Value::to_string).unwrap_or_default();
+        let payload = body
+            .map(|b| serde_json::to_string(b).expect("events serialize"))
+            .unwrap_or_default();
         let request = format!(
             "{method} {path} HTTP/1.1\r\nHost: node-agent\r\nContent-Type: application/json\r\n\
              Content-Length: {}\r\nConnection: close\r\n\r\n{payload}",

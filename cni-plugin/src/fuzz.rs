@@ -22,7 +22,7 @@ pub fn fuzz_invocation(data: &[u8]) {
             socket: &std::path::Path,
             _method: &str,
             path: &str,
-            _body: Option<&Value>,
+            _body: Option<&Event>,
             timeout: Duration,
         ) -> Result<agent::Reply, AgentError> {
             let (&pick, body) = self.answer.split_first().unwrap_or((&0, &[]));
@@ -46,7 +46,7 @@ pub fn fuzz_invocation(data: &[u8]) {
                 6 => 503,
                 _ => 200,
             };
-            if path == "/cmdadd" {
+            if path == path::ADD {
                 self.add_status.set(Some(status));
             }
             let body = serde_json::from_slice(body).unwrap_or(Value::Null);

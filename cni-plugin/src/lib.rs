@@ -28,6 +28,7 @@ use std::net::IpAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
+use mesh_contract::cni_event::{Event, IpNet, PodIp, SOCKET, path};
 use serde_json::{Value, json};
 
 pub use fuzz::fuzz_invocation;
@@ -388,7 +389,7 @@ fn dispatch(
 }
 
 fn socket(config: &Config) -> PathBuf {
-    config.run_dir.join(agent::SOCKET)
+    config.run_dir.join(SOCKET)
 }
 
 /// What the agent said, as a spec error when it is not a yes.
@@ -452,7 +453,7 @@ fn mask_b64(v6: bool, prefix: u8) -> String {
 }
 
 /// The pod's addresses from the previous plugin's result.
-fn pod_ips(prev: &Value) -> Result<Vec<Value>, CniError> {
+fn pod_ips(prev: &Value) -> Result<Vec<PodIp>, CniError> {
     let interfaces = prev["interfaces"].as_array().cloned().unwrap_or_default();
     let mut out = Vec::new();
     for (i, ip) in prev["ips"]
@@ -494,11 +495,14 @@ fn pod_ips(prev: &Value) -> Result<Vec<Value>, CniError> {
             .and_then(|n| interfaces.get(n as usize))
             .and_then(|i| i["name"].as_str())
             .unwrap_or("eth0");
-        out.push(json!({
-            "Interface": interface,
-            "Address": {"IP": parsed.to_string(), "Mask": mask_b64(parsed.is_ipv6(), prefix)},
-            "Gateway": ip["gateway"].as_str().unwrap_or_default(),
-        }));
+        out.push(PodIp {
+            interface: interface.to_string(),
+            address: IpNet {
+                ip: parsed.to_string(),
+                mask: mask_b64(parsed.is_ipv6(), prefix),
+            },
+            gateway: ip["gateway"].as_str().unwrap_or_default().to_string(),
+        });
     }
     Ok(out)
 }
@@ -546,32 +550,30 @@ fn add(r: &mut Run<'_>, config: &Config, env: &Env) -> Result<String, CniError> 
     if name.is_empty() {
         return Err(env_error("CNI_ARGS", "has no K8S_POD_NAME"));
     }
-    let request = json!({
-        "Netns": env.netns,
-        "PodName": name,
-        "PodNamespace": namespace,
-        "PodUID": env.args.get("K8S_POD_UID"),
-        "ContainerID": env.container_id,
-        "IPs": pod_ips(prev)?,
-    });
+    let request = Event {
+        netns: env.netns.clone(),
+        pod_name: Some(name.clone()),
+        pod_namespace: Some(namespace.clone()),
+        pod_uid: env.args.get("K8S_POD_UID").cloned(),
+        container_id: Some(env.container_id.clone()),
+        ips: pod_ips(prev)?,
+        ..Event::default()
+    };
     let reply = r
         .agent
         .call(
             &socket(config),
             "POST",
-            "/cmdadd",
+            path::ADD,
             Some(&request),
             config.timeout,
         )
         .map_err(|e| agent_failure(config, e))?;
-    let reason = reply.body["reason"]
-        .as_str()
-        .or(reply.body["error"].as_str())
-        .unwrap_or_default()
-        .to_string();
+    let answer = reply.answer();
+    let reason = answer.why().to_string();
     match reply.status {
         200 => {
-            let enrolled = reply.body["enrolled"].as_bool().unwrap_or(true);
+            let enrolled = answer.enrolled.unwrap_or(true);
             r.log(
                 Level::Info,
                 &format!(
@@ -588,7 +590,7 @@ fn add(r: &mut Run<'_>, config: &Config, env: &Env) -> Result<String, CniError> 
         400 => Err(CniError::new(
             code::INVALID_CONFIG,
             format!("the node agent rejected the request: {reason}"),
-            request.to_string(),
+            serde_json::to_string(&request).unwrap_or_default(),
         )),
         status => Err(CniError::new(
             code::TRY_AGAIN_LATER,
@@ -607,16 +609,17 @@ fn add(r: &mut Run<'_>, config: &Config, env: &Env) -> Result<String, CniError> 
 
 fn del(r: &mut Run<'_>, config: &Config, env: &Env) {
     // Never fails: the sandbox is going away whether or not the agent is there to hear it.
-    let request = json!({
-        "ContainerID": env.container_id,
-        "Netns": env.netns,
-        "PodName": env.args.get("K8S_POD_NAME"),
-        "PodNamespace": env.args.get("K8S_POD_NAMESPACE"),
-    });
+    let request = Event {
+        container_id: Some(env.container_id.clone()),
+        netns: env.netns.clone(),
+        pod_name: env.args.get("K8S_POD_NAME").cloned(),
+        pod_namespace: env.args.get("K8S_POD_NAMESPACE").cloned(),
+        ..Event::default()
+    };
     if let Err(e) = r.agent.call(
         &socket(config),
         "POST",
-        "/cmddel",
+        path::DEL,
         Some(&request),
         Duration::from_secs(5),
     ) {
@@ -646,18 +649,19 @@ fn check(r: &mut Run<'_>, config: &Config, env: &Env) -> Result<(), CniError> {
     if !config.enabled || config.exclude.contains(&namespace) {
         return Ok(());
     }
-    let request = json!({
-        "ContainerID": env.container_id,
-        "Netns": env.netns,
-        "PodName": env.args.get("K8S_POD_NAME"),
-        "PodNamespace": namespace,
-    });
+    let request = Event {
+        container_id: Some(env.container_id.clone()),
+        netns: env.netns.clone(),
+        pod_name: env.args.get("K8S_POD_NAME").cloned(),
+        pod_namespace: Some(namespace),
+        ..Event::default()
+    };
     let reply = r
         .agent
         .call(
             &socket(config),
             "POST",
-            "/cmdcheck",
+            path::CHECK,
             Some(&request),
             config.timeout,
         )
@@ -667,7 +671,7 @@ fn check(r: &mut Run<'_>, config: &Config, env: &Env) -> Result<(), CniError> {
         409 => Err(CniError::new(
             code::REDIRECTION_MISSING,
             "the pod is in the mesh but its traffic redirection is missing",
-            reply.body["reason"].as_str().unwrap_or_default(),
+            reply.answer().why(),
         )),
         status => Err(CniError::new(
             code::TRY_AGAIN_LATER,
@@ -689,8 +693,11 @@ fn gc(r: &mut Run<'_>, config: &Config) -> Result<(), CniError> {
         .call(
             &socket(config),
             "POST",
-            "/cmdgc",
-            Some(&json!({ "ValidContainerIDs": valid })),
+            path::GC,
+            Some(&Event {
+                valid_container_ids: Some(valid.clone()),
+                ..Event::default()
+            }),
             config.timeout,
         )
         .map_err(|e| agent_failure(config, e))?;
@@ -701,7 +708,7 @@ fn gc(r: &mut Run<'_>, config: &Config) -> Result<(), CniError> {
             code::TRY_AGAIN_LATER,
             format!(
                 "the ambient node agent refused GC: {}",
-                reply.body["error"].as_str().unwrap_or_default()
+                reply.answer().why()
             ),
             "",
         ))
@@ -717,7 +724,7 @@ fn status(r: &mut Run<'_>, config: &Config) -> Result<(), CniError> {
         .call(
             &socket(config),
             "GET",
-            "/readyz",
+            path::READY,
             None,
             Duration::from_secs(5),
         )

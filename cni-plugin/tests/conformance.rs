@@ -50,12 +50,12 @@ impl Agent for Scripted {
         _s: &Path,
         _m: &str,
         path: &str,
-        body: Option<&Value>,
+        body: Option<&mesh_contract::cni_event::Event>,
         _t: Duration,
     ) -> Result<Reply, AgentError> {
         self.calls
             .borrow_mut()
-            .push((path.to_string(), body.cloned().unwrap_or(Value::Null)));
+            .push((path.to_string(), serde_json::to_value(body).unwrap()));
         match &self.reply {
             Ok(r) => Ok(r.clone()),
             Err(f) => Err(f()),

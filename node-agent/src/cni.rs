@@ -23,87 +23,51 @@ use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::Incoming;
 use hyper::{Method, Request as HttpRequest, Response, StatusCode};
 use hyper_util::rt::TokioIo;
-use serde::Deserialize;
-use serde_json::{Value, json};
 use tokio::net::UnixListener;
 use tokio::sync::{mpsc, oneshot};
+
+use mesh_contract::cni_event::{self, Answer, Event, SOCKET};
 
 use crate::enroll::{CniFailure, CniOutcome, CniPod, Request};
 use crate::http::Endpoints;
 use crate::metrics::{Metrics, ResultLabel};
 
-/// The socket's file name in the run directory.
-pub const SOCKET: &str = "pluginevent.sock";
 /// How long an ADD waits for the pod source to show an unknown pod.
 pub const UNKNOWN_POD_GRACE: Duration = Duration::from_secs(5);
 const MAX_BODY: usize = 64 * 1024;
 
-#[derive(Debug, Deserialize)]
-#[serde(rename_all = "PascalCase")]
-struct Address {
-    #[serde(rename = "IP")]
-    ip: String,
-}
-
-#[derive(Debug, Deserialize)]
-#[serde(rename_all = "PascalCase")]
-struct IpEntry {
-    address: Address,
-}
-
-/// The plugin's request body (Istio's fields, plus ours that Istio's plugin omits).
-#[derive(Debug, Deserialize)]
-#[serde(rename_all = "PascalCase")]
-struct Body {
-    #[serde(default)]
-    netns: Option<String>,
-    #[serde(default)]
-    pod_name: Option<String>,
-    #[serde(default)]
-    pod_namespace: Option<String>,
-    #[serde(default, rename = "PodUID")]
-    pod_uid: Option<String>,
-    #[serde(default, rename = "ContainerID")]
-    container_id: Option<String>,
-    #[serde(default, rename = "IPs")]
-    ips: Vec<IpEntry>,
-    #[serde(default, rename = "ValidContainerIDs")]
-    valid_container_ids: Option<Vec<String>>,
-}
-
-impl Body {
-    fn pod(&self) -> Result<CniPod, String> {
-        let name = self
-            .pod_name
-            .clone()
-            .filter(|n| !n.is_empty())
-            .ok_or("PodName is missing")?;
-        let ips = self
-            .ips
-            .iter()
-            .map(|e| {
-                e.address
-                    .ip
-                    .parse::<IpAddr>()
-                    .map_err(|_| format!("IP {:?} is not an address", e.address.ip))
-            })
-            .collect::<Result<_, _>>()?;
-        Ok(CniPod {
-            name,
-            namespace: self.pod_namespace.clone().unwrap_or_default(),
-            uid: self.pod_uid.clone(),
-            container_id: self.container_id.clone().unwrap_or_default(),
-            netns: self.netns.clone().map(PathBuf::from).unwrap_or_default(),
-            ips,
+/// The pod an ADD or CHECK names, with its addresses parsed.
+fn pod_of(event: &Event) -> Result<CniPod, String> {
+    let name = event
+        .pod_name
+        .clone()
+        .filter(|n| !n.is_empty())
+        .ok_or("PodName is missing")?;
+    let ips = event
+        .ips
+        .iter()
+        .map(|e| {
+            e.address
+                .ip
+                .parse::<IpAddr>()
+                .map_err(|_| format!("IP {:?} is not an address", e.address.ip))
         })
-    }
+        .collect::<Result<_, _>>()?;
+    Ok(CniPod {
+        name,
+        namespace: event.pod_namespace.clone().unwrap_or_default(),
+        uid: event.pod_uid.clone(),
+        container_id: event.container_id.clone().unwrap_or_default(),
+        netns: event.netns.clone().map(PathBuf::from).unwrap_or_default(),
+        ips,
+    })
 }
 
 /// Fuzz entry point (`fuzz/`, replayed by `tests/tests/fuzz_corpora.rs`): bytes as the body of
 /// a plugin request. A body that parses into a pod names it and carries only addresses.
 pub fn fuzz_request_body(data: &[u8]) {
-    if let Ok(body) = serde_json::from_slice::<Body>(data)
-        && let Ok(pod) = body.pod()
+    if let Ok(body) = serde_json::from_slice::<Event>(data)
+        && let Ok(pod) = pod_of(&body)
     {
         assert!(!pod.name.is_empty());
         assert_eq!(pod.ips.len(), body.ips.len());
@@ -118,11 +82,12 @@ pub struct CniServer {
     pub metrics: Arc<Metrics>,
 }
 
-fn reply(status: StatusCode, body: &Value) -> Response<Full<Bytes>> {
+fn reply(status: StatusCode, body: &impl serde::Serialize) -> Response<Full<Bytes>> {
+    let body = serde_json::to_vec(body).expect("answers serialize");
     Response::builder()
         .status(status)
         .header("content-type", "application/json")
-        .body(Full::new(Bytes::from(body.to_string())))
+        .body(Full::new(Bytes::from(body)))
         .expect("static response parts")
 }
 
@@ -153,27 +118,24 @@ impl CniServer {
         })
     }
 
-    async fn add(&self, body: &Body) -> Response<Full<Bytes>> {
-        let pod = match body.pod() {
+    async fn add(&self, body: &Event) -> Response<Full<Bytes>> {
+        let pod = match pod_of(body) {
             Ok(p) => p,
             Err(why) => {
                 self.count("invalid");
-                return reply(StatusCode::BAD_REQUEST, &json!({ "error": why }));
+                return reply(StatusCode::BAD_REQUEST, &Answer::error(why));
             }
         };
         if pod.netns.as_os_str().is_empty() {
             self.count("invalid");
-            return reply(
-                StatusCode::BAD_REQUEST,
-                &json!({ "error": "Netns is missing" }),
-            );
+            return reply(StatusCode::BAD_REQUEST, &Answer::error("Netns is missing"));
         }
         let (ready, why) = self.endpoints.ready();
         if !ready && !self.endpoints.synced() {
             self.count("unavailable");
             return reply(
                 StatusCode::SERVICE_UNAVAILABLE,
-                &json!({ "error": format!("the node agent is {}", why.trim()) }),
+                &Answer::error(format!("the node agent is {}", why.trim())),
             );
         }
         let deadline = Instant::now() + UNKNOWN_POD_GRACE;
@@ -194,32 +156,34 @@ impl CniServer {
         match result {
             Ok(CniOutcome::Enrolled) => {
                 self.count("enrolled");
-                reply(StatusCode::OK, &json!({ "enrolled": true }))
+                reply(StatusCode::OK, &Answer::enrolled())
             }
             Ok(CniOutcome::NotInMesh(why)) => {
                 self.count("not_in_mesh");
-                reply(StatusCode::OK, &json!({ "enrolled": false, "reason": why }))
+                reply(StatusCode::OK, &Answer::not_in_mesh(why))
             }
             Err(CniFailure::NoZtunnel) => {
                 self.count("unavailable");
                 reply(
                     StatusCode::SERVICE_UNAVAILABLE,
-                    &json!({ "error": "no ztunnel is connected to the node agent on this node, so the pod cannot be protected; start ztunnel (the ztunnel DaemonSet pod)" }),
+                    &Answer::error(
+                        "no ztunnel is connected to the node agent on this node, so the pod cannot be protected; start ztunnel (the ztunnel DaemonSet pod)",
+                    ),
                 )
             }
             Err(
                 CniFailure::UnknownPod(why) | CniFailure::Failed(why) | CniFailure::Missing(why),
             ) => {
                 self.count("failed");
-                reply(StatusCode::INTERNAL_SERVER_ERROR, &json!({ "error": why }))
+                reply(StatusCode::INTERNAL_SERVER_ERROR, &Answer::error(why))
             }
         }
     }
 
-    async fn check(&self, body: &Body) -> Response<Full<Bytes>> {
-        let pod = match body.pod() {
+    async fn check(&self, body: &Event) -> Response<Full<Bytes>> {
+        let pod = match pod_of(body) {
             Ok(p) => p,
-            Err(why) => return reply(StatusCode::BAD_REQUEST, &json!({ "error": why })),
+            Err(why) => return reply(StatusCode::BAD_REQUEST, &Answer::error(why)),
         };
         match self
             .ask(|reply| Request::CniCheck {
@@ -228,35 +192,33 @@ impl CniServer {
             })
             .await
         {
-            Ok(CniOutcome::Enrolled) => reply(StatusCode::OK, &json!({ "enrolled": true })),
-            Ok(CniOutcome::NotInMesh(why)) => {
-                reply(StatusCode::OK, &json!({ "enrolled": false, "reason": why }))
-            }
+            Ok(CniOutcome::Enrolled) => reply(StatusCode::OK, &Answer::enrolled()),
+            Ok(CniOutcome::NotInMesh(why)) => reply(StatusCode::OK, &Answer::not_in_mesh(why)),
             Err(
                 CniFailure::Missing(why) | CniFailure::UnknownPod(why) | CniFailure::Failed(why),
-            ) => reply(StatusCode::CONFLICT, &json!({ "reason": why })),
+            ) => reply(StatusCode::CONFLICT, &Answer::missing(why)),
             Err(CniFailure::NoZtunnel) => reply(
                 StatusCode::CONFLICT,
-                &json!({ "reason": "no ztunnel is connected" }),
+                &Answer::missing("no ztunnel is connected"),
             ),
         }
     }
 
     async fn handle(self: Arc<Self>, req: HttpRequest<Incoming>) -> Response<Full<Bytes>> {
         let (method, path) = (req.method().clone(), req.uri().path().to_string());
-        if method == Method::GET && path == "/readyz" {
+        if method == Method::GET && path == cni_event::path::READY {
             let (ok, text) = self.endpoints.ready();
             let status = if ok {
                 StatusCode::OK
             } else {
                 StatusCode::SERVICE_UNAVAILABLE
             };
-            return reply(status, &json!(text));
+            return reply(status, &text);
         }
         if method != Method::POST {
             return reply(
                 StatusCode::METHOD_NOT_ALLOWED,
-                &json!({ "error": "POST /cmdadd, /cmdcheck, /cmddel or /cmdgc" }),
+                &Answer::error("POST /cmdadd, /cmdcheck, /cmddel or /cmdgc"),
             );
         }
         let bytes = match Limited::new(req.into_body(), MAX_BODY).collect().await {
@@ -264,24 +226,24 @@ impl CniServer {
             Err(e) => {
                 return reply(
                     StatusCode::BAD_REQUEST,
-                    &json!({ "error": format!("body: {e}") }),
+                    &Answer::error(format!("body: {e}")),
                 );
             }
         };
-        let body: Body = match serde_json::from_slice(&bytes) {
+        let body: Event = match serde_json::from_slice(&bytes) {
             Ok(b) => b,
             Err(e) => {
                 self.count("invalid");
                 return reply(
                     StatusCode::BAD_REQUEST,
-                    &json!({ "error": format!("body is not a CNI request: {e}") }),
+                    &Answer::error(format!("body is not a CNI request: {e}")),
                 );
             }
         };
         match path.as_str() {
-            "/cmdadd" => self.add(&body).await,
-            "/cmdcheck" => self.check(&body).await,
-            "/cmddel" => {
+            cni_event::path::ADD => self.add(&body).await,
+            cni_event::path::CHECK => self.check(&body).await,
+            cni_event::path::DEL => {
                 // Answered once the pod is out of ztunnel and its rules are gone, so the runtime
                 // removes the netns only after nothing of ours is left in it.
                 if let Some(container_id) = body.container_id.filter(|c| !c.is_empty()) {
@@ -291,13 +253,13 @@ impl CniServer {
                         let _ = removed.await;
                     }
                 }
-                reply(StatusCode::OK, &json!({}))
+                reply(StatusCode::OK, &Answer::default())
             }
-            "/cmdgc" => {
+            cni_event::path::GC => {
                 let Some(valid) = body.valid_container_ids else {
                     return reply(
                         StatusCode::BAD_REQUEST,
-                        &json!({ "error": "ValidContainerIDs is missing" }),
+                        &Answer::error("ValidContainerIDs is missing"),
                     );
                 };
                 let (done, removed) = oneshot::channel();
@@ -308,15 +270,21 @@ impl CniServer {
                 if self.requests.send(request).await.is_err() {
                     return reply(
                         StatusCode::SERVICE_UNAVAILABLE,
-                        &json!({ "error": "the agent is stopping" }),
+                        &Answer::error("the agent is stopping"),
                     );
                 }
                 let removed = removed.await.unwrap_or(0);
-                reply(StatusCode::OK, &json!({ "removed": removed }))
+                reply(
+                    StatusCode::OK,
+                    &Answer {
+                        removed: Some(removed),
+                        ..Answer::default()
+                    },
+                )
             }
             _ => reply(
                 StatusCode::NOT_FOUND,
-                &json!({ "error": "POST /cmdadd, /cmdcheck, /cmddel or /cmdgc" }),
+                &Answer::error("POST /cmdadd, /cmdcheck, /cmddel or /cmdgc"),
             ),
         }
     }

@@ -1,12 +1,15 @@
 //! The node contract: the numbers and names that ztunnel, the node agent, the CNI plugin and
 //! Istio's own implementations of them must agree on (SPEC §1–§4).
 //!
-//! This crate holds constants only. It must not grow behaviour: anything that decides or does
-//! something belongs to the program that owns it.
+//! This crate holds constants and wire schemas only ([`cni_event`]: the plugin's requests to
+//! the agent). It must not grow behaviour: anything that decides or does something belongs to
+//! the program that owns it.
 
 #![forbid(unsafe_code)]
 
 use std::net::{Ipv4Addr, Ipv6Addr};
+
+pub mod cni_event;
 
 /// Ports ztunnel opens inside every enrolled pod's network namespace.
 pub mod ports {
