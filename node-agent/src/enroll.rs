@@ -32,14 +32,55 @@ use crate::zds::{ZdsError, ZdsServer};
 const RETRY_START: Duration = Duration::from_millis(250);
 const RETRY_MAX: Duration = Duration::from_secs(30);
 
-/// Where a pod stands.
+/// Where a pod stands. In the `/pods` view: `{"state": "enrolled"}` or
+/// `{"state": "pending", "step": "rules", "reason": "..."}`.
 #[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
-#[serde(tag = "state", content = "reason", rename_all = "lowercase")]
+#[serde(tag = "state", rename_all = "lowercase")]
 pub enum PodState {
     /// Rules installed and ztunnel acknowledged the pod.
     Enrolled,
-    /// Meant for the mesh, not there yet; the reason says which step is waiting.
-    Pending(String),
+    /// Meant for the mesh, not there yet: the step that is waiting, and why.
+    Pending { step: Step, reason: String },
+}
+
+impl PodState {
+    fn pending(step: Step, reason: impl Into<String>) -> Self {
+        PodState::Pending {
+            step,
+            reason: reason.into(),
+        }
+    }
+}
+
+/// The enrollment step a pending pod waits on (also the `step` label of the failure metric).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Step {
+    /// Tracked, not tried yet.
+    Starting,
+    /// Finding the pod's network namespace.
+    Netns,
+    /// Installing or verifying the redirection.
+    Rules,
+    /// Handing the pod to ztunnel and waiting for its ack.
+    Ztunnel,
+    /// With DNS capture: something must serve 15053 in the pod.
+    Dns,
+    /// The runtime deleted the sandbox; a new one's ADD is awaited.
+    Sandbox,
+}
+
+impl Step {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Step::Starting => "starting",
+            Step::Netns => "netns",
+            Step::Rules => "rules",
+            Step::Ztunnel => "ztunnel",
+            Step::Dns => "dns",
+            Step::Sandbox => "sandbox",
+        }
+    }
 }
 
 /// Records enrollment on the pod where the pod source keeps it (the Kubernetes annotation).
@@ -205,7 +246,7 @@ impl Manager {
                         // Pods waiting for a ztunnel can go now.
                         let now = Instant::now();
                         for t in self.tracked.values_mut() {
-                            if matches!(t.state, PodState::Pending(_)) {
+                            if matches!(t.state, PodState::Pending { .. }) {
                                 t.retry_at = Some(now);
                             }
                         }
@@ -333,7 +374,7 @@ impl Manager {
                             netns: None,
                             container: None,
                             sandbox_gone: false,
-                            state: PodState::Pending("starting".into()),
+                            state: PodState::pending(Step::Starting, "starting"),
                             failures: 0,
                             retry_at: None,
                         },
@@ -394,18 +435,19 @@ impl Manager {
         }
     }
 
-    fn pending(&mut self, uid: &str, step: &'static str, reason: String) {
+    fn pending(&mut self, uid: &str, step: Step, reason: String) {
         let Some(t) = self.tracked.get_mut(uid) else {
             return;
         };
         t.failures += 1;
         let wait = (RETRY_START * 2u32.saturating_pow(t.failures.min(8) - 1)).min(RETRY_MAX);
         t.retry_at = Some(Instant::now() + wait);
-        tracing::warn!(uid, pod = %t.pod.name, namespace = %t.pod.namespace, step, %reason, retry_in = ?wait, "enrollment pending");
-        if t.state != PodState::Pending(reason.clone()) {
-            self.metrics.failure(step);
+        tracing::warn!(uid, pod = %t.pod.name, namespace = %t.pod.namespace, step = step.as_str(), %reason, retry_in = ?wait, "enrollment pending");
+        let state = PodState::pending(step, reason);
+        if t.state != state {
+            self.metrics.failure(step.as_str());
         }
-        t.state = PodState::Pending(reason);
+        t.state = state;
         let pod = t.pod.clone();
         self.status.record(&pod, Some("pending"));
     }
@@ -430,7 +472,7 @@ impl Manager {
                     // A ztunnel that already serves this pod (agent restart) must keep it.
                     self.zds.keep(uid, info(&pod));
                     let reason = format!("network namespace: {}", chain(&e));
-                    return self.pending(uid, "netns", reason);
+                    return self.pending(uid, Step::Netns, reason);
                 }
             },
         };
@@ -467,13 +509,17 @@ impl Manager {
                 if let Err(e) = self.redirector.apply(&netns, opts).await {
                     return self.pending(
                         uid,
-                        "rules",
+                        Step::Rules,
                         format!("installing redirection: {}", chain(&e)),
                     );
                 }
             }
             Err(e) => {
-                return self.pending(uid, "rules", format!("checking redirection: {}", chain(&e)));
+                return self.pending(
+                    uid,
+                    Step::Rules,
+                    format!("checking redirection: {}", chain(&e)),
+                );
             }
         }
         match crate::redirect::inspect::migrate_queued_connections(&netns).await {
@@ -491,15 +537,15 @@ impl Manager {
         match self.zds.add(uid, info(&pod), netns.clone()).await {
             Ok(()) => {}
             Err(ZdsError::NoZtunnel) => {
-                return self.pending(uid, "ztunnel", "waiting for ztunnel to connect".into());
+                return self.pending(uid, Step::Ztunnel, "waiting for ztunnel to connect".into());
             }
-            Err(e) => return self.pending(uid, "ztunnel", format!("ztunnel: {}", chain(&e))),
+            Err(e) => return self.pending(uid, Step::Ztunnel, format!("ztunnel: {}", chain(&e))),
         }
         // ztunnel has opened its listeners: with DNS capture, one must serve 15053.
         if opts.dns_capture
             && let Err(why) = crate::redirect::inspect::dns_served(&netns).await
         {
-            return self.pending(uid, "dns", why);
+            return self.pending(uid, Step::Dns, why);
         }
         if self.host_probes.is_some() {
             let ips = pod.ips.clone();
@@ -571,7 +617,7 @@ impl Manager {
                     if let Err(e) = self.redirector.apply(&ns, opts).await {
                         self.pending(
                             &uid,
-                            "rules",
+                            Step::Rules,
                             format!("repairing redirection: {}", chain(&e)),
                         );
                     }
@@ -673,7 +719,7 @@ impl Manager {
                     netns: None,
                     container: Some(cni.container_id.clone()),
                     sandbox_gone: false,
-                    state: PodState::Pending("starting".into()),
+                    state: PodState::pending(Step::Starting, "starting"),
                     failures: 0,
                     retry_at: None,
                 },
@@ -682,7 +728,7 @@ impl Manager {
         }
         match self.tracked.get(&uid).map(|t| t.state.clone()) {
             Some(PodState::Enrolled) => Ok(CniOutcome::Enrolled),
-            Some(PodState::Pending(reason)) => Err(CniFailure::Failed(reason)),
+            Some(PodState::Pending { reason, .. }) => Err(CniFailure::Failed(reason)),
             None => Err(CniFailure::Failed("pod vanished during enrollment".into())),
         }
     }
@@ -705,7 +751,7 @@ impl Manager {
         let (Some(netns), opts, state) = (t.netns.clone(), t.opts, t.state.clone()) else {
             return Err(CniFailure::Missing(format!("not enrolled: {:?}", t.state)));
         };
-        if let PodState::Pending(reason) = state {
+        if let PodState::Pending { reason, .. } = state {
             return Err(CniFailure::Missing(reason));
         }
         // Rules without a ztunnel behind them black-hole the pod: not "intact".
@@ -769,8 +815,9 @@ impl Manager {
                     netns: None,
                     container: Some(container_id.to_string()),
                     sandbox_gone: true,
-                    state: PodState::Pending(
-                        "sandbox deleted by the runtime; waiting for a new one".into(),
+                    state: PodState::pending(
+                        Step::Sandbox,
+                        "sandbox deleted by the runtime; waiting for a new one",
                     ),
                     failures: 0,
                     retry_at: None,
@@ -789,4 +836,22 @@ fn chain(e: &(dyn std::error::Error + 'static)) -> String {
         next = inner.source();
     }
     s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{PodState, Step};
+
+    #[test]
+    fn pod_states_serialize_with_their_step() {
+        let pending = PodState::pending(Step::Rules, "installing redirection: boom");
+        assert_eq!(
+            serde_json::to_value(&pending).unwrap(),
+            serde_json::json!({"state": "pending", "step": "rules", "reason": "installing redirection: boom"})
+        );
+        assert_eq!(
+            serde_json::to_value(PodState::Enrolled).unwrap(),
+            serde_json::json!({"state": "enrolled"})
+        );
+    }
 }
