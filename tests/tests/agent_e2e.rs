@@ -184,12 +184,7 @@ fn only_the_kubelet_gets_the_probe_bypass_and_keeps_it_over_an_agent_restart() {
     assert_eq!(server.peers()[0].ip().to_string(), "169.254.7.127");
 
     // Any other process on the node goes through ztunnel (and its policy) like everyone else.
-    let other = Pod {
-        name: "node-a".into(),
-        node: "a".into(),
-        ns: node.clone(),
-        ip: "198.19.0.1".parse().unwrap(),
-    };
+    let other = Pod::with_ip("node-a", "a", &node, "198.19.0.1".parse().unwrap());
     let got = connect(&other, s.a1.addr(8080), T).and_then(|c| echo_roundtrip(c, b"other"));
     assert_eq!(got.unwrap(), b"other");
     assert_ne!(server.peers()[1].ip().to_string(), "169.254.7.127");
@@ -223,12 +218,7 @@ fn without_a_kubelet_no_host_process_skips_the_proxy() {
             .exec("nft", &["list", "table", "inet", "ztunnel-host"]);
     assert!(!host.contains("snat"), "{host}");
     let node = s.m.lab.node("a").ns.clone();
-    let other = Pod {
-        name: "node-a".into(),
-        node: "a".into(),
-        ns: node,
-        ip: "198.19.0.1".parse().unwrap(),
-    };
+    let other = Pod::with_ip("node-a", "a", &node, "198.19.0.1".parse().unwrap());
     let got = connect(&other, s.a1.addr(8080), T).and_then(|c| echo_roundtrip(c, b"probe"));
     assert_eq!(got.unwrap(), b"probe");
     assert_ne!(server.peers()[0].ip().to_string(), "169.254.7.127");

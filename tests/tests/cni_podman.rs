@@ -4,6 +4,7 @@
 
 use std::time::Duration;
 
+use mesh_testbed::lab::IpFamily;
 use mesh_testbed::mesh::{Mesh, Workload, eventually};
 use mesh_testbed::podman::{NodeNet, Podman};
 
@@ -28,19 +29,28 @@ fn text(out: &std::process::Output) -> String {
 /// Two nodes, each with its agent (installing the plugin into the node's podman network) and
 /// ztunnel. Pods are named in the pod files; containers get fixed addresses.
 fn scene() -> Scene {
-    let mut m = Mesh::new(&["a", "b"]);
+    scene_of(IpFamily::Ipv4)
+}
+
+/// The same with container networks (and nodes) of `family`.
+fn scene_of(family: IpFamily) -> Scene {
+    let mut m = Mesh::with_family(&["a", "b"], family);
     let plugin_dirs: Vec<_> = ["a", "b"]
         .iter()
         .map(|n| m.lab.dir().join("podman").join(format!("bin-{n}")))
         .collect();
     let (podman, nets) = Podman::new(&m.lab, &plugin_dirs);
     // ztunnel's registry: client on a (.10), web on b (.10), plain on b (.11, not in the mesh).
+    let ips = |net: &NodeNet| {
+        let ips: Vec<String> = net.ips(10).iter().map(|ip| ip.to_string()).collect();
+        format!("{ips:?}")
+    };
     let config = format!(
         "workloads:\n\
-         - {{uid: shop/client, name: client, namespace: shop, serviceAccount: client, workloadIps: [\"{}\"], protocol: HBONE}}\n\
-         - {{uid: shop/web, name: web, namespace: shop, serviceAccount: web, workloadIps: [\"{}\"], protocol: HBONE}}\n",
-        nets[0].ip(10),
-        nets[1].ip(10)
+         - {{uid: shop/client, name: client, namespace: shop, serviceAccount: client, workloadIps: {}, protocol: HBONE}}\n\
+         - {{uid: shop/web, name: web, namespace: shop, serviceAccount: web, workloadIps: {}, protocol: HBONE}}\n",
+        ips(&nets[0]),
+        ips(&nets[1])
     );
     std::fs::write(&m.config, config).unwrap();
     let names = |n: &str| podman.name(n);
@@ -143,6 +153,55 @@ fn containers_are_enrolled_at_creation_and_talk_over_hbone() {
         metrics.contains("ambient_agent_cni_requests_total{result=\"enrolled\"} 1"),
         "{metrics}"
     );
+}
+
+#[test]
+fn a_dual_stack_container_is_enrolled_at_creation_and_talks_over_hbone_on_both_families() {
+    let mut s = scene_of(IpFamily::Dual);
+    let web = s.podman.run(
+        &s.nets[1],
+        "web",
+        10,
+        true,
+        &["nc", "-ll", "-p", "8080", "-e", "cat"],
+    );
+    assert!(web.status.success(), "{}", text(&web));
+    assert!(eventually(T, || s
+        .m
+        .agent_get("b", "/pods")
+        .1
+        .contains("\"state\": \"enrolled\"")));
+    // bridge + host-local gave the container an address of each family.
+    let addrs = s.nets[1].ips(10);
+    assert_eq!(addrs.len(), 2);
+    let script: Vec<String> = addrs
+        .iter()
+        .map(|ip| format!("echo hello-{ip} | nc -w 5 {ip} 8080"))
+        .collect();
+    let client = s.podman.run(
+        &s.nets[0],
+        "client",
+        10,
+        false,
+        &["sh", "-c", &script.join("; ")],
+    );
+    let out = text(&client);
+    assert!(client.status.success(), "{out}");
+    for ip in &addrs {
+        assert!(out.contains(&format!("hello-{ip}")), "{ip}: {out}");
+        // Each family arrived over HBONE with the client's identity.
+        let dst = std::net::SocketAddr::new(*ip, 8080);
+        assert!(
+            eventually(T, || s.m.ztunnel_log("b").lines().any(|l| l
+                .contains("direction=inbound pod")
+                && l.contains(&format!("dst.addr={dst}"))
+                && l.contains(
+                    "src.identity=spiffe://cluster.local/ns/shop/sa/client"
+                ))),
+            "{dst}: {}",
+            s.m.ztunnel_log("b")
+        );
+    }
 }
 
 #[test]

@@ -35,7 +35,7 @@ fn istio_mode_takes_no_pod_before_the_first_push() {
     let wa = Workload::mesh(&a1, "ns-a", "client");
     let wb = Workload::mesh(&b1, "ns-b", "server");
     let node_a = m.lab.node("a").clone();
-    let cp = ControlPlane::start(&node_a.ns, node_a.ip.into(), m.lab.dir());
+    let cp = ControlPlane::start(&node_a.ns, node_a.ip, m.lab.dir());
     cp.set_workloads(&[&wa, &wb]);
     cp.hold();
     let server = EchoServer::start(&b1, 8080);

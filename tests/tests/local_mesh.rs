@@ -5,6 +5,7 @@
 use std::time::Duration;
 
 use mesh_testbed::demo::{LocalMesh, Options, Report, Row};
+use mesh_testbed::lab::IpFamily;
 
 fn row<'a>(report: &'a Report, label: &str) -> &'a Row {
     report
@@ -24,6 +25,7 @@ fn the_local_mesh_report_shows_identities_and_mtls_and_nothing_is_left_behind() 
         nodes: 2,
         load_pods: 2,
         keep: false,
+        family: IpFamily::Ipv4,
     };
     let mut steps = Vec::new();
     let lab = LocalMesh::lab(&opts).expect("options");
@@ -121,6 +123,59 @@ fn the_local_mesh_report_shows_identities_and_mtls_and_nothing_is_left_behind() 
     assert!(steps.iter().any(|s| s.contains("through CNI")), "{steps:?}");
 }
 
+/// `--ip-family ipv6` and `dual`: every path works in each family the pods have, each row
+/// names its family, and DNS answers AAAA (and A) for the mesh's names.
+fn local_mesh_in(family: IpFamily) {
+    let opts = Options {
+        family,
+        ..Options::default()
+    };
+    let lab = LocalMesh::lab(&opts).expect("options");
+    let mut lm = LocalMesh::up(lab, &opts, &mut |_| {}).expect("mesh up");
+    let report = lm.drive(&mut |_| {});
+    assert_eq!(report.failures(), 0, "{family}: {report:#?}");
+    let families: Vec<&str> = match family {
+        IpFamily::Ipv4 => vec!["ipv4"],
+        IpFamily::Ipv6 => vec!["ipv6"],
+        IpFamily::Dual => vec!["ipv4", "ipv6"],
+    };
+    for f in &families {
+        let rows: Vec<&Row> = report.rows.iter().filter(|r| r.family == *f).collect();
+        assert_eq!(rows.len(), 9, "{family}: {f} rows: {report:#?}");
+        for label in [
+            "pod to pod, across nodes",
+            "through a waypoint",
+            "within one node",
+        ] {
+            let r = rows.iter().find(|r| r.label == label).expect("row");
+            assert!(r.mtls, "{family}/{f}: {label}: {r:#?}");
+        }
+        let r = rows
+            .iter()
+            .find(|r| r.label == "policy: no identity")
+            .expect("row");
+        assert!(r.denied, "{family}/{f}: {r:#?}");
+    }
+    assert_eq!(report.rows.len(), 9 * families.len(), "{report:#?}");
+    let qtypes: Vec<&str> = report.dns.iter().map(|d| d.qtype).collect();
+    if family.has_v6() {
+        assert!(qtypes.contains(&"AAAA"), "{:#?}", report.dns);
+    }
+    let rendered = mesh_testbed::demo::render(&report);
+    assert!(rendered.contains(" v6 "), "{rendered}");
+    lm.down().expect("DEL left something behind");
+}
+
+#[test]
+fn the_local_mesh_runs_ipv6_only() {
+    local_mesh_in(IpFamily::Ipv6);
+}
+
+#[test]
+fn the_local_mesh_runs_dual_stack_over_both_families() {
+    local_mesh_in(IpFamily::Dual);
+}
+
 #[test]
 fn local_mesh_refuses_bad_options_clearly() {
     let bin = mesh_testbed::binary("local-mesh");
@@ -128,6 +183,8 @@ fn local_mesh_refuses_bad_options_clearly() {
         (vec!["--nodes", "1"], "out of range"),
         (vec!["--pods"], "needs a number"),
         (vec!["--frobnicate"], "unknown argument"),
+        (vec!["--ip-family", "ipv5"], "unknown IP family"),
+        (vec!["--ip-family"], "needs ipv4, ipv6 or dual"),
     ] {
         let out = std::process::Command::new(&bin)
             .args(&args)

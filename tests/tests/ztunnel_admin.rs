@@ -169,7 +169,7 @@ fn admin_endpoint_cli_and_metrics_on_a_running_ztunnel() {
     );
 
     // The admin port refuses a client on another node even when bound wide...
-    let remote = std::net::SocketAddr::new(b.ip.into(), 15000);
+    let remote = std::net::SocketAddr::new(b.ip, 15000);
     let (status, body) = a.http_get(remote, "/config_dump").unwrap();
     assert_eq!(status, 403, "{body}");
     assert!(!body.contains("workloads"));
@@ -181,7 +181,7 @@ fn admin_endpoint_cli_and_metrics_on_a_running_ztunnel() {
     // Node a's admin is on loopback only: nothing listens on its node address.
     let node_a_ip = s.m.lab.node("a").ip;
     assert!(
-        b.ns.http_get(std::net::SocketAddr::new(node_a_ip.into(), 15000), "/")
+        b.ns.http_get(std::net::SocketAddr::new(node_a_ip, 15000), "/")
             .is_err()
     );
 

@@ -32,7 +32,7 @@ fn pod_dns_is_answered_for_the_mesh_and_forwarded_for_the_rest() {
     let svc = Service {
         name: "echo".into(),
         namespace: "ns-b".into(),
-        vip: "198.19.100.1".into(),
+        vips: vec!["198.19.100.1".into()],
         port: 80,
         target_port: 8080,
         endpoints: vec!["b1".into()],
@@ -41,7 +41,7 @@ fn pod_dns_is_answered_for_the_mesh_and_forwarded_for_the_rest() {
     m.write_config(&[&wa, &wb], &[svc]);
 
     // The upstream resolver: dnsmasq, knowing one outside name, logging every query.
-    start_dnsmasq(&mut m.lab, &up, "outside.example", "198.18.77.7");
+    start_dnsmasq(&mut m.lab, &up, "outside.example", &["198.18.77.7"]);
 
     // a1 brings its own nameserver (`dnsPolicy: None`): the agent hands it to ztunnel, whose
     // own upstream here answers nothing, so only the pod's own can resolve outside names.

@@ -20,7 +20,7 @@ fn pod_traffic_crosses_nodes_only_inside_hbone() {
     let svc = Service {
         name: "echo".into(),
         namespace: "ns-b".into(),
-        vip: "198.19.100.1".into(),
+        vips: vec!["198.19.100.1".into()],
         port: 80,
         target_port: 8080,
         endpoints: vec!["b1".into()],

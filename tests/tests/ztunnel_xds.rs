@@ -60,7 +60,7 @@ fn scene(istio_ca: bool) -> Scene {
     let wa = Workload::mesh(&a1, "ns-a", "client");
     let wb = Workload::mesh(&b1, "ns-b", "server");
     let node_a = m.lab.node("a").clone();
-    let cp = ControlPlane::start(&node_a.ns, node_a.ip.into(), m.lab.dir());
+    let cp = ControlPlane::start(&node_a.ns, node_a.ip, m.lab.dir());
     cp.set_workloads(&[&wa, &wb]);
     let mut flags = vec![
         "--xds-address".to_string(),

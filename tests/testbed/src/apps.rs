@@ -12,14 +12,24 @@ use socket2::{Domain, Socket, Type};
 
 use crate::lab::Pod;
 
-/// A listener on `0.0.0.0:port` inside `pod`.
+/// A listener on `port` inside `pod`: `0.0.0.0`, or `[::]` taking both families when the pod
+/// has an IPv6 address.
 pub fn listen(pod: &Pod, port: u16) -> TcpListener {
     let netns = pod.ns.open();
+    let v6 = pod.ips.iter().any(|ip| ip.is_ipv6());
     netns
         .run(|| -> io::Result<TcpListener> {
-            let s = Socket::new(Domain::IPV4, Type::STREAM, None)?;
+            let (domain, any) = if v6 {
+                (Domain::IPV6, SocketAddr::from(([0u16; 8], port)))
+            } else {
+                (Domain::IPV4, SocketAddr::from(([0, 0, 0, 0], port)))
+            };
+            let s = Socket::new(domain, Type::STREAM, None)?;
+            if v6 {
+                s.set_only_v6(false)?;
+            }
             s.set_reuse_address(true)?;
-            s.bind(&SocketAddr::from(([0, 0, 0, 0], port)).into())?;
+            s.bind(&any.into())?;
             s.listen(128)?;
             Ok(s.into())
         })
@@ -65,7 +75,7 @@ pub fn payload(marker: &str, len: usize) -> Vec<u8> {
 }
 
 /// Echoes every connection until the client half-closes, then half-closes back. Records each
-/// client's address as the server saw it.
+/// client's address as the server saw it (an IPv4 client of a dual listener as IPv4).
 #[derive(Debug)]
 pub struct EchoServer {
     stop: Arc<AtomicBool>,
@@ -88,6 +98,7 @@ impl EchoServer {
                 while !stop.load(Ordering::Relaxed) {
                     match listener.accept() {
                         Ok((conn, peer)) => {
+                            let peer = SocketAddr::new(peer.ip().to_canonical(), peer.port());
                             peers.lock().expect("peers").push(peer);
                             let completed = completed.clone();
                             std::thread::spawn(move || {
@@ -258,22 +269,24 @@ impl Drop for Kubelet {
     }
 }
 
-/// Starts dnsmasq in `pod` as process `dnsmasq`: a resolver on the pod's address, port 53, that
-/// answers `name` with `address` and nothing else (no upstream, no hosts file), and logs every
-/// query to its process log.
-pub fn start_dnsmasq(lab: &mut crate::lab::Lab, pod: &Pod, name: &str, address: &str) {
-    let args: Vec<String> = vec![
+/// Starts dnsmasq in `pod` as process `dnsmasq`: a resolver on the pod's addresses, port 53,
+/// that answers `name` with `addresses` (A and AAAA) and nothing else (no upstream, no hosts
+/// file), and logs every query to its process log.
+pub fn start_dnsmasq(lab: &mut crate::lab::Lab, pod: &Pod, name: &str, addresses: &[&str]) {
+    let mut args: Vec<String> = vec![
         "--keep-in-foreground".into(),
         "--no-resolv".into(),
         "--no-hosts".into(),
         "--bind-interfaces".into(),
-        format!("--listen-address={}", pod.ip),
-        format!("--address=/{name}/{address}"),
+    ];
+    args.extend(pod.ips.iter().map(|ip| format!("--listen-address={ip}")));
+    args.extend(addresses.iter().map(|a| format!("--address=/{name}/{a}")));
+    args.extend([
         "--log-queries".into(),
         "--log-facility=-".into(),
         format!("--pid-file={}", lab.dir().join("dnsmasq.pid").display()),
         "--user=root".into(),
-    ];
+    ]);
     lab.spawn(
         "dnsmasq",
         &pod.ns,

@@ -4,17 +4,18 @@
 //! `prevResult`, DEL in reverse order.
 //!
 //! Each node gets a conf dir holding a `bridge` + `host-local` conflist for a pod subnet of its
-//! own (198.18.(100+i).0/24), routed from the other nodes, and a bin dir where the node agent
-//! installs our plugin. The same networks serve podman ([`crate::podman`]) and the local mesh.
+//! own per address family of the lab (198.18.(100+i).0/24, fd00:18:(100+i)::/64), routed from
+//! the other nodes, and a bin dir where the node agent installs our plugin. The same networks serve podman ([`crate::podman`]) and the local mesh.
 
 use std::io::Write;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
 
-use crate::lab::{Lab, Ns};
+use crate::lab::{IpFamily, Lab, Ns};
 
 /// Where Debian puts the reference plugins.
 pub const REFERENCE_PLUGINS: &str = "/usr/lib/cni";
@@ -27,8 +28,10 @@ pub struct NodeNet {
     pub network: String,
     pub conf_dir: PathBuf,
     pub bin_dir: PathBuf,
-    /// The node's container subnet's third octet: containers are 198.18.{octet}.N.
+    /// The node's container subnet's third octet: containers are 198.18.{octet}.N (and
+    /// fd00:18:{octet}::N).
     pub octet: u8,
+    pub family: IpFamily,
 }
 
 /// Whether the reference plugins are installed, and if not what to do.
@@ -61,6 +64,22 @@ pub fn node_nets(lab: &Lab, base: &Path) -> Vec<NodeNet> {
         let bin_dir = base.join(format!("bin-{}", node.name));
         std::fs::create_dir_all(&conf_dir).expect("conf dir");
         std::fs::create_dir_all(&bin_dir).expect("bin dir");
+        let family = lab.family();
+        let mut ranges = Vec::new();
+        let mut routes = Vec::new();
+        let mut subnets = Vec::new();
+        if family.has_v4() {
+            let subnet = format!("198.18.{octet}.0/24");
+            ranges.push(json!([{"subnet": subnet, "gateway": format!("198.18.{octet}.1")}]));
+            routes.push(json!({"dst": "0.0.0.0/0"}));
+            subnets.push(subnet);
+        }
+        if family.has_v6() {
+            let subnet = format!("fd00:18:{octet}::/64");
+            ranges.push(json!([{"subnet": subnet, "gateway": format!("fd00:18:{octet}::1")}]));
+            routes.push(json!({"dst": "::/0"}));
+            subnets.push(subnet);
+        }
         let conflist = json!({
             "cniVersion": "1.0.0",
             "name": network,
@@ -72,8 +91,8 @@ pub fn node_nets(lab: &Lab, base: &Path) -> Vec<NodeNet> {
                 "hairpinMode": true,
                 "ipam": {
                     "type": "host-local",
-                    "ranges": [[{"subnet": format!("198.18.{octet}.0/24"), "gateway": format!("198.18.{octet}.1")}]],
-                    "routes": [{"dst": "0.0.0.0/0"}],
+                    "ranges": ranges,
+                    "routes": routes,
                     "dataDir": base.join("ipam").display().to_string(),
                 }
             }]
@@ -83,7 +102,9 @@ pub fn node_nets(lab: &Lab, base: &Path) -> Vec<NodeNet> {
             serde_json::to_string_pretty(&conflist).expect("json"),
         )
         .expect("conflist");
-        lab.route_to_node(&format!("198.18.{octet}.0/24"), &node.name);
+        for subnet in &subnets {
+            lab.route_to_node(subnet, &node.name);
+        }
         nets.push(NodeNet {
             node: node.name.clone(),
             ns: node.ns.clone(),
@@ -91,14 +112,36 @@ pub fn node_nets(lab: &Lab, base: &Path) -> Vec<NodeNet> {
             conf_dir,
             bin_dir,
             octet,
+            family,
         });
     }
     nets
 }
 
 impl NodeNet {
-    pub fn ip(&self, host: u8) -> std::net::Ipv4Addr {
-        std::net::Ipv4Addr::new(198, 18, self.octet, host)
+    /// Host `host`'s address in the IPv4 subnet (whether or not the network has one).
+    pub fn ip(&self, host: u8) -> Ipv4Addr {
+        Ipv4Addr::new(198, 18, self.octet, host)
+    }
+
+    /// Host `host`'s address in the IPv6 subnet: `fd00:18:<octet>::<host>`, the groups
+    /// spelled with the decimal digits as in [`crate::lab`].
+    pub fn ip6(&self, host: u8) -> Ipv6Addr {
+        format!("fd00:18:{}::{host}", self.octet)
+            .parse()
+            .expect("IPv6 address")
+    }
+
+    /// Host `host`'s addresses in the network's families, IPv4 first.
+    pub fn ips(&self, host: u8) -> Vec<IpAddr> {
+        let mut ips = Vec::new();
+        if self.family.has_v4() {
+            ips.push(self.ip(host).into());
+        }
+        if self.family.has_v6() {
+            ips.push(self.ip6(host).into());
+        }
+        ips
     }
 
     /// The config the runtime uses: the first `.conf`/`.conflist`/`.json` file in lexical

@@ -340,7 +340,15 @@ impl Drop for ControlPlane {
 }
 
 fn to_proto(w: &Workload) -> wl::Workload {
-    let addresses = vec![w.pod.ip.octets().to_vec()];
+    let addresses = w
+        .pod
+        .ips
+        .iter()
+        .map(|ip| match ip {
+            IpAddr::V4(v4) => v4.octets().to_vec(),
+            IpAddr::V6(v6) => v6.octets().to_vec(),
+        })
+        .collect();
     wl::Workload {
         uid: w.uid(),
         name: w.pod.name.clone(),

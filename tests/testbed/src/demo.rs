@@ -9,7 +9,7 @@
 //! The `local-mesh` binary prints the report; the integration tests run the same mesh
 //! headless and assert on [`Report`].
 
-use std::net::{Ipv4Addr, SocketAddr};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -17,7 +17,7 @@ use serde_json::Value;
 
 use crate::apps::EchoServer;
 use crate::cni::{NodeNet, Sandbox};
-use crate::lab::{Lab, Pod};
+use crate::lab::{IpFamily, Lab, Pod};
 use crate::mesh::{Mesh, Service, Workload, eventually};
 
 mod report;
@@ -28,12 +28,15 @@ use report::{exchange, find_event, row};
 /// The id of a kept mesh (one at a time); `local-mesh down` purges it.
 pub const KEPT_ID: &str = "lmesh";
 
-const SERVICE_VIP: &str = "198.19.100.10";
+/// `backend`'s VIP: the last group of [`vip`].
+const SERVICE_VIP: u8 = 10;
 /// `checkout`: backend again, but every connection goes through the waypoint.
-const WAYPOINT_VIP: &str = "198.19.100.11";
-/// What the upstream resolver answers for [`OUTSIDE_NAME`].
+const WAYPOINT_VIP: u8 = 11;
+/// What the upstream resolver answers for [`OUTSIDE_NAME`], per family.
 const OUTSIDE_NAME: &str = "outside.example";
-const OUTSIDE_ANSWER: &str = "198.18.77.7";
+const OUTSIDE_ANSWER: [&str; 2] = ["198.18.77.7", "fd00:18:77::7"];
+/// Where a pod sends DNS queries (any address does: port 53 is captured), per family.
+const RESOLVER: [&str; 2] = ["198.18.200.53", "fd00:18:200::53"];
 const LOAD_PORT: u16 = 7000;
 /// db's second port, which a namespace policy closes.
 const DB_ADMIN_PORT: u16 = 9000;
@@ -54,6 +57,9 @@ pub struct Options {
     pub load_pods: usize,
     /// Build in a lab named [`KEPT_ID`] that can outlive this process.
     pub keep: bool,
+    /// The address families of nodes, pods and services; with both, every path is driven
+    /// over each.
+    pub family: IpFamily,
 }
 
 impl Default for Options {
@@ -62,6 +68,7 @@ impl Default for Options {
             nodes: 2,
             load_pods: 0,
             keep: false,
+            family: IpFamily::default(),
         }
     }
 }
@@ -102,6 +109,20 @@ fn node_name(i: usize) -> String {
     format!("node-{}", i + 1)
 }
 
+/// A service VIP of the demo in the family of `like`: 198.19.100.<n> or fd00:19:100::<n>.
+fn vip(like: IpAddr, n: u8) -> IpAddr {
+    if like.is_ipv6() {
+        format!("fd00:19:100::{n}").parse().expect("IPv6 VIP")
+    } else {
+        IpAddr::V4(Ipv4Addr::new(198, 19, 100, n))
+    }
+}
+
+/// `[v4, v6][family of ip]`.
+fn per_family<T: Copy>(ip: IpAddr, pair: [T; 2]) -> T {
+    pair[usize::from(ip.is_ipv6())]
+}
+
 impl LocalMesh {
     /// The lab to build in: [`KEPT_ID`] for `--keep`, else a fresh one. Its id is what a
     /// signal handler purges.
@@ -132,11 +153,12 @@ impl LocalMesh {
                     .into(),
             );
         }
-        Ok(if opts.keep {
+        let lab = if opts.keep {
             Lab::named(KEPT_ID)
         } else {
             Lab::new()
-        })
+        };
+        Ok(lab.with_family(opts.family))
     }
 
     /// Builds the mesh in `lab` (from [`LocalMesh::lab`]): nodes, agents (installing the
@@ -188,8 +210,13 @@ impl LocalMesh {
         ));
         let waypoint = mesh.lab.add_pod(&names[1], "waypoint");
         let resolver = mesh.lab.add_pod(&names[0], "resolver");
-        crate::apps::start_dnsmasq(&mut mesh.lab, &resolver, OUTSIDE_NAME, OUTSIDE_ANSWER);
-        let upstream = format!("{}:53", resolver.ip);
+        let answers: Vec<&str> = resolver
+            .ips
+            .iter()
+            .map(|ip| per_family(*ip, OUTSIDE_ANSWER))
+            .collect();
+        crate::apps::start_dnsmasq(&mut mesh.lab, &resolver, OUTSIDE_NAME, &answers);
+        let upstream = SocketAddr::new(resolver.ip, 53).to_string();
 
         progress(
             "starting node-agent (installing the CNI plugin, capturing DNS) and ztunnel on every node",
@@ -242,14 +269,17 @@ impl LocalMesh {
                 .add(&sandbox)
                 .map_err(|e| format!("CNI ADD for {ns}/{name} on {}: {e}", net.node))?;
             adds.push(took);
-            let ip = result_ip(&result)
-                .ok_or_else(|| format!("CNI ADD for {name} returned no IPv4 address: {result}"))?;
+            let ips = result_ips(&result);
+            let Some(ip) = ips.first().copied() else {
+                return Err(format!("CNI ADD for {name} returned no address: {result}"));
+            };
             pods.push(DemoPod {
                 pod: Pod {
                     name: name.to_string(),
                     node: net.node.clone(),
                     ns: netns,
                     ip,
+                    ips,
                 },
                 namespace: ns.to_string(),
                 service_account: sa.to_string(),
@@ -273,11 +303,16 @@ impl LocalMesh {
             })
             .collect();
         workloads.push(Workload::mesh(&waypoint, "shop", "waypoint"));
+        let waypoint_pod = waypoint.clone();
         // Report rows tell flows apart by destination port: checkout listens on 81.
-        let service = |name: &str, vip: &str, port: u16, waypoint: Option<String>| Service {
+        let service = |name: &str, n: u8, port: u16, waypoint: Option<String>| Service {
             name: name.into(),
             namespace: "shop".into(),
-            vip: vip.into(),
+            vips: waypoint_pod
+                .ips
+                .iter()
+                .map(|ip| vip(*ip, n).to_string())
+                .collect(),
             port,
             target_port: 8080,
             endpoints: vec!["backend".into()],
@@ -340,57 +375,11 @@ impl LocalMesh {
         for p in &load {
             self.servers.push(EchoServer::start(p, LOAD_PORT));
         }
-        let vip: SocketAddr = format!("{SERVICE_VIP}:80").parse().expect("vip");
-        let waypoint_vip: SocketAddr = format!("{WAYPOINT_VIP}:81").parse().expect("vip");
-        self.relay = Some(self.start_waypoint(&backend, waypoint_vip));
-        // (label, client, destination, destination's name, expected to be denied by policy)
-        let flows = [
-            (
-                "pod to pod, across nodes",
-                &frontend,
-                backend.addr(8080),
-                "backend",
-                false,
-            ),
-            (
-                "through a service VIP",
-                &frontend,
-                vip,
-                "backend (svc)",
-                false,
-            ),
-            (
-                "through a waypoint",
-                &frontend,
-                waypoint_vip,
-                "backend (wp)",
-                false,
-            ),
-            ("across namespaces", &frontend, db.addr(5432), "db", false),
-            ("within one node", &backend, db.addr(5432), "db", false),
-            (
-                "from outside the mesh",
-                &outsider,
-                backend.addr(8080),
-                "backend",
-                false,
-            ),
-            (
-                "to outside the mesh",
-                &frontend,
-                outsider.addr(9090),
-                "outsider",
-                false,
-            ),
-            (
-                "policy: port 9000 denied",
-                &frontend,
-                db.addr(DB_ADMIN_PORT),
-                "db",
-                true,
-            ),
-            ("policy: no identity", &outsider, db.addr(5432), "db", true),
-        ];
+        self.relay = Some(self.start_waypoint(&backend));
+        let mut flows = Vec::new();
+        for family_ip in backend.ips.clone() {
+            flows.extend(Self::flows(family_ip, &frontend, &outsider, &backend, &db));
+        }
         progress("driving a 64 KiB echo over each path");
         let measured: Vec<_> = flows
             .iter()
@@ -406,8 +395,8 @@ impl LocalMesh {
             let per_node = load.len() / self.nets.len();
             (0..load.len())
                 .map(|k| {
-                    let twin = &load[(k + per_node) % load.len()];
-                    (load[k].clone(), exchange(&load[k], twin.addr(LOAD_PORT)))
+                    let twin = load[(k + per_node) % load.len()].addr(LOAD_PORT);
+                    (load[k].clone(), twin, exchange(&load[k], twin))
                 })
                 .collect()
         };
@@ -426,31 +415,26 @@ impl LocalMesh {
         let mut rows = Vec::new();
         for ((label, from, to, to_name, deny), m) in flows.iter().zip(measured) {
             let event = find_event(&events, from, *to);
-            rows.push(row(label, from, to_name, event, m, *deny));
+            rows.push(row(label, from, *to, to_name, event, m, *deny));
         }
         let load_summary = (!load_measured.is_empty()).then(|| {
-            let mut lat: Vec<Duration> = load_measured.iter().map(|(_, m)| m.latency).collect();
+            let mut lat: Vec<Duration> = load_measured.iter().map(|(_, _, m)| m.latency).collect();
             lat.sort();
             let mtls = load_measured
                 .iter()
-                .filter(|(from, m)| {
-                    m.ok && find_event(
-                        &events,
-                        from,
-                        SocketAddr::from((Ipv4Addr::UNSPECIFIED, LOAD_PORT)),
-                    )
-                    .is_some_and(|e| e["security"] == "mtls")
+                .filter(|(from, to, m)| {
+                    m.ok && find_event(&events, from, *to).is_some_and(|e| e["security"] == "mtls")
                 })
                 .count();
             LoadSummary {
                 flows: load_measured.len(),
-                ok: load_measured.iter().filter(|(_, m)| m.ok).count(),
+                ok: load_measured.iter().filter(|(_, _, m)| m.ok).count(),
                 mtls,
                 p50: lat[lat.len() / 2],
                 p99: lat[(lat.len() * 99 / 100).min(lat.len() - 1)],
             }
         });
-        progress("asking DNS from frontend (dig): a mesh name and an outside one");
+        progress("asking DNS from frontend (dig, each family): a mesh name and an outside one");
         let dns = self.dns_rows(&frontend);
         Report {
             nodes: self.nets.len(),
@@ -461,19 +445,97 @@ impl LocalMesh {
         }
     }
 
-    /// The stand-in waypoint: `checkout`'s connections, re-tunnelled to backend's ztunnel.
-    fn start_waypoint(&self, backend: &Pod, vip: SocketAddr) -> crate::relay::Relay {
-        let backend_app = backend.addr(8080);
-        let backend_hbone = backend.addr(15008);
+    /// Every path of the demo over the family of `family_ip`: (label, client, destination,
+    /// destination's name, expected to be denied by policy).
+    fn flows<'p>(
+        family_ip: IpAddr,
+        frontend: &'p Pod,
+        outsider: &'p Pod,
+        backend: &'p Pod,
+        db: &'p Pod,
+    ) -> Vec<(&'static str, &'p Pod, SocketAddr, &'static str, bool)> {
+        let at = |pod: &Pod, port: u16| {
+            SocketAddr::new(
+                pod.ip_like(family_ip).expect("every pod has every family"),
+                port,
+            )
+        };
+        let service_vip = SocketAddr::new(vip(family_ip, SERVICE_VIP), 80);
+        let waypoint_vip = SocketAddr::new(vip(family_ip, WAYPOINT_VIP), 81);
+        vec![
+            (
+                "pod to pod, across nodes",
+                frontend,
+                at(backend, 8080),
+                "backend",
+                false,
+            ),
+            (
+                "through a service VIP",
+                frontend,
+                service_vip,
+                "backend (svc)",
+                false,
+            ),
+            (
+                "through a waypoint",
+                frontend,
+                waypoint_vip,
+                "backend (wp)",
+                false,
+            ),
+            ("across namespaces", frontend, at(db, 5432), "db", false),
+            ("within one node", backend, at(db, 5432), "db", false),
+            (
+                "from outside the mesh",
+                outsider,
+                at(backend, 8080),
+                "backend",
+                false,
+            ),
+            (
+                "to outside the mesh",
+                frontend,
+                at(outsider, 9090),
+                "outsider",
+                false,
+            ),
+            (
+                "policy: port 9000 denied",
+                frontend,
+                at(db, DB_ADMIN_PORT),
+                "db",
+                true,
+            ),
+            ("policy: no identity", outsider, at(db, 5432), "db", true),
+        ]
+    }
+
+    /// The stand-in waypoint: `checkout`'s connections (to its VIP of either family),
+    /// re-tunnelled to backend's ztunnel in the same family.
+    fn start_waypoint(&self, backend: &Pod) -> crate::relay::Relay {
         let identity =
             ztunnel::identity::Identity::new("cluster.local", "shop", "backend").expect("identity");
-        let vip = vip.to_string();
-        let route = std::sync::Arc::new(move |authority: &str| {
-            (authority == vip).then(|| crate::relay::HboneTarget {
-                addr: backend_hbone,
-                identity: identity.clone(),
-                authority: backend_app.to_string(),
+        let targets: Vec<(String, crate::relay::HboneTarget)> = backend
+            .ips
+            .iter()
+            .map(|ip| {
+                let target = crate::relay::HboneTarget {
+                    addr: SocketAddr::new(*ip, 15008),
+                    identity: identity.clone(),
+                    authority: SocketAddr::new(*ip, 8080).to_string(),
+                };
+                (
+                    SocketAddr::new(vip(*ip, WAYPOINT_VIP), 81).to_string(),
+                    target,
+                )
             })
+            .collect();
+        let route = std::sync::Arc::new(move |authority: &str| {
+            targets
+                .iter()
+                .find(|(vip, _)| vip == authority)
+                .map(|(_, target)| target.clone())
         });
         crate::relay::Relay::start(
             &self.mesh,
@@ -484,44 +546,55 @@ impl LocalMesh {
         )
     }
 
-    /// `dig` in `from` for a mesh name (ztunnel must answer it, dnsmasq never hear of it) and
-    /// an outside name (forwarded: dnsmasq answers). Any resolver address does: the pod's
-    /// port 53 is captured.
+    /// `dig` in `from`, in each of its families (A, AAAA), for a mesh name (ztunnel must
+    /// answer it, dnsmasq never hear of it) and an outside name (forwarded: dnsmasq answers).
+    /// Any resolver address does: the pod's port 53 is captured.
     fn dns_rows(&mut self, from: &Pod) -> Vec<DnsRow> {
         let mesh_name = "backend.shop.svc.cluster.local";
         let mut rows = Vec::new();
-        let wanted = [
-            (mesh_name, SERVICE_VIP, "ztunnel"),
-            (OUTSIDE_NAME, OUTSIDE_ANSWER, "upstream"),
-        ];
-        for (name, _, by) in wanted {
-            let out = from
-                .ns
-                .open()
-                .command("/usr/bin/dig")
-                .args(["@198.18.200.53", "+short", "+time=2", "+tries=2", name])
-                .output();
-            let answer = out
-                .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
-                .unwrap_or_else(|e| format!("dig failed: {e}"));
-            rows.push(DnsRow {
-                name: name.to_string(),
-                answer: if answer.is_empty() {
-                    "(none)".into()
-                } else {
-                    answer
-                },
-                answered_by: by,
-                ok: false,
-            });
+        let mut expected = Vec::new();
+        for ip in &from.ips {
+            let qtype = per_family(*ip, ["A", "AAAA"]);
+            let wanted = [
+                (mesh_name, vip(*ip, SERVICE_VIP).to_string(), "ztunnel"),
+                (
+                    OUTSIDE_NAME,
+                    per_family(*ip, OUTSIDE_ANSWER).to_string(),
+                    "upstream",
+                ),
+            ];
+            for (name, answer, by) in wanted {
+                let server = format!("@{}", per_family(*ip, RESOLVER));
+                let out = from
+                    .ns
+                    .open()
+                    .command("/usr/bin/dig")
+                    .args([&server, "+short", "+time=2", "+tries=2", qtype, name])
+                    .output();
+                let got = out
+                    .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+                    .unwrap_or_else(|e| format!("dig failed: {e}"));
+                rows.push(DnsRow {
+                    name: name.to_string(),
+                    qtype,
+                    answer: if got.is_empty() { "(none)".into() } else { got },
+                    answered_by: by,
+                    ok: false,
+                });
+                expected.push(answer);
+            }
         }
-        let upstream_saw = |name: &str, log: &str| log.contains(&format!("query[A] {name}"));
+        let upstream_saw =
+            |r: &DnsRow, log: &str| log.contains(&format!("query[{}] {}", r.qtype, r.name));
         eventually(Duration::from_secs(2), || {
-            upstream_saw(OUTSIDE_NAME, &self.mesh.lab.process("dnsmasq").log_text())
+            let log = self.mesh.lab.process("dnsmasq").log_text();
+            rows.iter()
+                .filter(|r| r.answered_by == "upstream")
+                .all(|r| upstream_saw(r, &log))
         });
         let log = self.mesh.lab.process("dnsmasq").log_text();
-        for (r, (_, expected, _)) in rows.iter_mut().zip(wanted) {
-            let heard = upstream_saw(&r.name, &log);
+        for (r, expected) in rows.iter_mut().zip(expected) {
+            let heard = upstream_saw(r, &log);
             r.ok = r.answer == expected && heard == (r.answered_by == "upstream");
         }
         rows
@@ -603,14 +676,14 @@ impl LocalMesh {
     }
 }
 
-/// The first IPv4 address of a CNI result.
-fn result_ip(result: &Value) -> Option<Ipv4Addr> {
-    result["ips"].as_array()?.iter().find_map(|ip| {
-        ip["address"]
-            .as_str()?
-            .split('/')
-            .next()?
-            .parse::<Ipv4Addr>()
-            .ok()
-    })
+/// The addresses of a CNI result, IPv4 first.
+fn result_ips(result: &Value) -> Vec<IpAddr> {
+    let mut ips: Vec<IpAddr> = result["ips"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|ip| ip["address"].as_str()?.split('/').next()?.parse().ok())
+        .collect();
+    ips.sort_by_key(|ip| ip.is_ipv6());
+    ips
 }

@@ -8,10 +8,15 @@
 //! a /32 and a default route through its host-side veth. Nodes are joined pairwise by veth
 //! links and route each other's pod subnets (198.18.<j>.0/24) and node address
 //! (198.19.0.<j>) over them, like a flat cluster network with no switch in the way.
+//!
+//! A lab is built for one [`IpFamily`]. IPv6 mirrors the IPv4 plan digit for digit inside
+//! fd00::/8: pod 198.18.1.11 is fd00:18:1::11, node 198.19.0.2 is fd00:19::2, link address
+//! 198.19.1.2 is fd00:19:1:2::1, pod subnet 198.18.1.0/24 is fd00:18:1::/64. A dual-stack
+//! lab has both, IPv4 first; an IPv6-only lab has no IPv4 address outside loopback.
 //! Namespace names carry the test process id and a counter, so parallel tests
 //! never collide, and a later run deletes what a killed run left behind.
 
-use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
@@ -20,6 +25,66 @@ use std::time::Duration;
 use mesh_netns::NetNs;
 
 static NEXT_LAB: AtomicU32 = AtomicU32::new(0);
+
+/// Which address families a lab's nodes and pods get.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum IpFamily {
+    #[default]
+    Ipv4,
+    Ipv6,
+    Dual,
+}
+
+impl IpFamily {
+    pub const ALL: [IpFamily; 3] = [IpFamily::Ipv4, IpFamily::Ipv6, IpFamily::Dual];
+
+    pub fn has_v4(self) -> bool {
+        self != IpFamily::Ipv6
+    }
+
+    pub fn has_v6(self) -> bool {
+        self != IpFamily::Ipv4
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            IpFamily::Ipv4 => "ipv4",
+            IpFamily::Ipv6 => "ipv6",
+            IpFamily::Dual => "dual",
+        }
+    }
+}
+
+impl std::fmt::Display for IpFamily {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+impl std::str::FromStr for IpFamily {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        IpFamily::ALL
+            .into_iter()
+            .find(|f| f.name() == s)
+            .ok_or_else(|| format!("unknown IP family {s:?} (ipv4, ipv6 or dual)"))
+    }
+}
+
+/// `fd00:<a>:<b>:<c>::<d>` with each group spelled with the decimal digits of its number, so
+/// the IPv6 plan reads like the IPv4 one (`v6(18, 1, 0, 11)` is `fd00:18:1::11`).
+fn v6(a: u8, b: u8, c: u8, d: u8) -> Ipv6Addr {
+    let g = |n: u8| u16::from_str_radix(&n.to_string(), 16).expect("decimal digits are hex");
+    Ipv6Addr::new(0xfd00, g(a), g(b), g(c), 0, 0, 0, g(d))
+}
+
+/// The address of `ips` in the family of `like`, if there is one.
+fn same_family(ips: &[IpAddr], like: IpAddr) -> Option<IpAddr> {
+    ips.iter()
+        .copied()
+        .find(|ip| ip.is_ipv6() == like.is_ipv6())
+}
 
 /// Runs a command and panics with its output if it fails.
 pub fn sh(program: &str, args: &[&str]) {
@@ -51,9 +116,9 @@ impl Ns {
     }
 
     /// `ip -n <ns> <args>`.
-    pub fn ip(&self, args: &[&str]) {
-        let mut full = vec!["-n", &self.name];
-        full.extend_from_slice(args);
+    pub fn ip<S: AsRef<str>>(&self, args: &[S]) {
+        let mut full = vec!["-n", self.name.as_str()];
+        full.extend(args.iter().map(|a| a.as_ref()));
         sh("ip", &full);
     }
 
@@ -148,8 +213,10 @@ pub struct Node {
     pub name: String,
     pub index: u8,
     pub ns: Ns,
-    /// The node's address on the cluster network.
-    pub ip: Ipv4Addr,
+    /// The node's address on the cluster network (IPv4 when it has one).
+    pub ip: IpAddr,
+    /// All its addresses, IPv4 first.
+    pub ips: Vec<IpAddr>,
     pods: u8,
 }
 
@@ -159,12 +226,39 @@ pub struct Pod {
     pub name: String,
     pub node: String,
     pub ns: Ns,
-    pub ip: Ipv4Addr,
+    /// Its first address (IPv4 when it has one).
+    pub ip: IpAddr,
+    /// All its addresses, IPv4 first.
+    pub ips: Vec<IpAddr>,
 }
 
 impl Pod {
+    /// A pod (or a host process standing in for one) with the single address `ip`.
+    pub fn with_ip(name: &str, node: &str, ns: &Ns, ip: IpAddr) -> Self {
+        Self {
+            name: name.into(),
+            node: node.into(),
+            ns: ns.clone(),
+            ip,
+            ips: vec![ip],
+        }
+    }
+
     pub fn addr(&self, port: u16) -> SocketAddr {
-        SocketAddr::new(IpAddr::V4(self.ip), port)
+        SocketAddr::new(self.ip, port)
+    }
+
+    /// `port` on each of the pod's addresses.
+    pub fn addrs(&self, port: u16) -> Vec<SocketAddr> {
+        self.ips
+            .iter()
+            .map(|ip| SocketAddr::new(*ip, port))
+            .collect()
+    }
+
+    /// Its address in the family of `like`, if it has one.
+    pub fn ip_like(&self, like: IpAddr) -> Option<IpAddr> {
+        same_family(&self.ips, like)
     }
 }
 
@@ -220,6 +314,7 @@ pub struct Lab {
     path: PathBuf,
     /// Processes get their own process group (a kept lab outlives its creator's terminal).
     detach: bool,
+    family: IpFamily,
     namespaces: Vec<Ns>,
     nodes: Vec<Node>,
     /// Processes, killed before the namespaces go.
@@ -256,10 +351,25 @@ impl Lab {
             path: dir.path().to_path_buf(),
             dir: Some(dir),
             detach,
+            family: IpFamily::default(),
             namespaces: Vec::new(),
             nodes: Vec::new(),
             processes: Vec::new(),
         }
+    }
+
+    /// The lab built for `family` (before any node is added).
+    pub fn with_family(mut self, family: IpFamily) -> Self {
+        assert!(
+            self.nodes.is_empty(),
+            "choose the family before adding nodes"
+        );
+        self.family = family;
+        self
+    }
+
+    pub fn family(&self) -> IpFamily {
+        self.family
     }
 
     /// Leaves everything running and in place when the lab is dropped; [`purge`] with the
@@ -288,7 +398,12 @@ impl Lab {
     pub fn route_to_node(&self, cidr: &str, to: &str) {
         let target = self.node(to);
         for other in self.nodes.iter().filter(|n| n.name != to) {
-            let via = format!("198.19.{}.{}", target.index, other.index);
+            let (i, j) = (target.index, other.index);
+            let via = if cidr.contains(':') {
+                v6(19, i, j, 1).to_string()
+            } else {
+                format!("198.19.{i}.{j}")
+            };
             other.ns.ip(&["route", "replace", cidr, "via", &via]);
         }
     }
@@ -308,6 +423,11 @@ impl Lab {
         sh("ip", &["netns", "add", &ns.name]);
         self.namespaces.push(ns.clone());
         ns.ip(&["link", "set", "lo", "up"]);
+        if self.family.has_v6() {
+            // Addresses usable at once: no duplicate detection on links only the lab owns.
+            ns.sysctl("net.ipv6.conf.all.accept_dad", "0");
+            ns.sysctl("net.ipv6.conf.default.accept_dad", "0");
+        }
     }
 
     pub fn node(&self, name: &str) -> &Node {
@@ -328,9 +448,19 @@ impl Lab {
             name: format!("{}-{name}", self.id),
         };
         self.create_ns(&ns);
-        let ip = Ipv4Addr::new(198, 19, 0, index);
-        ns.ip(&["addr", "add", &format!("{ip}/32"), "dev", "lo"]);
-        ns.sysctl("net.ipv4.ip_forward", "1");
+        let family = self.family;
+        let mut ips = Vec::new();
+        if family.has_v4() {
+            ips.push(IpAddr::V4(Ipv4Addr::new(198, 19, 0, index)));
+            ns.sysctl("net.ipv4.ip_forward", "1");
+        }
+        if family.has_v6() {
+            ips.push(IpAddr::V6(v6(19, 0, 0, index)));
+            ns.sysctl("net.ipv6.conf.all.forwarding", "1");
+        }
+        for ip in &ips {
+            ns.ip(&["addr", "add", &host_prefix(*ip), "dev", "lo"]);
+        }
         for other in &self.nodes {
             let (i, j) = (index, other.index);
             let (here, there) = (format!("n{j}"), format!("n{i}"));
@@ -347,23 +477,39 @@ impl Lab {
                 &other.ns.name,
             ];
             ns.ip(&veth);
-            let (a, b) = (format!("198.19.{i}.{j}"), format!("198.19.{j}.{i}"));
-            ns.ip(&["addr", "add", &a, "peer", &format!("{b}/32"), "dev", &here]);
-            other
-                .ns
-                .ip(&["addr", "add", &b, "peer", &format!("{a}/32"), "dev", &there]);
             ns.ip(&["link", "set", &here, "up"]);
             other.ns.ip(&["link", "set", &there, "up"]);
-            for (from, via, subnet, node_ip) in [(&ns, &b, j, other.ip), (&other.ns, &a, i, ip)] {
-                from.ip(&["route", "add", &format!("198.18.{subnet}.0/24"), "via", via]);
-                from.ip(&["route", "add", &format!("{node_ip}/32"), "via", via]);
+            let mut plans: Vec<LinkPlan> = Vec::new();
+            if family.has_v4() {
+                plans.push((
+                    Ipv4Addr::new(198, 19, i, j).into(),
+                    Ipv4Addr::new(198, 19, j, i).into(),
+                    |n| format!("198.18.{n}.0/24"),
+                ));
+            }
+            if family.has_v6() {
+                plans.push((v6(19, i, j, 1).into(), v6(19, j, i, 1).into(), |n| {
+                    format!("{}/64", v6(18, n, 0, 0))
+                }));
+            }
+            for (a, b, subnet) in plans {
+                ns.ip(&peer_addr(a, b, &here));
+                other.ns.ip(&peer_addr(b, a, &there));
+                let their_ip = same_family(&other.ips, a).expect("same families");
+                let my_ip = same_family(&ips, a).expect("same families");
+                for (from, via, n, node_ip) in [(&ns, b, j, their_ip), (&other.ns, a, i, my_ip)] {
+                    let via = via.to_string();
+                    from.ip(&["route", "add", &subnet(n), "via", &via]);
+                    from.ip(&["route", "add", &host_prefix(node_ip), "via", &via]);
+                }
             }
         }
         let node = Node {
             name: name.to_string(),
             index,
             ns,
-            ip,
+            ip: ips[0],
+            ips,
             pods: 0,
         };
         self.nodes.push(node.clone());
@@ -384,8 +530,9 @@ impl Lab {
         ns
     }
 
-    /// Adds a pod on `node`, wired to the node's bridge with a default route through it.
+    /// Adds a pod on `node`, routed through its host-side veth in each of the lab's families.
     pub fn add_pod(&mut self, node: &str, name: &str) -> Pod {
+        let family = self.family;
         let node = self
             .nodes
             .iter_mut()
@@ -399,9 +546,7 @@ impl Lab {
             name: format!("{}-{}-{name}", self.id, node.name),
         };
         self.create_ns(&ns);
-        let ip = Ipv4Addr::new(198, 18, node.index, 10 + k);
         let port = format!("v{k}");
-        let gateway = format!("198.18.{}.1", node.index);
         let veth = [
             "link",
             "add",
@@ -415,25 +560,47 @@ impl Lab {
             &node.ns.name,
         ];
         ns.ip(&veth);
-        node.ns
-            .ip(&["addr", "add", &format!("{gateway}/32"), "dev", &port]);
         node.ns.ip(&["link", "set", &port, "up"]);
-        node.ns
-            .ip(&["route", "add", &format!("{ip}/32"), "dev", &port]);
-        ns.ip(&["addr", "add", &format!("{ip}/32"), "dev", "eth0"]);
         ns.ip(&["link", "set", "eth0", "up"]);
-        ns.ip(&["route", "add", &gateway, "dev", "eth0", "scope", "link"]);
-        ns.ip(&["route", "add", "default", "via", &gateway, "dev", "eth0"]);
+        // (pod address, gateway) per family.
+        let mut plan: Vec<(IpAddr, IpAddr)> = Vec::new();
+        if family.has_v4() {
+            let i = node.index;
+            plan.push((
+                Ipv4Addr::new(198, 18, i, 10 + k).into(),
+                Ipv4Addr::new(198, 18, i, 1).into(),
+            ));
+        }
+        if family.has_v6() {
+            let i = node.index;
+            plan.push((v6(18, i, 0, 10 + k).into(), v6(18, i, 0, 1).into()));
+        }
+        for (ip, gateway) in &plan {
+            let (ip, gateway) = (host_prefix(*ip), gateway.to_string());
+            let mut gw = vec!["addr", "add", &gateway, "dev", &port];
+            let mut own = vec!["addr", "add", &ip, "dev", "eth0"];
+            if gateway.contains(':') {
+                gw.push("nodad");
+                own.push("nodad");
+            }
+            node.ns.ip(&gw);
+            node.ns.ip(&["route", "add", &ip, "dev", &port]);
+            ns.ip(&own);
+            ns.ip(&["route", "add", &gateway, "dev", "eth0", "scope", "link"]);
+            ns.ip(&["route", "add", "default", "via", &gateway, "dev", "eth0"]);
+        }
         // Each simulated node has its own directory of pod namespaces, so a node agent
         // searching "its node" sees only that node's pods (not other nodes' or other tests').
         let dir = self.node_netns_dir(&node.name);
         std::fs::create_dir_all(&dir).expect("node netns dir");
         std::os::unix::fs::symlink(ns.path(), dir.join(name)).expect("netns link");
+        let ips: Vec<IpAddr> = plan.iter().map(|(ip, _)| *ip).collect();
         Pod {
             name: name.to_string(),
             node: node.name,
             ns,
-            ip,
+            ip: ips[0],
+            ips,
         }
     }
 
@@ -504,6 +671,28 @@ impl Drop for Lab {
             delete_netns(&ns.name);
         }
     }
+}
+
+/// One family of a node-to-node link: this end, the other end, and the pod subnet of node
+/// `n` (routed over the link towards the node behind it).
+type LinkPlan = (IpAddr, IpAddr, fn(u8) -> String);
+
+/// `ip/32` or `ip/128`.
+fn host_prefix(ip: IpAddr) -> String {
+    format!("{ip}/{}", if ip.is_ipv6() { 128 } else { 32 })
+}
+
+/// `ip addr` arguments giving `dev` the point-to-point address `local` with peer `peer`.
+fn peer_addr(local: IpAddr, peer: IpAddr, dev: &str) -> Vec<String> {
+    let mut args: Vec<String> = ["addr", "add", &local.to_string(), "peer"]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+    args.extend([host_prefix(peer), "dev".into(), dev.into()]);
+    if local.is_ipv6() {
+        args.push("nodad".into());
+    }
+    args
 }
 
 /// Deletes a namespace and its `/etc/netns` files, if any.

@@ -8,7 +8,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use crate::agent::FakeAgent;
-use crate::lab::{Lab, Pod};
+use crate::lab::{IpFamily, Lab, Pod};
 
 /// How a workload is listed in the local config.
 #[derive(Debug, Clone)]
@@ -37,13 +37,13 @@ impl Workload {
     }
 }
 
-/// A service in the local config: `vip:port` → `target_port` on `endpoints`, named
+/// A service in the local config: `vip:port` (each of `vips`) → `target_port` on `endpoints`, named
 /// `<name>.<namespace>.svc.cluster.local` as in Kubernetes.
 #[derive(Debug, Clone)]
 pub struct Service {
     pub name: String,
     pub namespace: String,
-    pub vip: String,
+    pub vips: Vec<String>,
     pub port: u16,
     pub target_port: u16,
     pub endpoints: Vec<String>,
@@ -57,6 +57,11 @@ impl Service {
     }
 }
 
+/// A pod's addresses as strings, for a YAML flow list.
+fn ips(pod: &Pod) -> Vec<String> {
+    pod.ips.iter().map(|ip| ip.to_string()).collect()
+}
+
 /// Renders the local config for `workloads` and `services` in Istio's format.
 pub fn config_yaml(workloads: &[&Workload], services: &[Service]) -> String {
     let mut y = String::from("workloads:\n");
@@ -65,7 +70,7 @@ pub fn config_yaml(workloads: &[&Workload], services: &[Service]) -> String {
         let _ = writeln!(y, "  name: {}", w.pod.name);
         let _ = writeln!(y, "  namespace: {}", w.namespace);
         let _ = writeln!(y, "  serviceAccount: {}", w.service_account);
-        let _ = writeln!(y, "  workloadIps: [\"{}\"]", w.pod.ip);
+        let _ = writeln!(y, "  workloadIps: {:?}", ips(&w.pod));
         let _ = writeln!(y, "  protocol: {}", if w.hbone { "HBONE" } else { "TCP" });
         let _ = writeln!(y, "  node: {}", w.pod.node);
         if !w.policies.is_empty() {
@@ -91,7 +96,8 @@ pub fn config_yaml(workloads: &[&Workload], services: &[Service]) -> String {
         let _ = writeln!(y, "- name: {}", s.name);
         let _ = writeln!(y, "  namespace: {}", s.namespace);
         let _ = writeln!(y, "  hostname: {}", s.hostname());
-        let _ = writeln!(y, "  vips: [\"/{}\"]", s.vip);
+        let vips: Vec<String> = s.vips.iter().map(|v| format!("/{v}")).collect();
+        let _ = writeln!(y, "  vips: {vips:?}");
         let _ = writeln!(y, "  ports: {{{}: {}}}", s.port, s.target_port);
         if let Some(w) = &s.waypoint {
             let _ = writeln!(
@@ -123,6 +129,11 @@ impl Mesh {
     /// Nodes named `nodes`, a fresh CA and an empty config. No ztunnel runs yet.
     pub fn new(nodes: &[&str]) -> Self {
         Self::in_lab(Lab::new(), nodes)
+    }
+
+    /// The same with nodes and pods of `family`.
+    pub fn with_family(nodes: &[&str], family: IpFamily) -> Self {
+        Self::in_lab(Lab::new().with_family(family), nodes)
     }
 
     /// The same in a lab made by the caller (e.g. [`Lab::named`]).
@@ -235,12 +246,12 @@ impl Mesh {
         for w in workloads {
             let _ = writeln!(
                 y,
-                "- {{name: {}, namespace: {}, uid: {}, serviceAccount: {}, ips: [\"{}\"], netns: {}}}",
+                "- {{name: {}, namespace: {}, uid: {}, serviceAccount: {}, ips: {:?}, netns: {}}}",
                 w.pod.name,
                 w.namespace,
                 w.uid(),
                 w.service_account,
-                w.pod.ip,
+                ips(&w.pod),
                 w.pod.ns.path().display()
             );
         }
@@ -382,7 +393,12 @@ pub struct Scene {
 
 impl Scene {
     pub fn new() -> Self {
-        let mut m = Mesh::new(&["a", "b"]);
+        Self::with_family(IpFamily::Ipv4)
+    }
+
+    /// The scene with nodes and pods of `family`.
+    pub fn with_family(family: IpFamily) -> Self {
+        let mut m = Mesh::with_family(&["a", "b"], family);
         let a1 = m.lab.add_pod("a", "a1");
         let b1 = m.lab.add_pod("b", "b1");
         let wa = Workload::mesh(&a1, "ns-a", "client");

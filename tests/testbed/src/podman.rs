@@ -80,8 +80,8 @@ impl Podman {
         root
     }
 
-    /// Runs `podman run` for container `name` on `net`'s node with IP `.host`, detached or
-    /// not, and returns podman's output.
+    /// Runs `podman run` for container `name` on `net`'s node with host number `host` in each
+    /// of the network's subnets (`--ip`, `--ip6`), detached or not, and returns podman's output.
     pub fn run(
         &mut self,
         net: &NodeNet,
@@ -105,11 +105,13 @@ impl Podman {
             "nproc=4096:4096".into(),
             "--network".into(),
             net.network.clone(),
-            "--ip".into(),
-            net.ip(host).to_string(),
             "--name".into(),
             full,
         ];
+        for ip in net.ips(host) {
+            args.push(if ip.is_ipv6() { "--ip6" } else { "--ip" }.into());
+            args.push(ip.to_string());
+        }
         args.push(if detach { "-d" } else { "--rm" }.into());
         // --rootfs takes the directory, and what follows it is the command.
         args.push("--rootfs".into());

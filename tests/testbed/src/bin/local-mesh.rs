@@ -1,7 +1,8 @@
 //! `local-mesh`: a real multi-node mesh on one machine, driven end to end, with a report.
 //!
 //! ```text
-//! local-mesh [--nodes N] [--pods M] [--keep]   build, drive, report, remove (or keep)
+//! local-mesh [--nodes N] [--pods M] [--ip-family ipv4|ipv6|dual] [--keep]
+//!                                              build, drive, report, remove (or keep)
 //! local-mesh down                              remove a mesh left by --keep
 //! ```
 //!
@@ -18,11 +19,14 @@ use mesh_testbed::demo::{self, KEPT_ID, LocalMesh, Options};
 use mesh_testbed::lab::purge;
 use nix::sys::signal::{SigSet, Signal};
 
-const USAGE: &str = "usage: local-mesh [--nodes N] [--pods M] [--keep] | local-mesh down
-  --nodes N   simulated nodes (default 2)
-  --pods M    extra load pods per node, each talking to its twin on the next node (default 0)
-  --keep      leave the mesh running and print how to poke at it
-  down        remove a mesh left running by --keep";
+const USAGE: &str =
+    "usage: local-mesh [--nodes N] [--pods M] [--ip-family F] [--keep] | local-mesh down
+  --nodes N       simulated nodes (default 2)
+  --pods M        extra load pods per node, each talking to its twin on the next node (default 0)
+  --ip-family F   ipv4, ipv6 or dual: the addresses of nodes, pods and services (default
+                  ipv4); with dual every path is driven over both
+  --keep          leave the mesh running and print how to poke at it
+  down            remove a mesh left running by --keep";
 
 fn step(msg: &str) {
     eprintln!("• {msg}");
@@ -66,6 +70,12 @@ fn parse(args: &[String]) -> Result<Options, String> {
             "--nodes" => opts.nodes = number("--nodes")?,
             "--pods" => opts.load_pods = number("--pods")?,
             "--keep" => opts.keep = true,
+            "--ip-family" => {
+                opts.family = it
+                    .next()
+                    .ok_or("--ip-family needs ipv4, ipv6 or dual")?
+                    .parse()?;
+            }
             "-h" | "--help" => {
                 println!("{USAGE}");
                 std::process::exit(0);

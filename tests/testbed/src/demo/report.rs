@@ -13,6 +13,8 @@ use crate::lab::Pod;
 #[derive(Debug, Clone)]
 pub struct Row {
     pub label: String,
+    /// `ipv4` or `ipv6`: the family the flow used.
+    pub family: &'static str,
     pub source: String,
     pub destination: String,
     /// SPIFFE ids as ztunnel logged them (`None`: no identity on that side).
@@ -48,6 +50,8 @@ pub struct LoadSummary {
 #[derive(Debug, Clone)]
 pub struct DnsRow {
     pub name: String,
+    /// `A` or `AAAA`.
+    pub qtype: &'static str,
     pub answer: String,
     /// `ztunnel` for a mesh name, `upstream` for one ztunnel forwarded.
     pub answered_by: &'static str,
@@ -112,12 +116,15 @@ pub(super) fn exchange(from: &Pod, to: SocketAddr) -> Measured {
 /// ztunnel (outbound), or for a client outside the mesh the server's (inbound-plaintext).
 /// Flows are told apart by source address and destination port.
 pub(super) fn find_event<'a>(events: &'a [Value], from: &Pod, to: SocketAddr) -> Option<&'a Value> {
-    let src = format!("{}:", from.ip);
+    let ip = from.ip_like(to.ip()).unwrap_or(from.ip);
+    // `src.addr` is `ip:port`, brackets around IPv6: all of it but the port.
+    let src = SocketAddr::new(ip, 0).to_string();
+    let src = src.strip_suffix('0').unwrap_or(&src);
     let port = format!(":{}", to.port());
     events.iter().rev().find(|e| {
         let dir = e["direction"].as_str().unwrap_or_default();
         let dst = e["dst.addr"].as_str().unwrap_or_default();
-        e["src.addr"].as_str().is_some_and(|s| s.starts_with(&src))
+        e["src.addr"].as_str().is_some_and(|s| s.starts_with(src))
             && (dir == "outbound" || dir == "inbound-plaintext")
             && dst.ends_with(&port)
     })
@@ -126,6 +133,7 @@ pub(super) fn find_event<'a>(events: &'a [Value], from: &Pod, to: SocketAddr) ->
 pub(super) fn row(
     label: &str,
     from: &Pod,
+    to: SocketAddr,
     to_name: &str,
     event: Option<&Value>,
     m: Measured,
@@ -159,6 +167,7 @@ pub(super) fn row(
     };
     Row {
         label: label.to_string(),
+        family: if to.is_ipv6() { "ipv6" } else { "ipv4" },
         source: from.name.clone(),
         destination: to_name.to_string(),
         client_identity: id("src.identity"),
@@ -187,8 +196,9 @@ pub fn render(report: &Report) -> String {
     let mut out = String::new();
     let _ = writeln!(
         out,
-        "{:<26} {:<9} {:<14} {:<30} {:<5} {:<7} {:>15} {:>9}",
+        "{:<26} {:<4} {:<9} {:<14} {:<30} {:<5} {:<7} {:>15} {:>9}",
         "path",
+        "ip",
         "source",
         "destination",
         "identities (client -> server)",
@@ -205,8 +215,9 @@ pub fn render(report: &Report) -> String {
         );
         let _ = writeln!(
             out,
-            "{:<26} {:<9} {:<14} {:<30} {:<5} {:<7} {:>15} {:>7.2}ms{}",
+            "{:<26} {:<4} {:<9} {:<14} {:<30} {:<5} {:<7} {:>15} {:>7.2}ms{}",
             r.label,
+            r.family.trim_start_matches("ip"),
             r.source,
             r.destination,
             ids,
@@ -227,8 +238,9 @@ pub fn render(report: &Report) -> String {
         for d in &report.dns {
             let _ = writeln!(
                 out,
-                "  {:<34} -> {:<16} answered by {}{}",
+                "  {:<34} {:<4} -> {:<16} answered by {}{}",
                 d.name,
+                d.qtype,
                 d.answer,
                 d.answered_by,
                 if d.ok { "" } else { "  FAILED" }
