@@ -9,6 +9,7 @@
 use std::sync::{Arc, Mutex};
 
 use anyhow::{Context, bail};
+use mesh_contract::Chain;
 use prometheus_client::registry::Registry;
 use tokio::sync::{mpsc, oneshot};
 
@@ -81,7 +82,6 @@ async fn serve(config: Config) -> anyhow::Result<()> {
         None
     } else {
         let probes = redirect::host::HostProbes::install(&config.probe_cgroup, &config.proc_dir)
-            .map_err(anyhow::Error::msg)
             .context("--probe-cgroup")?;
         Some(Arc::new(Mutex::new(probes)))
     };
@@ -91,7 +91,7 @@ async fn serve(config: Config) -> anyhow::Result<()> {
     let marks_file = config.state_dir.join("enrolled.json");
     let marks = Marks::load(Some(marks_file.clone())).unwrap_or_else(|e| {
         metrics.state_file_errors.inc();
-        tracing::error!(error = %e, "the enrollment record is unreadable; moving it aside and treating every pod as enrolled before");
+        tracing::error!(error = %Chain(&e), "the enrollment record is unreadable; moving it aside and treating every pod as enrolled before");
         Marks::damaged(marks_file)
     });
     let zds = ZdsServer::new();

@@ -12,15 +12,20 @@ use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use mesh_contract::Chain;
 use mesh_netns::NetNs;
 use mesh_zds::client::WorkloadInfo;
 use tokio::sync::{mpsc, oneshot, watch};
 
+mod doers;
 mod marks;
 mod requests;
 mod status;
+#[cfg(test)]
+mod tests;
 
-pub use marks::Marks;
+pub use doers::{Locate, Rules, Ztunnel};
+pub use marks::{Marks, MarksError};
 pub use requests::{CniFailure, CniOutcome, CniPod, Request};
 pub use status::{NoStatus, PodState, PodStatus, Shared, StatusSink, Step};
 
@@ -50,13 +55,14 @@ struct Tracked {
     retry_at: Option<Instant>,
 }
 
-/// The manager's inputs and collaborators.
+/// The manager's inputs and collaborators: the agent's own doers by default, fakes in its
+/// unit tests.
 #[derive(Debug)]
-pub struct Manager {
+pub struct Manager<R = Redirector, F = Finder, Z = ZdsServer> {
     pub policy: Policy,
-    pub redirector: Arc<Redirector>,
-    pub finder: Arc<Finder>,
-    pub zds: ZdsServer,
+    pub redirector: Arc<R>,
+    pub finder: Arc<F>,
+    pub zds: Z,
     pub metrics: Arc<Metrics>,
     pub status: Arc<dyn StatusSink>,
     pub shared: Arc<Mutex<Shared>>,
@@ -79,13 +85,13 @@ fn info(pod: &PodInfo) -> WorkloadInfo {
     }
 }
 
-impl Manager {
+impl<R: Rules, F: Locate, Z: Ztunnel> Manager<R, F, Z> {
     #[allow(clippy::too_many_arguments)]
     pub fn new(
         policy: Policy,
-        redirector: Arc<Redirector>,
-        finder: Arc<Finder>,
-        zds: ZdsServer,
+        redirector: Arc<R>,
+        finder: Arc<F>,
+        zds: Z,
         metrics: Arc<Metrics>,
         status: Arc<dyn StatusSink>,
         shared: Arc<Mutex<Shared>>,
@@ -190,7 +196,7 @@ impl Manager {
             .collect();
         let r = tokio::task::spawn_blocking(move || crate::redirect::host::retain(&keep)).await;
         if let Ok(Err(e)) = r {
-            tracing::warn!(step = "probe-rule", error = %chain(&e), "stale probe SNAT addresses not removed");
+            tracing::warn!(step = "probe-rule", error = %Chain(&e), "stale probe SNAT addresses not removed");
         }
     }
 
@@ -321,13 +327,13 @@ impl Manager {
                 Ok(ns) => {
                     if let Err(e) = self.redirector.remove(&Arc::new(ns)).await {
                         self.metrics.failure("remove");
-                        tracing::warn!(uid = %pod.uid, pod = %pod.name, step = "rules", error = %chain(&e), "removing the redirection of a pod that left the mesh failed");
+                        tracing::warn!(uid = %pod.uid, pod = %pod.name, step = "rules", error = %Chain(&e), "removing the redirection of a pod that left the mesh failed");
                         continue;
                     }
                 }
                 // No netns: the sandbox is gone, and its rules with it.
                 Err(e) => {
-                    tracing::debug!(uid = %pod.uid, error = %chain(&e), "no netns for a pod that left the mesh")
+                    tracing::debug!(uid = %pod.uid, error = %Chain(&e), "no netns for a pod that left the mesh")
                 }
             }
             self.marks.set(&pod.uid, false).await;
@@ -391,7 +397,7 @@ impl Manager {
                 Err(e) => {
                     // A ztunnel that already serves this pod (agent restart) must keep it.
                     self.zds.keep(uid, info(&pod));
-                    let reason = format!("network namespace: {}", chain(&e));
+                    let reason = format!("network namespace: {}", Chain(&e));
                     return self.pending(uid, Step::Netns, reason);
                 }
             },
@@ -430,7 +436,7 @@ impl Manager {
                     return self.pending(
                         uid,
                         Step::Rules,
-                        format!("installing redirection: {}", chain(&e)),
+                        format!("installing redirection: {}", Chain(&e)),
                     );
                 }
             }
@@ -438,11 +444,11 @@ impl Manager {
                 return self.pending(
                     uid,
                     Step::Rules,
-                    format!("checking redirection: {}", chain(&e)),
+                    format!("checking redirection: {}", Chain(&e)),
                 );
             }
         }
-        match crate::redirect::inspect::migrate_queued_connections(&netns).await {
+        match self.redirector.migrate_queued_connections(&netns).await {
             Ok(true) => {}
             Ok(false) => {
                 tracing::debug!(
@@ -451,7 +457,7 @@ impl Manager {
                 )
             }
             Err(e) => {
-                tracing::warn!(uid, pod = %pod.name, error = %e, "cannot set tcp_migrate_req")
+                tracing::warn!(uid, pod = %pod.name, error = %Chain(&e), "cannot set tcp_migrate_req")
             }
         }
         match self.zds.add(uid, info(&pod), netns.clone()).await {
@@ -459,19 +465,19 @@ impl Manager {
             Err(ZdsError::NoZtunnel) => {
                 return self.pending(uid, Step::Ztunnel, "waiting for ztunnel to connect".into());
             }
-            Err(e) => return self.pending(uid, Step::Ztunnel, format!("ztunnel: {}", chain(&e))),
+            Err(e) => return self.pending(uid, Step::Ztunnel, format!("ztunnel: {}", Chain(&e))),
         }
         // ztunnel has opened its listeners: with DNS capture, one must serve 15053.
         if opts.dns_capture
-            && let Err(why) = crate::redirect::inspect::dns_served(&netns).await
+            && let Err(e) = self.redirector.dns_served(&netns).await
         {
-            return self.pending(uid, Step::Dns, why);
+            return self.pending(uid, Step::Dns, Chain(&e).to_string());
         }
         if self.host_probes.is_some() {
             let ips = pod.ips.clone();
             let r = tokio::task::spawn_blocking(move || crate::redirect::host::add(&ips)).await;
             if let Ok(Err(e)) = r {
-                tracing::warn!(uid, pod = %pod.name, step = "probe-rule", error = %chain(&e), "probe SNAT set not updated");
+                tracing::warn!(uid, pod = %pod.name, step = "probe-rule", error = %Chain(&e), "probe SNAT set not updated");
             }
         }
         let t = self.tracked.get_mut(uid).expect("tracked");
@@ -489,13 +495,13 @@ impl Manager {
             return;
         };
         if let Err(e) = self.zds.del(uid).await {
-            tracing::warn!(uid, pod = %t.pod.name, step = "ztunnel", error = %chain(&e), "ztunnel did not confirm removal");
+            tracing::warn!(uid, pod = %t.pod.name, step = "ztunnel", error = %Chain(&e), "ztunnel did not confirm removal");
         }
         if let Some(ns) = &t.netns
             && let Err(e) = self.redirector.remove(ns).await
         {
             self.metrics.failure("remove");
-            tracing::warn!(uid, pod = %t.pod.name, step = "rules", error = %chain(&e), "removing redirection failed");
+            tracing::warn!(uid, pod = %t.pod.name, step = "rules", error = %Chain(&e), "removing redirection failed");
         }
         if self.host_probes.is_some() {
             let ips = t.pod.ips.clone();
@@ -513,7 +519,7 @@ impl Manager {
                     .await;
             if let Ok(Err(e)) = r {
                 self.metrics.failure("probe-rule");
-                tracing::warn!(step = "probe-rule", error = %e, "probe rule not refreshed");
+                tracing::warn!(step = "probe-rule", error = %Chain(&e), "probe rule not refreshed");
             }
         }
         let enrolled: Vec<String> = self
@@ -538,12 +544,12 @@ impl Manager {
                         self.pending(
                             &uid,
                             Step::Rules,
-                            format!("repairing redirection: {}", chain(&e)),
+                            format!("repairing redirection: {}", Chain(&e)),
                         );
                     }
                 }
                 Err(e) => {
-                    tracing::warn!(%uid, pod = %name, error = %chain(&e), "drift check failed")
+                    tracing::warn!(%uid, pod = %name, error = %Chain(&e), "drift check failed")
                 }
             }
         }
@@ -685,7 +691,7 @@ impl Manager {
             Ok(Check::Intact) => Ok(CniOutcome::Enrolled),
             Ok(Check::Missing) => Err(CniFailure::Missing("redirection rules are missing".into())),
             Ok(Check::Drifted(what)) => Err(CniFailure::Missing(what)),
-            Err(e) => Err(CniFailure::Failed(chain(&e))),
+            Err(e) => Err(CniFailure::Failed(Chain(&e).to_string())),
         }
     }
 
@@ -745,15 +751,4 @@ impl Manager {
             );
         }
     }
-}
-
-fn chain(e: &(dyn std::error::Error + 'static)) -> String {
-    let mut s = e.to_string();
-    let mut next = e.source();
-    while let Some(inner) = next {
-        s.push_str(": ");
-        s.push_str(&inner.to_string());
-        next = inner.source();
-    }
-    s
 }

@@ -123,7 +123,7 @@ impl Finder {
                 Ok(addrs) if addrs.iter().any(|a| ips.contains(a)) => hits.push((path, ns)),
                 Ok(_) => {}
                 Err(e) => {
-                    tracing::debug!(netns = %path.display(), error = %e, "cannot list addresses")
+                    tracing::debug!(netns = %path.display(), error = %mesh_contract::Chain(&e), "cannot list addresses")
                 }
             }
         }
@@ -178,16 +178,24 @@ fn candidates_in(netns_dirs: &[PathBuf], proc_dir: &Path) -> BTreeMap<NetNsId, (
     found
 }
 
+/// Why a namespace's addresses could not be listed.
+#[derive(Debug, thiserror::Error)]
+pub enum AddressesError {
+    #[error("entering the netns")]
+    Enter(#[from] mesh_netns::Error),
+    #[error("rtnetlink socket")]
+    Socket(#[from] std::io::Error),
+    #[error("listing addresses")]
+    List(#[from] rtnetlink::Error),
+}
+
 /// The IP addresses configured in `ns`.
-pub async fn addresses(ns: &NetNs) -> Result<Vec<IpAddr>, String> {
-    let (conn, handle, _) = ns
-        .run(rtnetlink::new_connection)
-        .map_err(|e| e.to_string())?
-        .map_err(|e| e.to_string())?;
+pub async fn addresses(ns: &NetNs) -> Result<Vec<IpAddr>, AddressesError> {
+    let (conn, handle, _) = ns.run(rtnetlink::new_connection)??;
     let task = tokio::spawn(conn);
     let result: Result<Vec<_>, _> = handle.address().get().execute().try_collect().await;
     task.abort();
-    let msgs = result.map_err(|e| e.to_string())?;
+    let msgs = result?;
     Ok(msgs
         .iter()
         .flat_map(|m| m.attributes.iter())

@@ -14,7 +14,8 @@
 //! - [`admin`], [`scrape`] (the metrics endpoint), [`readiness`] (over [`http`]), [`logging`]:
 //!   what operators see; [`metrics`] holds the counters the data path updates, and its access
 //!   log is [`proxy::accesslog`];
-//! - [`drain`], [`errors`], [`config`], [`app`]: operations and wiring.
+//! - [`drain`], [`config`], [`app`]: operations and wiring (errors are printed with
+//!   [`mesh_contract::Chain`]).
 //!
 //! The library exists so tests and benchmarks can use the same types; the binary is `main.rs`.
 
@@ -24,7 +25,6 @@ pub mod admin;
 pub mod app;
 pub mod config;
 pub mod drain;
-pub mod errors;
 pub mod grpc;
 pub mod http;
 pub mod identity;

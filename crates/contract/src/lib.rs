@@ -2,14 +2,17 @@
 //! Istio's own implementations of them must agree on (SPEC §1–§4).
 //!
 //! This crate holds constants and wire schemas only ([`cni_event`]: the plugin's requests to
-//! the agent). It must not grow behaviour: anything that decides or does something belongs to
-//! the program that owns it.
+//! the agent), and the one way errors are printed ([`Chain`]). It must not grow behaviour:
+//! anything that decides or does something belongs to the program that owns it.
 
 #![forbid(unsafe_code)]
 
 use std::net::{Ipv4Addr, Ipv6Addr};
 
 pub mod cni_event;
+mod errors;
+
+pub use errors::Chain;
 
 /// Ports ztunnel opens inside every enrolled pod's network namespace.
 pub mod ports {

@@ -3,7 +3,16 @@
 use std::collections::HashSet;
 use std::path::PathBuf;
 
-use super::chain;
+use mesh_contract::Chain;
+
+/// Why the record on disk could not be read.
+#[derive(Debug, thiserror::Error)]
+pub enum MarksError {
+    #[error("reading {}", .0.display())]
+    Read(PathBuf, #[source] std::io::Error),
+    #[error("{} is not a list of pod uids", .0.display())]
+    Parse(PathBuf, #[source] serde_json::Error),
+}
 
 /// Persistent record of which pods this node enrolled, so rules lost with a reboot are
 /// noticed and reported rather than silently reinstalled. Written atomically
@@ -21,14 +30,15 @@ impl Marks {
     /// Reads `file`; a missing file is an empty record. A file that cannot be read or parsed
     /// (torn by a crash, edited by hand) is an error, not an empty set: the caller reports it
     /// and goes on with [`Marks::damaged`].
-    pub fn load(file: Option<PathBuf>) -> Result<Self, String> {
+    pub fn load(file: Option<PathBuf>) -> Result<Self, MarksError> {
         let uids = match &file {
             None => HashSet::new(),
             Some(f) => match std::fs::read(f) {
-                Ok(data) => serde_json::from_slice(&data)
-                    .map_err(|e| format!("{} is not a list of pod uids: {e}", f.display()))?,
+                Ok(data) => {
+                    serde_json::from_slice(&data).map_err(|e| MarksError::Parse(f.clone(), e))?
+                }
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => HashSet::new(),
-                Err(e) => return Err(format!("reading {}: {e}", f.display())),
+                Err(e) => return Err(MarksError::Read(f.clone(), e)),
             },
         };
         Ok(Self {
@@ -83,7 +93,7 @@ impl Marks {
                     .await;
             match written {
                 Ok(Ok(())) => {}
-                Ok(Err(e)) => tracing::warn!(error = %chain(&e), "cannot persist enrollment marks"),
+                Ok(Err(e)) => tracing::warn!(error = %Chain(&e), "cannot persist enrollment marks"),
                 Err(e) => tracing::warn!(error = %e, "cannot persist enrollment marks"),
             }
         }
@@ -117,7 +127,7 @@ mod tests {
 
         // A write cut short by a crash on a filesystem without the rename guarantee.
         std::fs::write(&file, b"[\"ns/a\", \"ns/").unwrap();
-        let err = Marks::load(Some(file.clone())).unwrap_err();
+        let err = Marks::load(Some(file.clone())).unwrap_err().to_string();
         assert!(err.contains("is not a list of pod uids"), "{err}");
         let damaged = Marks::damaged(file.clone());
         assert!(damaged.contains("ns/a") && damaged.contains("ns/anything"));

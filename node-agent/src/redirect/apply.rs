@@ -39,6 +39,8 @@ pub enum ApplyError {
     Netlink(#[from] nfnl::NlError),
     #[error("scratch namespace")]
     Scratch(#[from] mesh_netns::Error),
+    #[error("reading the pod's network settings")]
+    Inspect(#[from] super::inspect::InspectError),
 }
 
 /// The outcome of checking a pod's redirection.
@@ -171,12 +173,7 @@ pub fn check_nft() -> Result<(), ApplyError> {
 /// Decided per pod, not per node: a pod with IPv6 always has it captured, and one without
 /// gets no IPv6 rule or route that could not be installed.
 async fn for_netns(netns: &Arc<NetNs>, mut opts: Options) -> Result<Options, ApplyError> {
-    opts.ipv6 = super::inspect::has_ipv6(netns)
-        .await
-        .map_err(|stderr| ApplyError::Failed {
-            command: "reading net.ipv6.conf.all.disable_ipv6".into(),
-            stderr,
-        })?;
+    opts.ipv6 = super::inspect::has_ipv6(netns).await?;
     Ok(opts)
 }
 

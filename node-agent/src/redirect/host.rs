@@ -17,7 +17,7 @@ use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use mesh_contract::{PROBE_SNAT_V4, PROBE_SNAT_V6};
+use mesh_contract::{Chain, PROBE_SNAT_V4, PROBE_SNAT_V6};
 
 use super::ApplyError;
 
@@ -31,6 +31,40 @@ pub const PROBE_CT_LABEL: u8 = 101;
 
 /// Where nft looks up cgroup v2 paths (`socket cgroupv2` takes a path relative to it).
 const NFT_CGROUP_BASE: &str = "/sys/fs/cgroup";
+
+/// Why the probe rule's source could not be resolved or installed.
+#[derive(Debug, thiserror::Error)]
+pub enum ProbeError {
+    #[error(
+        "probe cgroup {0:?} is not an absolute cgroup v2 path like /system.slice/kubelet.service"
+    )]
+    NotAbsolute(String),
+    #[error("probe cgroup / is the root and holds every process; say `any` if that is meant")]
+    Root,
+    #[error("probe cgroup {path}: {} is not a cgroup v2 directory", dir.display())]
+    NotCgroup { path: String, dir: PathBuf },
+    #[error(
+        "the cgroup v2 filesystem is mounted at {}, outside {NFT_CGROUP_BASE} where nft looks",
+        .0.display()
+    )]
+    OutsideNftBase(PathBuf),
+    #[error("reading /proc/self/mountinfo")]
+    Mountinfo(#[source] std::io::Error),
+    #[error("no cgroup v2 filesystem is mounted")]
+    NoCgroup2,
+    #[error("no kubelet found: reading {}", .0.display())]
+    Proc(PathBuf, #[source] std::io::Error),
+    #[error("no process named kubelet under {}", .0.display())]
+    NoKubelet(PathBuf),
+    #[error("the kubelet is in no cgroup v2")]
+    KubeletNotInCgroup2,
+    #[error(
+        "the kubelet's cgroup ({0}) is outside this agent's cgroup namespace and its place on the host is unknown; pass --probe-cgroup with its path on the host"
+    )]
+    OutsideCgroupNamespace(String),
+    #[error("installing the host probe rule")]
+    Install(#[from] ApplyError),
+}
 
 /// Whose connections to an enrolled pod are treated as kubelet probes.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -64,7 +98,7 @@ impl ProbeSource {
     /// Resolves `--probe-cgroup`: `any`, `none`, `auto` (the cgroup of the process named
     /// `kubelet` under `proc_dir`), or a cgroup v2 path. `auto` without a kubelet is
     /// [`ProbeSource::Nobody`] and says why; anything else that cannot be resolved is an error.
-    pub fn resolve(spec: &str, proc_dir: &Path) -> Result<(Self, Option<String>), String> {
+    pub fn resolve(spec: &str, proc_dir: &Path) -> Result<(Self, Option<ProbeError>), ProbeError> {
         match spec {
             "any" => Ok((ProbeSource::AnyLocal, None)),
             "none" => Ok((ProbeSource::Nobody, None)),
@@ -77,32 +111,24 @@ impl ProbeSource {
     }
 
     /// A cgroup v2 `path` on the cgroup2 filesystem mounted at `mount`.
-    fn cgroup(path: &str, mount: &Path) -> Result<Self, String> {
+    fn cgroup(path: &str, mount: &Path) -> Result<Self, ProbeError> {
         let parts: Vec<&str> = path.split('/').filter(|p| !p.is_empty()).collect();
         if !path.starts_with('/') || parts.iter().any(|p| *p == "." || *p == "..") {
-            return Err(format!(
-                "probe cgroup {path:?} is not an absolute cgroup v2 path like /system.slice/kubelet.service"
-            ));
+            return Err(ProbeError::NotAbsolute(path.into()));
         }
         if parts.is_empty() {
-            return Err(
-                "probe cgroup / is the root and holds every process; say `any` if that is meant"
-                    .into(),
-            );
+            return Err(ProbeError::Root);
         }
         let dir = mount.join(parts.join("/"));
         if !dir.join("cgroup.procs").exists() {
-            return Err(format!(
-                "probe cgroup {path}: {} is not a cgroup v2 directory",
-                dir.display()
-            ));
+            return Err(ProbeError::NotCgroup {
+                path: path.into(),
+                dir,
+            });
         }
-        let rel = mount.strip_prefix(NFT_CGROUP_BASE).map_err(|_| {
-            format!(
-                "the cgroup v2 filesystem is mounted at {}, outside {NFT_CGROUP_BASE} where nft looks",
-                mount.display()
-            )
-        })?;
+        let rel = mount
+            .strip_prefix(NFT_CGROUP_BASE)
+            .map_err(|_| ProbeError::OutsideNftBase(mount.into()))?;
         let nft_path = rel.join(parts.join("/")).to_string_lossy().into_owned();
         Ok(ProbeSource::Cgroup {
             path: path.to_string(),
@@ -126,7 +152,7 @@ pub struct HostProbes {
 
 impl HostProbes {
     /// Resolves `spec` (see [`ProbeSource::resolve`]) and installs the host table.
-    pub fn install(spec: &str, proc_dir: &Path) -> Result<Self, String> {
+    pub fn install(spec: &str, proc_dir: &Path) -> Result<Self, ProbeError> {
         let mut me = Self {
             spec: spec.to_string(),
             proc_dir: proc_dir.to_path_buf(),
@@ -136,12 +162,11 @@ impl HostProbes {
         let (source, why) = ProbeSource::resolve(spec, proc_dir)?;
         match why {
             Some(why) => {
-                tracing::warn!(reason = %why, "no kubelet to give the probe bypass to: probes go through ztunnel and policy")
+                tracing::warn!(reason = %Chain(&why), "no kubelet to give the probe bypass to: probes go through ztunnel and policy")
             }
             None => tracing::info!(source = %source, "probe bypass"),
         }
-        me.apply(source)
-            .map_err(|e| format!("installing the host probe rule: {e}"))?;
+        me.apply(source)?;
         Ok(me)
     }
 
@@ -159,12 +184,12 @@ impl HostProbes {
 
     /// Resolves the spec again and reinstalls the table (keeping its elements) if the cgroup
     /// it names has changed. True when it did.
-    pub fn refresh(&mut self) -> Result<bool, String> {
+    pub fn refresh(&mut self) -> Result<bool, ProbeError> {
         let source = match ProbeSource::resolve(&self.spec, &self.proc_dir) {
             Ok((source, _)) => source,
             // A kubelet restarting right now: keep the rule until it is back.
             Err(e) if self.spec == "auto" => {
-                tracing::debug!(error = %e, "kubelet not resolvable now");
+                tracing::debug!(error = %Chain(&e), "kubelet not resolvable now");
                 return Ok(false);
             }
             Err(e) => return Err(e),
@@ -173,7 +198,7 @@ impl HostProbes {
             return Ok(false);
         }
         tracing::info!(source = %source, was = %self.installed, "the kubelet's cgroup changed; probe rule reinstalled");
-        self.apply(source).map_err(|e| e.to_string())?;
+        self.apply(source)?;
         Ok(true)
     }
 }
@@ -192,10 +217,9 @@ fn cgroup_id(source: &ProbeSource) -> Option<u64> {
 
 /// Where the cgroup v2 filesystem is mounted (`/sys/fs/cgroup`, or
 /// `/sys/fs/cgroup/unified` on hybrid hosts).
-fn cgroup2_mount() -> Result<PathBuf, String> {
-    let info = std::fs::read_to_string("/proc/self/mountinfo")
-        .map_err(|e| format!("reading /proc/self/mountinfo: {e}"))?;
-    cgroup2_in_mountinfo(&info).ok_or_else(|| "no cgroup v2 filesystem is mounted".into())
+fn cgroup2_mount() -> Result<PathBuf, ProbeError> {
+    let info = std::fs::read_to_string("/proc/self/mountinfo").map_err(ProbeError::Mountinfo)?;
+    cgroup2_in_mountinfo(&info).ok_or(ProbeError::NoCgroup2)
 }
 
 fn cgroup2_in_mountinfo(info: &str) -> Option<PathBuf> {
@@ -208,9 +232,8 @@ fn cgroup2_in_mountinfo(info: &str) -> Option<PathBuf> {
 }
 
 /// The cgroup v2 path of the process named `kubelet` under `proc_dir`.
-fn kubelet_cgroup(proc_dir: &Path) -> Result<String, String> {
-    let entries = std::fs::read_dir(proc_dir)
-        .map_err(|e| format!("no kubelet found: reading {}: {e}", proc_dir.display()))?;
+fn kubelet_cgroup(proc_dir: &Path) -> Result<String, ProbeError> {
+    let entries = std::fs::read_dir(proc_dir).map_err(|e| ProbeError::Proc(proc_dir.into(), e))?;
     for e in entries.flatten() {
         let name = e.file_name();
         if !name.to_string_lossy().bytes().all(|b| b.is_ascii_digit()) {
@@ -221,13 +244,10 @@ fn kubelet_cgroup(proc_dir: &Path) -> Result<String, String> {
         if !is_kubelet {
             continue;
         }
-        let path = cgroup_of(&e.path()).ok_or("the kubelet is in no cgroup v2")?;
+        let path = cgroup_of(&e.path()).ok_or(ProbeError::KubeletNotInCgroup2)?;
         return absolute_cgroup(&path, cgroup_of(&proc_dir.join("1")).as_deref());
     }
-    Err(format!(
-        "no process named kubelet under {}",
-        proc_dir.display()
-    ))
+    Err(ProbeError::NoKubelet(proc_dir.into()))
 }
 
 /// The cgroup v2 path of process directory `pid` (`/proc/<pid>`), as this process sees it.
@@ -243,7 +263,7 @@ fn cgroup_of(pid: &Path) -> Option<String> {
 /// hierarchy. Inside a container with its own cgroup namespace it reads like
 /// `/../../../system.slice/kubelet.service`: climbing as many levels as the host's init
 /// (`init`, seen the same way) needs reaches the host's root, so the rest is the path.
-fn absolute_cgroup(path: &str, init: Option<&str>) -> Result<String, String> {
+fn absolute_cgroup(path: &str, init: Option<&str>) -> Result<String, ProbeError> {
     let ups = |p: &str| p.split('/').skip(1).take_while(|c| *c == "..").count();
     let climbs = ups(path);
     if climbs == 0 {
@@ -254,9 +274,7 @@ fn absolute_cgroup(path: &str, init: Option<&str>) -> Result<String, String> {
             let rest: Vec<&str> = path.split('/').skip(1 + climbs).collect();
             Ok(format!("/{}", rest.join("/")))
         }
-        _ => Err(format!(
-            "the kubelet's cgroup ({path}) is outside this agent's cgroup namespace and its place on the host is unknown; pass --probe-cgroup with its path on the host"
-        )),
+        _ => Err(ProbeError::OutsideCgroupNamespace(path.into())),
     }
 }
 
@@ -455,10 +473,12 @@ mod tests {
         let mount = Path::new(NFT_CGROUP_BASE).join("unified");
         // Only the resolution of names is checked here; nft itself is tried end to end.
         for bad in ["system.slice", "/", "/a/../b", "/./a"] {
-            let err = ProbeSource::cgroup(bad, &mount).unwrap_err();
+            let err = ProbeSource::cgroup(bad, &mount).unwrap_err().to_string();
             assert!(err.contains("probe cgroup"), "{bad}: {err}");
         }
-        let missing = ProbeSource::cgroup("/no-such-cgroup-here", &mount).unwrap_err();
+        let missing = ProbeSource::cgroup("/no-such-cgroup-here", &mount)
+            .unwrap_err()
+            .to_string();
         assert!(
             missing.contains("is not a cgroup v2 directory"),
             "{missing}"
@@ -466,7 +486,9 @@ mod tests {
         let outside = root.path().join("kube");
         std::fs::create_dir_all(&outside).unwrap();
         std::fs::write(outside.join("cgroup.procs"), "").unwrap();
-        let err = ProbeSource::cgroup("/kube", root.path()).unwrap_err();
+        let err = ProbeSource::cgroup("/kube", root.path())
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("outside /sys/fs/cgroup"), "{err}");
 
         let info = "24 30 0:22 / /sys/fs/cgroup rw - tmpfs tmpfs rw\n\
@@ -483,7 +505,11 @@ mod tests {
         let proc = tempfile::tempdir().unwrap();
         let (none, why) = ProbeSource::resolve("auto", proc.path()).unwrap();
         assert_eq!(none, ProbeSource::Nobody);
-        assert!(why.unwrap().contains("no process named kubelet"));
+        assert!(
+            why.unwrap()
+                .to_string()
+                .contains("no process named kubelet")
+        );
         let pid = proc.path().join("4242");
         std::fs::create_dir_all(&pid).unwrap();
         std::fs::write(pid.join("comm"), "kubelet\n").unwrap();
@@ -496,6 +522,7 @@ mod tests {
         assert_eq!(none, ProbeSource::Nobody);
         assert!(
             why.unwrap()
+                .to_string()
                 .contains("outside this agent's cgroup namespace")
         );
         // Seen from a container: the host's init climbs as far, so the path is known.

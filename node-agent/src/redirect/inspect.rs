@@ -12,73 +12,88 @@ use std::sync::Arc;
 use mesh_contract::ports;
 use mesh_netns::NetNs;
 
-/// Whether `netns` has an IPv6 stack that is switched on.
-pub async fn has_ipv6(netns: &Arc<NetNs>) -> Result<bool, String> {
+/// Why the agent could not read or set what it needs in a pod's netns.
+#[derive(Debug, thiserror::Error)]
+pub enum InspectError {
+    #[error("entering the pod's netns")]
+    Enter(#[from] mesh_netns::Error),
+    #[error("the inspecting thread failed")]
+    Thread(#[from] tokio::task::JoinError),
+    #[error("{what} in the pod's netns")]
+    Proc {
+        what: &'static str,
+        #[source]
+        source: std::io::Error,
+    },
+    /// DNS capture is on but the pod's DNS would go nowhere.
+    #[error(
+        "DNS capture is on but nothing serves {missing} on port {port} in the pod (does its ztunnel run a DNS proxy?); its DNS would be lost",
+        port = ports::DNS
+    )]
+    DnsNotServed { missing: &'static str },
+}
+
+/// Runs `f` on a blocking thread inside `netns`.
+async fn in_netns<T: Send + 'static>(
+    netns: &Arc<NetNs>,
+    f: impl FnOnce() -> Result<T, InspectError> + Send + 'static,
+) -> Result<T, InspectError> {
     let ns = netns.clone();
-    tokio::task::spawn_blocking(move || {
-        ns.run(|| {
-            match std::fs::read_to_string("/proc/sys/net/ipv6/conf/all/disable_ipv6") {
-                Ok(v) => Ok(v.trim() == "0"),
-                // The kernel has no IPv6 (ipv6.disable=1): nothing to capture.
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(false),
-                Err(e) => Err(format!("reading the pod's IPv6 setting: {e}")),
-            }
-        })
-        .map_err(|e| e.to_string())?
+    tokio::task::spawn_blocking(move || ns.run(f)?).await?
+}
+
+/// Whether `netns` has an IPv6 stack that is switched on.
+pub async fn has_ipv6(netns: &Arc<NetNs>) -> Result<bool, InspectError> {
+    in_netns(netns, || {
+        match std::fs::read_to_string("/proc/sys/net/ipv6/conf/all/disable_ipv6") {
+            Ok(v) => Ok(v.trim() == "0"),
+            // The kernel has no IPv6 (ipv6.disable=1): nothing to capture.
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(false),
+            Err(source) => Err(InspectError::Proc {
+                what: "reading net.ipv6.conf.all.disable_ipv6",
+                source,
+            }),
+        }
     })
     .await
-    .map_err(|e| e.to_string())?
 }
 
 /// Sets `net.ipv4.tcp_migrate_req` (it covers IPv6 too) in `netns`: during a rolling update
 /// the old and new ztunnel listen on the same ports (`SO_REUSEPORT`); when the old one closes
 /// its listeners, connections in their accept queues move to the new one's rather than being
 /// reset. False on kernels without it (before 5.14).
-pub async fn migrate_queued_connections(netns: &Arc<NetNs>) -> Result<bool, String> {
-    let ns = netns.clone();
-    tokio::task::spawn_blocking(move || {
-        ns.run(
-            || match std::fs::write("/proc/sys/net/ipv4/tcp_migrate_req", "1") {
-                Ok(()) => Ok(true),
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(false),
-                Err(e) => Err(format!("setting net.ipv4.tcp_migrate_req: {e}")),
-            },
-        )
-        .map_err(|e| e.to_string())?
+pub async fn migrate_queued_connections(netns: &Arc<NetNs>) -> Result<bool, InspectError> {
+    in_netns(netns, || {
+        match std::fs::write("/proc/sys/net/ipv4/tcp_migrate_req", "1") {
+            Ok(()) => Ok(true),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(false),
+            Err(source) => Err(InspectError::Proc {
+                what: "setting net.ipv4.tcp_migrate_req",
+                source,
+            }),
+        }
     })
     .await
-    .map_err(|e| e.to_string())?
 }
 
 /// Ok when a UDP and a TCP socket are bound to port 15053 in `netns` (ztunnel's DNS proxy),
 /// else why not: with DNS capture on, the pod's DNS would go nowhere.
-pub async fn dns_served(netns: &Arc<NetNs>) -> Result<(), String> {
-    let ns = netns.clone();
-    let tables = tokio::task::spawn_blocking(move || {
-        ns.run(|| {
-            ["udp", "udp6", "tcp", "tcp6"].map(|t| {
-                std::fs::read_to_string(format!("/proc/thread-self/net/{t}")).unwrap_or_default()
-            })
-        })
-        .map_err(|e| e.to_string())
+pub async fn dns_served(netns: &Arc<NetNs>) -> Result<(), InspectError> {
+    let [udp, udp6, tcp, tcp6] = in_netns(netns, || {
+        Ok(["udp", "udp6", "tcp", "tcp6"].map(|t| {
+            std::fs::read_to_string(format!("/proc/thread-self/net/{t}")).unwrap_or_default()
+        }))
     })
-    .await
-    .map_err(|e| e.to_string())??;
-    let [udp, udp6, tcp, tcp6] = tables;
+    .await?;
     let udp = bound(&udp, ports::DNS, None) || bound(&udp6, ports::DNS, None);
     let tcp = bound(&tcp, ports::DNS, Some(LISTEN)) || bound(&tcp6, ports::DNS, Some(LISTEN));
-    match (udp, tcp) {
-        (true, true) => Ok(()),
-        (u, t) => Err(format!(
-            "DNS capture is on but nothing serves {} on port {} in the pod (does its ztunnel run a DNS proxy?); its DNS would be lost",
-            match (u, t) {
-                (false, false) => "UDP or TCP",
-                (false, true) => "UDP",
-                _ => "TCP",
-            },
-            ports::DNS
-        )),
-    }
+    let missing = match (udp, tcp) {
+        (true, true) => return Ok(()),
+        (false, false) => "UDP or TCP",
+        (false, true) => "UDP",
+        (true, false) => "TCP",
+    };
+    Err(InspectError::DnsNotServed { missing })
 }
 
 /// The `st` column of a listening TCP socket.
@@ -123,7 +138,7 @@ mod tests {
         // Needs root (unshare): fails loudly without it.
         let ns = Arc::new(NetNs::new_isolated().unwrap());
         assert!(has_ipv6(&ns).await.unwrap());
-        let err = dns_served(&ns).await.unwrap_err();
+        let err = dns_served(&ns).await.unwrap_err().to_string();
         assert!(
             err.contains("nothing serves UDP or TCP on port 15053"),
             "{err}"

@@ -78,7 +78,7 @@ const REPLY_DEADLINE: Duration = Duration::from_secs(10);
 pub enum NlError {
     #[error("netlink socket in the pod's netns")]
     Socket(#[source] std::io::Error),
-    #[error("{what}: {source}")]
+    #[error("{what}")]
     Kernel {
         what: String,
         #[source]

@@ -107,7 +107,7 @@ impl IstioCa {
         });
         if let Some(file) = &self.token_file {
             crate::grpc::attach_token(&mut req, file)
-                .map_err(|e| crate::errors::Chain(&e).to_string())?;
+                .map_err(|e| mesh_contract::Chain(&e).to_string())?;
         }
         if let Ok(v) = self.cluster_id.parse() {
             req.metadata_mut().insert("clusterid", v);

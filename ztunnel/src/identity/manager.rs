@@ -191,7 +191,7 @@ async fn renew(
                 }
                 tracing::warn!(
                     identity = %identity,
-                    error = %crate::errors::Chain(&err),
+                    error = %mesh_contract::Chain(&err),
                     retry_in = ?backoff,
                     keeping_old = still_valid,
                     "certificate fetch failed"

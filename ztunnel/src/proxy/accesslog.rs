@@ -6,11 +6,11 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Instant;
 
-use crate::errors::Chain;
 use crate::identity::Identity;
 use crate::metrics::{ConnLabels, FailureLabels, Metrics};
 use crate::proxy::ProxyError;
 use crate::state::Workload;
+use mesh_contract::Chain;
 
 /// Which listener a connection came through.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]

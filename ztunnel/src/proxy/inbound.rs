@@ -22,12 +22,12 @@ use super::pool::{CONNECTION_WINDOW, MAX_FRAME, SEND_BUFFER, STREAM_WINDOW, TLS_
 use super::readahead::ReadAhead;
 use super::tracker::ConnInfo;
 use super::{HANDSHAKE_TIMEOUT, Pod, ProxyError, ProxyInputs, socket};
-use crate::errors::Chain;
 use crate::identity::Identity;
 use crate::proxy::accesslog::{ConnLog, Direction, WorkloadRef};
 use crate::state::authz::{Connection, Decision};
 use crate::state::{AppTunnelProtocol, ApplicationTunnel};
 use crate::tls;
+use mesh_contract::Chain;
 
 /// Most concurrent CONNECT streams one peer connection may have open here. A client's pool
 /// opens another connection well before this (`--pool-max-streams`, default 100); past it the

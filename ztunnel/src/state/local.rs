@@ -533,7 +533,7 @@ pub fn watch(
                 }
                 Err(e) => tracing::error!(
                     file = %file.display(),
-                    error = %crate::errors::Chain(&e),
+                    error = %mesh_contract::Chain(&e),
                     "local config rejected; the previous config stays in force"
                 ),
             }

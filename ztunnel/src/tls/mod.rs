@@ -34,7 +34,7 @@ pub enum TlsSetupError {
     Root(String),
     #[error("no trust anchors configured")]
     NoRoots,
-    #[error("building TLS configuration: {0}")]
+    #[error("building TLS configuration")]
     Config(#[from] rustls::Error),
 }
 

@@ -224,7 +224,7 @@ pub async fn run(config: XdsConfig, sources: Sources, status: Arc<XdsStatus>) {
         }
         tracing::warn!(
             address = %config.address,
-            error = %crate::errors::Chain(&err),
+            error = %mesh_contract::Chain(&err),
             retry_in = ?backoff,
             "xDS stream ended; the last known config stays in force"
         );

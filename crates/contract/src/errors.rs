@@ -1,5 +1,7 @@
-//! Printing errors for people: every `Display` in this workspace says one level (hyper's
-//! contract), and [`Chain`] joins the levels for logs.
+//! Printing errors for people, the same way in every program: each `Display` in this
+//! workspace says one level and never repeats its source (hyper's rule), and [`Chain`] joins
+//! the levels for logs and for the reasons that cross a boundary (the agent's answer to the
+//! CNI plugin, which the runtime shows; a pod's pending reason in the agent's `/pods`).
 
 use std::error::Error;
 use std::fmt;
