@@ -72,6 +72,9 @@ pub struct Manager<R = Redirector, F = Finder, Z = ZdsServer> {
     /// the host rules). Behind a lock only to be moved onto blocking threads.
     pub host_probes: Option<Arc<Mutex<HostProbes>>>,
     tracked: BTreeMap<String, Tracked>,
+    /// Pods that left the mesh while the agent was down whose rules could not be removed at
+    /// start: tried again at every drift check until they go (or the pod is wanted again).
+    left_behind: BTreeMap<String, PodInfo>,
     current: PodSet,
     synced: bool,
 }
@@ -110,6 +113,7 @@ impl<R: Rules, F: Locate, Z: Ztunnel> Manager<R, F, Z> {
             drift_interval,
             host_probes: None,
             tracked: BTreeMap::new(),
+            left_behind: BTreeMap::new(),
             current: PodSet::default(),
             synced: false,
         }
@@ -323,29 +327,37 @@ impl<R: Rules, F: Locate, Z: Ztunnel> Manager<R, F, Z> {
             if !self.marks.recorded(&pod.uid) && !annotated {
                 continue;
             }
-            match self.finder.find(&pod).await {
-                Ok(ns) => {
-                    if let Err(e) = self.redirector.remove(&Arc::new(ns)).await {
-                        self.metrics.failure("remove");
-                        tracing::warn!(uid = %pod.uid, pod = %pod.name, step = "rules", error = %Chain(&e), "removing the redirection of a pod that left the mesh failed");
-                        continue;
-                    }
-                }
-                // No netns: the sandbox is gone, and its rules with it.
-                Err(e) => {
-                    tracing::debug!(uid = %pod.uid, error = %Chain(&e), "no netns for a pod that left the mesh")
-                }
-            }
-            self.marks.set(&pod.uid, false).await;
-            self.status.record(&pod, None);
-            tracing::info!(uid = %pod.uid, pod = %pod.name, namespace = %pod.namespace, "pod left the mesh while the agent was down; its redirection is removed");
+            self.remove_left(pod).await;
         }
         let existing: HashSet<&str> = set.pods.iter().map(|p| p.uid.as_str()).collect();
         for uid in self.marks.recorded_uids() {
-            if !existing.contains(uid.as_str()) {
+            if !existing.contains(uid.as_str()) && !self.left_behind.contains_key(&uid) {
                 self.marks.set(&uid, false).await;
             }
         }
+    }
+
+    /// Removes the rules of a pod that is not (or no longer) meant for the mesh; a failure
+    /// keeps it in [`Manager::left_behind`] for the next drift check.
+    async fn remove_left(&mut self, pod: PodInfo) {
+        match self.finder.find(&pod).await {
+            Ok(ns) => {
+                if let Err(e) = self.redirector.remove(&Arc::new(ns)).await {
+                    self.metrics.failure("remove");
+                    tracing::warn!(uid = %pod.uid, pod = %pod.name, step = "rules", error = %Chain(&e), "removing the redirection of a pod that left the mesh failed; retrying at the next drift check");
+                    self.left_behind.insert(pod.uid.clone(), pod);
+                    return;
+                }
+            }
+            // No netns: the sandbox is gone, and its rules with it.
+            Err(e) => {
+                tracing::debug!(uid = %pod.uid, error = %Chain(&e), "no netns for a pod that left the mesh")
+            }
+        }
+        self.left_behind.remove(&pod.uid);
+        self.marks.set(&pod.uid, false).await;
+        self.status.record(&pod, None);
+        tracing::info!(uid = %pod.uid, pod = %pod.name, namespace = %pod.namespace, "pod left the mesh while the agent was down; its redirection is removed");
     }
 
     async fn retry_due(&mut self) {
@@ -513,6 +525,14 @@ impl<R: Rules, F: Locate, Z: Ztunnel> Manager<R, F, Z> {
     }
 
     async fn check_drift(&mut self) {
+        // Pods wanted again are the enrollment's business now.
+        let retry: Vec<PodInfo> = std::mem::take(&mut self.left_behind)
+            .into_values()
+            .filter(|p| !self.tracked.contains_key(&p.uid))
+            .collect();
+        for pod in retry {
+            self.remove_left(pod).await;
+        }
         if let Some(probes) = self.host_probes.clone() {
             let r =
                 tokio::task::spawn_blocking(move || probes.lock().expect("not poisoned").refresh())

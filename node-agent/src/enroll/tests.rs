@@ -29,6 +29,7 @@ fn own_netns() -> NetNs {
 struct FakeRules {
     calls: Calls,
     fail_apply: AtomicBool,
+    fail_remove: AtomicBool,
     /// What `check` answers once rules were applied (`Intact` unless set).
     drifted: Mutex<Option<String>>,
     applied: AtomicBool,
@@ -65,6 +66,12 @@ impl Rules for FakeRules {
 
     async fn remove(&self, _: &Arc<NetNs>) -> Result<(), ApplyError> {
         self.calls.lock().unwrap().push("remove".into());
+        if self.fail_remove.load(Ordering::SeqCst) {
+            return Err(ApplyError::Failed {
+                command: "nft".into(),
+                stderr: "busy".into(),
+            });
+        }
         self.applied.store(false, Ordering::SeqCst);
         Ok(())
     }
@@ -500,4 +507,28 @@ async fn cni_gc_deletes_sandboxes_the_runtime_no_longer_has() {
     assert_eq!(f.take_calls(), ["del shop/p", "remove"]);
     assert_eq!(f.state("shop/q"), Some(PodState::Enrolled));
     assert_eq!(f.pending_step("shop/p"), Some(Step::Sandbox));
+}
+
+#[tokio::test]
+async fn rules_of_a_pod_that_left_while_the_agent_was_down_go_even_if_the_first_try_fails() {
+    let mut f = Fixture::new();
+    // The record says the pod was enrolled; it now lives in a namespace outside the mesh.
+    f.m.marks.set("plain/p", true).await;
+    f.m.redirector.fail_remove.store(true, Ordering::SeqCst);
+    let plain = [namespace("plain", false)];
+    f.m.sync(set([pod("p", "plain")], &plain)).await;
+    assert_eq!(f.take_calls(), ["find plain/p", "remove"]);
+    assert!(
+        f.m.marks.recorded("plain/p"),
+        "forgotten before its rules went"
+    );
+    // Tried again at the drift check, until it works; then never again.
+    f.m.check_drift().await;
+    assert_eq!(f.take_calls(), ["find plain/p", "remove"]);
+    f.m.redirector.fail_remove.store(false, Ordering::SeqCst);
+    f.m.check_drift().await;
+    assert_eq!(f.take_calls(), ["find plain/p", "remove"]);
+    assert!(!f.m.marks.recorded("plain/p"));
+    f.m.check_drift().await;
+    assert!(f.take_calls().is_empty());
 }
