@@ -48,7 +48,8 @@ pub struct Output {
     pub log: Vec<String>,
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
 enum Level {
     Debug,
     Info,
@@ -71,12 +72,73 @@ struct Config {
     valid_attachments: Option<Vec<String>>,
 }
 
-fn field_error(field: &str, want: &str, got: &Value) -> CniError {
+/// The network config as it is written. Fields this plugin does not know are the runtime's
+/// or other plugins' and are ignored; `null` means absent, as in Go's decoder.
+#[derive(Debug, serde::Deserialize)]
+struct RawConfig {
+    #[serde(rename = "cniVersion")]
+    cni_version: Option<String>,
+    #[serde(rename = "type")]
+    kind: Option<String>,
+    cni_agent_run_dir: Option<PathBuf>,
+    ambient_enabled: Option<bool>,
+    exclude_namespaces: Option<Vec<String>>,
+    plugin_log_level: Option<Level>,
+    agent_timeout_seconds: Option<u64>,
+    #[serde(rename = "prevResult")]
+    prev_result: Option<serde_json::Map<String, Value>>,
+    #[serde(rename = "cni.dev/valid-attachments")]
+    valid_attachments: Option<Vec<Attachment>>,
+}
+
+#[derive(Debug, serde::Deserialize)]
+struct Attachment {
+    #[serde(rename = "containerID")]
+    container_id: String,
+}
+
+/// What each field must be, in the words of the error the runtime shows.
+fn expected(field: &str) -> &'static str {
+    match field {
+        "ambient_enabled" => "a boolean",
+        "exclude_namespaces" => "a list of strings",
+        "plugin_log_level" => "debug, info, warn, error or none",
+        "agent_timeout_seconds" => "a whole number of seconds from 1 to 600",
+        "prevResult" => "an object",
+        "cni.dev/valid-attachments" => "a list of {containerID, ifname} objects",
+        _ => "a string",
+    }
+}
+
+fn field_error(field: &str, got: &Value) -> CniError {
     CniError::new(
         code::INVALID_CONFIG,
-        format!("invalid network config: {field} must be {want}"),
+        format!(
+            "invalid network config: {field} must be {}",
+            expected(field)
+        ),
         format!("{field} = {got}"),
     )
+}
+
+/// The config's field a decoding error is in, and the value found there (the list item, for
+/// an item of a list).
+fn failing_field(v: &Value, path: &serde_path_to_error::Path) -> (String, Value) {
+    use serde_path_to_error::Segment;
+    let mut segments = path.iter();
+    let field = match segments.next() {
+        Some(Segment::Map { key }) => key.clone(),
+        _ => return ("config".into(), v.clone()),
+    };
+    let mut at = &v[field.as_str()];
+    for s in segments {
+        at = match s {
+            Segment::Seq { index } => &at[*index],
+            Segment::Map { key } => &at[key.as_str()],
+            _ => break,
+        };
+    }
+    (field, at.clone())
 }
 
 fn parse_config(stdin: &[u8]) -> Result<Config, CniError> {
@@ -94,134 +156,74 @@ fn parse_config(stdin: &[u8]) -> Result<Config, CniError> {
             e.to_string(),
         )
     })?;
-    let obj = v.as_object().ok_or_else(|| {
-        CniError::new(
+    if !v.is_object() {
+        return Err(CniError::new(
             code::DECODE_FAILURE,
             "the network config is not a JSON object",
             v.to_string(),
-        )
-    })?;
-    let str_field = |name: &str| -> Result<Option<String>, CniError> {
-        match obj.get(name) {
-            None | Some(Value::Null) => Ok(None),
-            Some(Value::String(s)) => Ok(Some(s.clone())),
-            Some(other) => Err(field_error(name, "a string", other)),
-        }
-    };
-    let cni_version = str_field("cniVersion")?.ok_or_else(|| {
-        CniError::new(
-            code::INVALID_CONFIG,
-            "invalid network config: cniVersion is missing",
-            "",
-        )
-    })?;
-    if !spec::supported(&cni_version) {
-        return Err(CniError::new(
-            code::INCOMPATIBLE_VERSION,
-            format!("incompatible CNI version {cni_version}"),
-            format!("supported: {}", spec::SUPPORTED.join(", ")),
         ));
     }
-    str_field("type")?.ok_or_else(|| {
+    // An unknown version is reported as such, whatever else the config holds.
+    let incompatible = |version: &str| {
+        CniError::new(
+            code::INCOMPATIBLE_VERSION,
+            format!("incompatible CNI version {version}"),
+            format!("supported: {}", spec::SUPPORTED.join(", ")),
+        )
+    };
+    if let Some(version) = v["cniVersion"].as_str()
+        && !spec::supported(version)
+    {
+        return Err(incompatible(version));
+    }
+    let raw: RawConfig = serde_path_to_error::deserialize(&v).map_err(|e| {
+        let (field, got) = failing_field(&v, e.path());
+        field_error(&field, &got)
+    })?;
+    let missing = |field: &str| {
         CniError::new(
             code::INVALID_CONFIG,
-            "invalid network config: type is missing",
+            format!("invalid network config: {field} is missing"),
             "",
         )
-    })?;
-    let run_dir = str_field("cni_agent_run_dir")?
-        .unwrap_or_else(|| mesh_contract::paths::AGENT_RUN_DIR.into());
-    let enabled = match obj.get("ambient_enabled") {
-        None | Some(Value::Null) => true,
-        Some(Value::Bool(b)) => *b,
-        Some(other) => return Err(field_error("ambient_enabled", "a boolean", other)),
     };
-    let exclude = match obj.get("exclude_namespaces") {
-        None | Some(Value::Null) => vec!["kube-system".to_string()],
-        Some(Value::Array(items)) => items
-            .iter()
-            .map(|i| {
-                i.as_str()
-                    .map(str::to_string)
-                    .ok_or_else(|| field_error("exclude_namespaces", "a list of strings", i))
-            })
-            .collect::<Result<_, _>>()?,
-        Some(other) => {
-            return Err(field_error(
-                "exclude_namespaces",
-                "a list of strings",
-                other,
-            ));
-        }
+    let cni_version = raw.cni_version.ok_or_else(|| missing("cniVersion"))?;
+    raw.kind.ok_or_else(|| missing("type"))?;
+    let timeout = match raw.agent_timeout_seconds {
+        None => Duration::from_secs(30),
+        Some(s) if (1..=600).contains(&s) => Duration::from_secs(s),
+        Some(s) => return Err(field_error("agent_timeout_seconds", &json!(s))),
     };
-    let level = match str_field("plugin_log_level")?.as_deref() {
-        None | Some("warn") => Level::Warn,
-        Some("debug") => Level::Debug,
-        Some("info") => Level::Info,
-        Some("error") => Level::Error,
-        Some("none") => Level::None,
-        Some(other) => {
-            return Err(field_error(
-                "plugin_log_level",
-                "debug, info, warn, error or none",
-                &json!(other),
-            ));
-        }
-    };
-    let timeout = match obj.get("agent_timeout_seconds") {
-        None | Some(Value::Null) => Duration::from_secs(30),
-        Some(v) => match v.as_u64().filter(|s| (1..=600).contains(s)) {
-            Some(s) => Duration::from_secs(s),
-            None => {
-                return Err(field_error(
-                    "agent_timeout_seconds",
-                    "a whole number of seconds from 1 to 600",
-                    v,
-                ));
-            }
-        },
-    };
-    let prev_result = match obj.get("prevResult") {
-        None | Some(Value::Null) => None,
-        Some(p @ Value::Object(_)) => Some(p.clone()),
-        Some(other) => return Err(field_error("prevResult", "an object", other)),
-    };
-    let valid_attachments = match obj.get("cni.dev/valid-attachments") {
-        None | Some(Value::Null) => None,
-        Some(Value::Array(items)) => Some(
-            items
-                .iter()
-                .map(|i| {
-                    i.get("containerID")
-                        .and_then(Value::as_str)
-                        .filter(|c| !c.is_empty())
-                        .map(str::to_string)
-                        .ok_or_else(|| {
-                            field_error(
-                                "cni.dev/valid-attachments",
-                                "a list of {containerID, ifname} objects",
-                                i,
-                            )
-                        })
+    let valid_attachments = match raw.valid_attachments {
+        None => None,
+        Some(list) => Some(
+            list.into_iter()
+                .enumerate()
+                .map(|(i, a)| {
+                    if a.container_id.is_empty() {
+                        Err(field_error(
+                            "cni.dev/valid-attachments",
+                            &v["cni.dev/valid-attachments"][i],
+                        ))
+                    } else {
+                        Ok(a.container_id)
+                    }
                 })
                 .collect::<Result<_, _>>()?,
         ),
-        Some(other) => {
-            return Err(field_error(
-                "cni.dev/valid-attachments",
-                "a list of {containerID, ifname} objects",
-                other,
-            ));
-        }
     };
     Ok(Config {
         cni_version,
-        run_dir: run_dir.into(),
-        enabled,
-        exclude,
-        level,
+        run_dir: raw
+            .cni_agent_run_dir
+            .unwrap_or_else(|| mesh_contract::paths::AGENT_RUN_DIR.into()),
+        enabled: raw.ambient_enabled.unwrap_or(true),
+        exclude: raw
+            .exclude_namespaces
+            .unwrap_or_else(|| vec!["kube-system".to_string()]),
+        level: raw.plugin_log_level.unwrap_or(Level::Warn),
         timeout,
-        prev_result,
+        prev_result: raw.prev_result.map(Value::Object),
         valid_attachments,
     })
 }
@@ -242,7 +244,7 @@ fn env_error(var: &str, why: &str) -> CniError {
     )
 }
 
-fn parse_env(env: &BTreeMap<String, String>, command: &str) -> Result<Env, CniError> {
+fn parse_env(env: &BTreeMap<String, String>, command: Command) -> Result<Env, CniError> {
     let get = |k: &str| env.get(k).filter(|v| !v.is_empty()).cloned();
     let container_id =
         get("CNI_CONTAINERID").ok_or_else(|| env_error("CNI_CONTAINERID", "is missing"))?;
@@ -258,7 +260,7 @@ fn parse_env(env: &BTreeMap<String, String>, command: &str) -> Result<Env, CniEr
     get("CNI_IFNAME").ok_or_else(|| env_error("CNI_IFNAME", "is missing"))?;
     get("CNI_PATH").ok_or_else(|| env_error("CNI_PATH", "is missing"))?;
     let netns = get("CNI_NETNS");
-    if netns.is_none() && command != "DEL" {
+    if netns.is_none() && command != Command::Del {
         return Err(env_error("CNI_NETNS", "is missing"));
     }
     let mut args = BTreeMap::new();
@@ -327,17 +329,62 @@ pub fn run(env: &BTreeMap<String, String>, stdin: &[u8], agent: &dyn Agent) -> O
     }
 }
 
+/// `CNI_COMMAND`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Command {
+    Add,
+    Del,
+    Check,
+    Version,
+    Status,
+    Gc,
+}
+
+impl std::str::FromStr for Command {
+    type Err = CniError;
+
+    fn from_str(s: &str) -> Result<Self, CniError> {
+        Ok(match s {
+            "ADD" => Command::Add,
+            "DEL" => Command::Del,
+            "CHECK" => Command::Check,
+            "VERSION" => Command::Version,
+            "STATUS" => Command::Status,
+            "GC" => Command::Gc,
+            other => {
+                return Err(env_error(
+                    "CNI_COMMAND",
+                    &format!("{other:?} is not ADD, DEL, CHECK, VERSION, STATUS or GC"),
+                ));
+            }
+        })
+    }
+}
+
+impl Command {
+    fn name(self) -> &'static str {
+        match self {
+            Command::Add => "ADD",
+            Command::Del => "DEL",
+            Command::Check => "CHECK",
+            Command::Version => "VERSION",
+            Command::Status => "STATUS",
+            Command::Gc => "GC",
+        }
+    }
+}
+
 fn dispatch(
     r: &mut Run<'_>,
     env: &BTreeMap<String, String>,
     stdin: &[u8],
 ) -> Result<String, CniError> {
-    let command = env
+    let command: Command = env
         .get("CNI_COMMAND")
         .filter(|c| !c.is_empty())
         .ok_or_else(|| env_error("CNI_COMMAND", "is missing"))?
-        .clone();
-    if command == "VERSION" {
+        .parse()?;
+    if command == Command::Version {
         let requested = serde_json::from_slice::<Value>(stdin)
             .ok()
             .and_then(|v| {
@@ -351,24 +398,19 @@ fn dispatch(
             json!({ "cniVersion": requested, "supportedVersions": spec::SUPPORTED }).to_string(),
         );
     }
-    if !["ADD", "DEL", "CHECK", "STATUS", "GC"].contains(&command.as_str()) {
-        return Err(env_error(
-            "CNI_COMMAND",
-            &format!("{command:?} is not ADD, DEL, CHECK, VERSION, STATUS or GC"),
-        ));
-    }
     let config = parse_config(stdin)?;
     r.level = config.level;
-    match command.as_str() {
-        "STATUS" | "GC" if config.cni_version != "1.1.0" => Err(CniError::new(
+    match command {
+        Command::Status | Command::Gc if config.cni_version != "1.1.0" => Err(CniError::new(
             code::INCOMPATIBLE_VERSION,
             format!(
-                "{command} needs CNI 1.1.0, the config says {}",
+                "{} needs CNI 1.1.0, the config says {}",
+                command.name(),
                 config.cni_version
             ),
             "",
         )),
-        "CHECK" if config.cni_version.starts_with("0.3.") => Err(CniError::new(
+        Command::Check if config.cni_version.starts_with("0.3.") => Err(CniError::new(
             code::INCOMPATIBLE_VERSION,
             format!(
                 "CHECK needs CNI 0.4.0 or later, the config says {}",
@@ -376,15 +418,15 @@ fn dispatch(
             ),
             "",
         )),
-        "STATUS" => status(r, &config).map(|()| String::new()),
-        "GC" => gc(r, &config).map(|()| String::new()),
-        "ADD" => add(r, &config, &parse_env(env, "ADD")?),
-        "DEL" => {
-            del(r, &config, &parse_env(env, "DEL")?);
+        Command::Version => unreachable!("answered above"),
+        Command::Status => status(r, &config).map(|()| String::new()),
+        Command::Gc => gc(r, &config).map(|()| String::new()),
+        Command::Add => add(r, &config, &parse_env(env, command)?),
+        Command::Del => {
+            del(r, &config, &parse_env(env, command)?);
             Ok(String::new())
         }
-        "CHECK" => check(r, &config, &parse_env(env, "CHECK")?).map(|()| String::new()),
-        _ => unreachable!("filtered above"),
+        Command::Check => check(r, &config, &parse_env(env, command)?).map(|()| String::new()),
     }
 }
 
@@ -752,6 +794,70 @@ fn status(r: &mut Run<'_>, config: &Config) -> Result<(), CniError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn config_errors_name_the_field_what_it_must_be_and_what_was_there() {
+        let base = r#""cniVersion":"1.1.0","type":"ambient-cni""#;
+        for (extra, msg, details) in [
+            (
+                r#""ambient_enabled":"yes""#,
+                "ambient_enabled must be a boolean",
+                r#"ambient_enabled = "yes""#,
+            ),
+            (
+                r#""exclude_namespaces":["a",7]"#,
+                "exclude_namespaces must be a list of strings",
+                "exclude_namespaces = 7",
+            ),
+            (
+                r#""plugin_log_level":"loud""#,
+                "plugin_log_level must be debug, info, warn, error or none",
+                r#"plugin_log_level = "loud""#,
+            ),
+            (
+                r#""agent_timeout_seconds":601"#,
+                "agent_timeout_seconds must be a whole number of seconds from 1 to 600",
+                "agent_timeout_seconds = 601",
+            ),
+            (
+                r#""agent_timeout_seconds":1.5"#,
+                "agent_timeout_seconds must be a whole number",
+                "agent_timeout_seconds = 1.5",
+            ),
+            (
+                r#""cni.dev/valid-attachments":[{"containerID":"a"},{"ifname":"eth0"}]"#,
+                "cni.dev/valid-attachments must be a list of {containerID, ifname} objects",
+                r#"cni.dev/valid-attachments = {"ifname":"eth0"}"#,
+            ),
+            (
+                r#""cni.dev/valid-attachments":[{"containerID":""}]"#,
+                "cni.dev/valid-attachments must be",
+                r#"cni.dev/valid-attachments = {"containerID":""}"#,
+            ),
+            (
+                r#""cni_agent_run_dir":["/run"]"#,
+                "cni_agent_run_dir must be a string",
+                r#"cni_agent_run_dir = ["/run"]"#,
+            ),
+        ] {
+            let stdin = format!("{{{base},{extra}}}");
+            let e = parse_config(stdin.as_bytes()).unwrap_err();
+            assert_eq!(e.code, code::INVALID_CONFIG, "{extra}");
+            assert!(e.msg.contains(msg), "{extra}: {}", e.msg);
+            assert_eq!(e.details, details, "{extra}");
+        }
+        // Fields of other plugins and nulls are fine; defaults fill in.
+        let c = parse_config(
+            br#"{"cniVersion":"1.0.0","type":"t","name":"n","ipam":{},"ambient_enabled":null}"#,
+        )
+        .unwrap();
+        assert!(c.enabled && c.exclude == ["kube-system"] && c.level == Level::Warn);
+        assert_eq!(c.timeout, Duration::from_secs(30));
+        // An unknown version is said to be one, even beside a bad field.
+        let e =
+            parse_config(br#"{"cniVersion":"9.9.9","type":"t","ambient_enabled":1}"#).unwrap_err();
+        assert_eq!(e.code, code::INCOMPATIBLE_VERSION);
+    }
 
     #[test]
     fn masks_encode_like_go() {
