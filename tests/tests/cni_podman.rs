@@ -101,13 +101,8 @@ fn scene_of(family: IpFamily) -> Scene {
     Scene { m, podman, nets }
 }
 
-#[test]
-fn containers_are_enrolled_at_creation_and_talk_over_hbone() {
-    let mut s = scene();
-    // The installer chained our plugin after bridge in each node's config.
-    let conf = std::fs::read_to_string(s.nets[0].conf_dir.join("10-mesh.conflist")).unwrap();
-    assert!(conf.contains("\"ambient-cni\""), "{conf}");
-
+/// Starts the `web` echo container on node b (.10) and waits until the agent has it enrolled.
+fn start_web(s: &mut Scene) {
     let web = s.podman.run(
         &s.nets[1],
         "web",
@@ -122,6 +117,16 @@ fn containers_are_enrolled_at_creation_and_talk_over_hbone() {
         .agent_get("b", "/pods")
         .1
         .contains("\"state\": \"enrolled\"")));
+}
+
+#[test]
+fn containers_are_enrolled_at_creation_and_talk_over_hbone() {
+    let mut s = scene();
+    // The installer chained our plugin after bridge in each node's config.
+    let conf = std::fs::read_to_string(s.nets[0].conf_dir.join("10-mesh.conflist")).unwrap();
+    assert!(conf.contains("\"ambient-cni\""), "{conf}");
+
+    start_web(&mut s);
     let client = s.podman.run(
         &s.nets[0],
         "client",
@@ -158,19 +163,7 @@ fn containers_are_enrolled_at_creation_and_talk_over_hbone() {
 #[test]
 fn a_dual_stack_container_is_enrolled_at_creation_and_talks_over_hbone_on_both_families() {
     let mut s = scene_of(IpFamily::Dual);
-    let web = s.podman.run(
-        &s.nets[1],
-        "web",
-        10,
-        true,
-        &["nc", "-ll", "-p", "8080", "-e", "cat"],
-    );
-    assert!(web.status.success(), "{}", text(&web));
-    assert!(eventually(T, || s
-        .m
-        .agent_get("b", "/pods")
-        .1
-        .contains("\"state\": \"enrolled\"")));
+    start_web(&mut s);
     // bridge + host-local gave the container an address of each family.
     let addrs = s.nets[1].ips(10);
     assert_eq!(addrs.len(), 2);

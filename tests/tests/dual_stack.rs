@@ -53,15 +53,7 @@ fn hbone_across_nodes(family: IpFamily) {
     let wa = Workload::mesh(&a1, "ns-a", "client");
     let wb = Workload::mesh(&b1, "ns-b", "server");
     let vip: SocketAddr = "[fd00:19:100::1]:80".parse().unwrap();
-    let svc = Service {
-        name: "echo".into(),
-        namespace: "ns-b".into(),
-        vips: vec![vip.ip().to_string()],
-        port: 80,
-        target_port: 8080,
-        endpoints: vec!["b1".into()],
-        waypoint: None,
-    };
+    let svc = Service::echo(&vip.ip().to_string());
     m.write_config(&[&wa, &wb], &[svc]);
     m.start_ztunnel("a", &[]);
     m.start_ztunnel("b", &[]);

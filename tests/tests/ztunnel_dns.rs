@@ -29,15 +29,7 @@ fn pod_dns_is_answered_for_the_mesh_and_forwarded_for_the_rest() {
     let up = m.lab.add_pod("b", "up");
     let wa = Workload::mesh(&a1, "ns-a", "client");
     let wb = Workload::mesh(&b1, "ns-b", "server");
-    let svc = Service {
-        name: "echo".into(),
-        namespace: "ns-b".into(),
-        vips: vec!["198.19.100.1".into()],
-        port: 80,
-        target_port: 8080,
-        endpoints: vec!["b1".into()],
-        waypoint: None,
-    };
+    let svc = Service::echo("198.19.100.1");
     m.write_config(&[&wa, &wb], &[svc]);
 
     // The upstream resolver: dnsmasq, knowing one outside name, logging every query.

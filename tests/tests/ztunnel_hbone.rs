@@ -17,15 +17,7 @@ fn pod_traffic_crosses_nodes_only_inside_hbone() {
     let x1 = m.lab.add_pod("b", "x1"); // not in the mesh
     let wa = Workload::mesh(&a1, "ns-a", "client");
     let wb = Workload::mesh(&b1, "ns-b", "server");
-    let svc = Service {
-        name: "echo".into(),
-        namespace: "ns-b".into(),
-        vips: vec!["198.19.100.1".into()],
-        port: 80,
-        target_port: 8080,
-        endpoints: vec!["b1".into()],
-        waypoint: None,
-    };
+    let svc = Service::echo("198.19.100.1");
     m.write_config(&[&wa, &wb], &[svc]);
     m.start_ztunnel("a", &[]);
     m.start_ztunnel("b", &[]);

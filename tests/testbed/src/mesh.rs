@@ -52,6 +52,19 @@ pub struct Service {
 }
 
 impl Service {
+    /// The tests' usual service: `echo.ns-b`, `vip:80` → 8080 on pod `b1`.
+    pub fn echo(vip: &str) -> Self {
+        Self {
+            name: "echo".into(),
+            namespace: "ns-b".into(),
+            vips: vec![vip.into()],
+            port: 80,
+            target_port: 8080,
+            endpoints: vec!["b1".into()],
+            waypoint: None,
+        }
+    }
+
     pub fn hostname(&self) -> String {
         format!("{}.{}.svc.cluster.local", self.name, self.namespace)
     }
