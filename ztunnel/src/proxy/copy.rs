@@ -10,6 +10,8 @@
 
 use std::future::poll_fn;
 use std::io;
+use std::pin::{Pin, pin};
+use std::task::Poll;
 
 use bytes::{Bytes, BytesMut};
 use h2::{RecvStream, SendStream};
@@ -89,13 +91,17 @@ pub async fn hbone(
     let mut received = 0u64;
     let result = {
         let (rd, mut wr) = app.split();
-        let up = app_to_stream(rd.as_ref(), &mut send, &mut sent);
-        let down = async {
+        // Pinned where they are built: moved into a callee, each future would take its room
+        // in the connection's task twice, for as long as the connection lives.
+        let up = pin!(app_to_stream(rd.as_ref(), &mut send, &mut sent));
+        let down = pin!(async {
             let mut recv = incoming.open().await?;
             stream_to_app(&mut recv, &mut wr, &mut received).await
-        };
+        });
+        let both = pin!(join_explained(up, down));
+        let stop = pin!(stop);
         tokio::select! {
-            r = join_explained(up, down) => r,
+            r = both => r,
             () = stop => Err(CopyError::Stopped),
         }
     };
@@ -122,32 +128,31 @@ const EXPLAIN_WINDOW: std::time::Duration = std::time::Duration::from_secs(1);
 /// sent with the stream's end (the server's 401 to early data) is the real cause, not the
 /// closed stream.
 async fn join_explained(
-    up: impl Future<Output = Result<(), CopyError>>,
-    down: impl Future<Output = Result<(), CopyError>>,
+    mut up: Pin<&mut impl Future<Output = Result<(), CopyError>>>,
+    mut down: Pin<&mut impl Future<Output = Result<(), CopyError>>>,
 ) -> Result<(), CopyError> {
-    tokio::pin!(up, down);
     let mut up_done: Option<Result<(), CopyError>> = None;
     let mut down_done = false;
-    let mut deadline = std::pin::pin!(tokio::time::sleep(std::time::Duration::MAX));
-    let mut explaining = false;
+    // Only set while explaining (rare): a timer in every connection's task would cost memory.
+    let mut deadline: Option<Pin<Box<tokio::time::Sleep>>> = None;
     loop {
         tokio::select! {
-            r = &mut up, if up_done.is_none() => match r {
+            r = up.as_mut(), if up_done.is_none() => match r {
                 Err(e @ (CopyError::Stream(_) | CopyError::StreamGone)) if !down_done => {
                     up_done = Some(Err(e));
-                    explaining = true;
-                    deadline
-                        .as_mut()
-                        .reset(tokio::time::Instant::now() + EXPLAIN_WINDOW);
+                    deadline = Some(Box::pin(tokio::time::sleep(EXPLAIN_WINDOW)));
                 }
                 Err(e) => return Err(e),
                 Ok(()) => up_done = Some(Ok(())),
             },
-            r = &mut down, if !down_done => {
+            r = down.as_mut(), if !down_done => {
                 r?;
                 down_done = true;
             }
-            () = &mut deadline, if explaining => {
+            () = poll_fn(|cx| match deadline.as_mut() {
+                Some(d) => d.as_mut().poll(cx),
+                None => Poll::Pending,
+            }), if deadline.is_some() => {
                 return up_done.unwrap_or(Ok(()));
             }
         }
@@ -254,12 +259,12 @@ struct Counted {
 
 impl AsyncRead for Counted {
     fn poll_read(
-        mut self: std::pin::Pin<&mut Self>,
+        mut self: Pin<&mut Self>,
         cx: &mut std::task::Context<'_>,
         buf: &mut tokio::io::ReadBuf<'_>,
-    ) -> std::task::Poll<io::Result<()>> {
+    ) -> Poll<io::Result<()>> {
         let before = buf.filled().len();
-        let poll = std::pin::Pin::new(&mut self.inner).poll_read(cx, buf);
+        let poll = Pin::new(&mut self.inner).poll_read(cx, buf);
         self.read += (buf.filled().len() - before) as u64;
         poll
     }
@@ -267,28 +272,28 @@ impl AsyncRead for Counted {
 
 impl AsyncWrite for Counted {
     fn poll_write(
-        mut self: std::pin::Pin<&mut Self>,
+        mut self: Pin<&mut Self>,
         cx: &mut std::task::Context<'_>,
         buf: &[u8],
-    ) -> std::task::Poll<io::Result<usize>> {
-        let poll = std::pin::Pin::new(&mut self.inner).poll_write(cx, buf);
-        if let std::task::Poll::Ready(Ok(n)) = poll {
+    ) -> Poll<io::Result<usize>> {
+        let poll = Pin::new(&mut self.inner).poll_write(cx, buf);
+        if let Poll::Ready(Ok(n)) = poll {
             self.written += n as u64;
         }
         poll
     }
 
     fn poll_flush(
-        mut self: std::pin::Pin<&mut Self>,
+        mut self: Pin<&mut Self>,
         cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<io::Result<()>> {
-        std::pin::Pin::new(&mut self.inner).poll_flush(cx)
+    ) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
     }
 
     fn poll_shutdown(
-        mut self: std::pin::Pin<&mut Self>,
+        mut self: Pin<&mut Self>,
         cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<io::Result<()>> {
-        std::pin::Pin::new(&mut self.inner).poll_shutdown(cx)
+    ) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
     }
 }

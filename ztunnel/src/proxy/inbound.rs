@@ -20,7 +20,7 @@ use super::copy::{self, Incoming};
 use super::hbone;
 use super::pool::{CONNECTION_WINDOW, MAX_FRAME, SEND_BUFFER, STREAM_WINDOW, TLS_BUFFER};
 use super::readahead::ReadAhead;
-use super::tracker::ConnInfo;
+use super::tracker::{ConnInfo, Tracked};
 use super::{HANDSHAKE_TIMEOUT, Pod, ProxyError, ProxyInputs, socket};
 use crate::identity::Identity;
 use crate::proxy::accesslog::{ConnLog, Direction, WorkloadRef};
@@ -110,23 +110,28 @@ pub async fn serve(tcp: TcpStream, peer: SocketAddr, pod: Arc<Pod>, inputs: Arc<
         tokio::select! {
             next = conn.accept() => match next {
                 Some(Ok((req, respond))) => {
+                    // Boxed: the checks and the connect to the app end before the copy
+                    // starts; inline, they (and the request) would size the stream's task
+                    // for its whole life, idle or not.
+                    let setup = Box::pin(stream(
+                        req,
+                        respond,
+                        peer,
+                        local,
+                        peer_identity.clone(),
+                        pod.clone(),
+                        inputs.clone(),
+                    ));
                     let pod = pod.clone();
-                    let inputs = inputs.clone();
-                    let peer_identity = peer_identity.clone();
                     let guard = pod.drain.track();
                     let open = open.clone();
                     open.fetch_add(1, std::sync::atomic::Ordering::AcqRel);
                     idle_since = tokio::time::Instant::now();
                     tokio::spawn(async move {
-                        let work = std::pin::pin!(stream(
-                            req,
-                            respond,
-                            peer,
-                            local,
-                            peer_identity,
-                            &pod,
-                            &inputs
-                        ));
+                        let work = std::pin::pin!(async {
+                            let Some(accepted) = setup.await else { return };
+                            accepted.run().await;
+                        });
                         pod.drain.run_until_cut(work).await;
                         open.fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
                         drop(guard);
@@ -202,15 +207,47 @@ fn refused_handshake(
     log.finish(0, 0, Some(error));
 }
 
+/// An accepted, authorized CONNECT whose app connection is open: what its copy needs.
+struct Accepted {
+    log: ConnLog,
+    app: TcpStream,
+    send: h2::SendStream<Bytes>,
+    body: Incoming,
+    tracked: Tracked,
+}
+
+impl Accepted {
+    /// Copies until both directions end, then logs. Taken apart before the `async` block, so
+    /// the future holds each part once (an `async fn` would hold `self` and its parts).
+    fn run(self) -> impl Future<Output = ()> {
+        let Accepted {
+            log,
+            app,
+            send,
+            body,
+            tracked,
+        } = self;
+        async move {
+            let (t, r) = copy::hbone(app, send, body, tracked.stopped()).await;
+            let r = r.map_err(|e| tracked.explain(e));
+            drop(tracked);
+            log.finish(t.sent, t.received, r.err().as_ref());
+        }
+    }
+}
+
+/// Validates and authorizes one CONNECT and opens its app connection; `None` once it has
+/// been refused (answered and logged).
 async fn stream(
     req: Request<h2::RecvStream>,
     mut respond: SendResponse<Bytes>,
     peer: SocketAddr,
     local: SocketAddr,
     peer_identity: Option<Identity>,
-    pod: &Pod,
-    inputs: &ProxyInputs,
-) {
+    pod: Arc<Pod>,
+    inputs: Arc<ProxyInputs>,
+) -> Option<Accepted> {
+    let (pod, inputs) = (&*pod, &*inputs);
     let by_hostname = |host: &str, port: u16| {
         let state = inputs.state.load();
         let uid = pod.entry(&state, local.ip())?.uid.clone();
@@ -231,7 +268,7 @@ async fn stream(
                     rejection,
                 }),
             );
-            return;
+            return None;
         }
     };
     let mut log = hbone_log(peer, target, pod, inputs);
@@ -243,7 +280,7 @@ async fn stream(
         Err(denied) => {
             answer(&mut respond, StatusCode::UNAUTHORIZED);
             log.finish(0, 0, Some(&denied));
-            return;
+            return None;
         }
     };
     log.open();
@@ -260,7 +297,7 @@ async fn stream(
         Err(e) => {
             answer(&mut respond, StatusCode::SERVICE_UNAVAILABLE);
             log.finish(0, 0, Some(&e));
-            return;
+            return None;
         }
     };
     if let Some(ApplicationTunnel {
@@ -277,20 +314,23 @@ async fn stream(
             answer(&mut respond, StatusCode::SERVICE_UNAVAILABLE);
             log.finish(0, 0, Some(&ProxyError::Socket(e)));
             socket::reset(app);
-            return;
+            return None;
         }
     }
     let send = match respond.send_response(Response::new(()), false) {
         Ok(send) => send,
         Err(e) => {
             log.finish(0, 0, Some(&ProxyError::H2(e)));
-            return;
+            return None;
         }
     };
-    let body = Incoming::Open(req.into_body());
-    let (t, r) = copy::hbone(app, send, body, tracked.stopped()).await;
-    let r = r.map_err(|e| tracked.explain(e));
-    log.finish(t.sent, t.received, r.err().as_ref());
+    Some(Accepted {
+        log,
+        app,
+        send,
+        body: Incoming::Open(req.into_body()),
+        tracked,
+    })
 }
 
 /// Fills in the workloads on both ends and applies L4 policy; `Err` is the denial, `Ok` the

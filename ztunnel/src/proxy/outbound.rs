@@ -9,7 +9,7 @@ use tokio::net::TcpStream;
 use super::copy::{self, Transferred};
 use super::hbone::{self, Source};
 use super::pool::{Pool, PoolKey};
-use super::tracker::ConnInfo;
+use super::tracker::{ConnInfo, Tracked};
 use super::{Pod, ProxyError, ProxyInputs, double, socket};
 use crate::proxy::accesslog::{ConnLog, Direction, WorkloadRef};
 use crate::state::Upstream;
@@ -42,8 +42,14 @@ pub async fn serve(
     let state = inputs.state.load();
     let entry = pod.entry(&state, src.ip()).cloned();
     log.src_workload = Some(pod.workload_ref(entry.as_deref()));
-    let (transferred, result) =
-        route(app, src, dst, pod, inputs, pool, &mut log, state, entry).await;
+    // Boxed: routing (resolution, the pool's checkout, a connect) ends before the copy
+    // starts; inline, its state would size the task for the connection's whole life, idle or
+    // not. The heap copy is freed as soon as the route is known.
+    let routed = Box::pin(route(
+        app, src, dst, pod, inputs, pool, &mut log, state, entry,
+    ))
+    .await;
+    let (transferred, result) = routed.run().await;
     log.finish(
         transferred.sent,
         transferred.received,
@@ -62,10 +68,10 @@ async fn route(
     log: &mut ConnLog,
     state: Arc<crate::state::State>,
     entry: Option<Arc<crate::state::Workload>>,
-) -> (Transferred, Result<(), ProxyError>) {
+) -> Routed {
     let refuse = |app: TcpStream, e: ProxyError| {
         socket::reset(app);
-        (Transferred::default(), Err(e))
+        Routed::Refused(e)
     };
     if ports::LOOP_GUARD.contains(&dst.port()) {
         return refuse(app, ProxyError::Loop(dst));
@@ -101,10 +107,13 @@ async fn route(
                 )
             };
             match pool.open(&key, pod, req).await {
-                Ok((send, incoming, _lease)) => {
-                    let (t, r) = copy::hbone(app, send, incoming, tracked.stopped()).await;
-                    (t, r.map_err(|e| tracked.explain(e)))
-                }
+                Ok((send, incoming, lease)) => Routed::Tunnel {
+                    app,
+                    send,
+                    incoming,
+                    tracked,
+                    _hold: Hold::Lease(lease),
+                },
                 Err(e) => refuse(app, e),
             }
         }
@@ -137,16 +146,73 @@ async fn route(
                 authority,
                 identities,
             };
+            // Boxed: rare, and large enough to size every route otherwise.
             match Box::pin(double::open(&hops, src, pod, inputs, pool)).await {
-                Ok((send, incoming, _tunnel)) => {
-                    let (t, r) = copy::hbone(app, send, incoming, tracked.stopped()).await;
-                    (t, r.map_err(|e| tracked.explain(e)))
-                }
+                Ok((send, incoming, tunnel)) => Routed::Tunnel {
+                    app,
+                    send,
+                    incoming,
+                    tracked,
+                    _hold: Hold::Double(tunnel),
+                },
                 Err(e) => refuse(app, e),
             }
         }
         Upstream::Unroutable { target, reason } => {
             refuse(app, ProxyError::Unroutable { target, reason })
+        }
+    }
+}
+
+/// Where [`route`] sent a connection: what its copy needs, or why it was refused (the app's
+/// socket already reset).
+enum Routed {
+    Tunnel {
+        app: TcpStream,
+        send: h2::SendStream<bytes::Bytes>,
+        incoming: copy::Incoming,
+        tracked: Tracked,
+        /// Keeps the HBONE connection (or the outer tunnel of a double one) open for the copy.
+        _hold: Hold,
+    },
+    Plain {
+        app: TcpStream,
+        upstream: TcpStream,
+        tracked: Tracked,
+    },
+    Refused(ProxyError),
+}
+
+/// Held only to be dropped when the copy ends.
+#[allow(dead_code)]
+enum Hold {
+    Lease(super::pool::Lease),
+    Double(double::Tunnel),
+}
+
+impl Routed {
+    /// Copies until both directions end; the byte counts are the app's.
+    async fn run(self) -> (Transferred, Result<(), ProxyError>) {
+        match self {
+            Routed::Tunnel {
+                app,
+                send,
+                incoming,
+                tracked,
+                _hold,
+            } => {
+                let (t, r) = copy::hbone(app, send, incoming, tracked.stopped()).await;
+                (t, r.map_err(|e| tracked.explain(e)))
+            }
+            Routed::Plain {
+                app,
+                upstream,
+                tracked,
+            } => {
+                let (t, r) = copy::tcp(app, upstream, tracked.stopped()).await;
+                (t, r.map_err(|e| tracked.explain(e)))
+            }
+            Routed::Refused(e) => (Transferred::default(), Err(e)),
         }
     }
 }
@@ -162,7 +228,7 @@ fn open_tunnel(
     service: Option<String>,
     identity: Option<crate::identity::Identity>,
     via: Option<String>,
-) -> super::tracker::Tracked {
+) -> Tracked {
     log.hbone = Some(hbone);
     log.dst_workload = Some(WorkloadRef::of(workload));
     log.dst_service = service;
@@ -182,19 +248,20 @@ async fn plain(
     pod: &Pod,
     inputs: &ProxyInputs,
     log: &mut ConnLog,
-) -> (Transferred, Result<(), ProxyError>) {
+) -> Routed {
     log.open();
     let tracked = inputs
         .conns
         .track(ConnInfo::new(log, pod), false, pod.drain.cut_signal());
     match socket::connect(pod, target, None).await {
-        Ok(upstream) => {
-            let (t, r) = copy::tcp(app, upstream, tracked.stopped()).await;
-            (t, r.map_err(|e| tracked.explain(e)))
-        }
+        Ok(upstream) => Routed::Plain {
+            app,
+            upstream,
+            tracked,
+        },
         Err(e) => {
             socket::reset(app);
-            (Transferred::default(), Err(e))
+            Routed::Refused(e)
         }
     }
 }
