@@ -230,7 +230,6 @@ impl Accepted {
         async move {
             let (t, r) = copy::hbone(app, send, body, tracked.stopped()).await;
             let r = r.map_err(|e| tracked.explain(e));
-            drop(tracked);
             log.finish(t.sent, t.received, r.err().as_ref());
         }
     }

@@ -44,7 +44,7 @@ pub async fn serve(
     log.src_workload = Some(pod.workload_ref(entry.as_deref()));
     // Boxed: routing (resolution, the pool's checkout, a connect) ends before the copy
     // starts; inline, its state would size the task for the connection's whole life, idle or
-    // not. The heap copy is freed as soon as the route is known.
+    // not. The allocation is freed as soon as the route is known.
     let routed = Box::pin(route(
         app, src, dst, pod, inputs, pool, &mut log, state, entry,
     ))
