@@ -12,6 +12,7 @@ pub mod manager;
 
 use std::fmt;
 use std::str::FromStr;
+use std::sync::Arc;
 
 /// Why a string is not a usable SPIFFE identity.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -30,12 +31,26 @@ pub enum IdentityError {
     },
 }
 
-/// A workload's SPIFFE identity.
-#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct Identity {
+/// A workload's SPIFFE identity. Shared, not copied: every connection's log and tracker
+/// entry names one or two, and a clone is a reference count, not three strings.
+#[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Identity(Arc<Parts>);
+
+#[derive(PartialEq, Eq, Hash, PartialOrd, Ord)]
+struct Parts {
     trust_domain: String,
     namespace: String,
     service_account: String,
+}
+
+impl fmt::Debug for Identity {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Identity")
+            .field("trust_domain", &self.0.trust_domain)
+            .field("namespace", &self.0.namespace)
+            .field("service_account", &self.0.service_account)
+            .finish()
+    }
 }
 
 const MAX_SEGMENT: usize = 253;
@@ -78,23 +93,23 @@ impl Identity {
         check("trust domain", trust_domain, false)?;
         check("namespace", namespace, true)?;
         check("service account", service_account, true)?;
-        Ok(Self {
+        Ok(Self(Arc::new(Parts {
             trust_domain: trust_domain.to_string(),
             namespace: namespace.to_string(),
             service_account: service_account.to_string(),
-        })
+        })))
     }
 
     pub fn trust_domain(&self) -> &str {
-        &self.trust_domain
+        &self.0.trust_domain
     }
 
     pub fn namespace(&self) -> &str {
-        &self.namespace
+        &self.0.namespace
     }
 
     pub fn service_account(&self) -> &str {
-        &self.service_account
+        &self.0.service_account
     }
 }
 
@@ -118,7 +133,7 @@ impl fmt::Display for Identity {
         write!(
             f,
             "spiffe://{}/ns/{}/sa/{}",
-            self.trust_domain, self.namespace, self.service_account
+            self.0.trust_domain, self.0.namespace, self.0.service_account
         )
     }
 }

@@ -219,7 +219,7 @@ impl PodManager {
             Some((_, Entry::Running { pod, closed })) => {
                 let drain = pod.drain.clone();
                 let deadline = self.inputs.config.drain_timeout;
-                let name = pod.name();
+                let name = pod.name().to_string();
                 tokio::spawn(async move {
                     let cut = drain.drain(deadline).await;
                     if cut > 0 {

@@ -8,8 +8,8 @@ use std::time::Instant;
 
 use crate::identity::Identity;
 use crate::metrics::{ConnLabels, FailureLabels, Metrics};
-use crate::proxy::ProxyError;
-use crate::state::Workload;
+use crate::proxy::{Pod, ProxyError};
+use crate::state::{Service, Workload};
 use mesh_contract::Chain;
 
 /// Which listener a connection came through.
@@ -36,36 +36,41 @@ impl fmt::Display for Direction {
     }
 }
 
-/// A workload as the log and metrics name it.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct WorkloadRef {
-    pub namespace: String,
-    /// Istio's `workload` label: the owning workload's name when known, else the pod's.
-    pub workload: String,
-    /// `namespace/name` of the pod.
-    pub pod: String,
+/// A workload as the log and metrics name it: its state entry, or an enrolled pod the state
+/// does not know, by its ZDS name. Shared, not copied: a connection holds two of these for
+/// its whole life.
+#[derive(Clone, Debug)]
+pub enum WorkloadRef {
+    Entry(Arc<Workload>),
+    Pod(Arc<Pod>),
 }
 
 impl WorkloadRef {
-    pub fn of(w: &Workload) -> Self {
-        WorkloadRef {
-            namespace: w.namespace.clone(),
-            workload: if w.workload_name.is_empty() {
-                w.name.clone()
-            } else {
-                w.workload_name.clone()
-            },
-            pod: format!("{}/{}", w.namespace, w.name),
+    pub fn namespace(&self) -> &str {
+        match self {
+            WorkloadRef::Entry(w) => &w.namespace,
+            WorkloadRef::Pod(p) => &p.info.namespace,
         }
     }
 
-    /// An enrolled pod on this node, known by its ZDS name when the state lacks it.
-    pub fn pod(namespace: &str, name: &str) -> Self {
-        WorkloadRef {
-            namespace: namespace.to_string(),
-            workload: name.to_string(),
-            pod: format!("{namespace}/{name}"),
+    /// Istio's `workload` label: the owning workload's name when known, else the pod's.
+    pub fn workload(&self) -> &str {
+        match self {
+            WorkloadRef::Entry(w) if !w.workload_name.is_empty() => &w.workload_name,
+            WorkloadRef::Entry(w) => &w.name,
+            WorkloadRef::Pod(p) => &p.info.name,
         }
+    }
+}
+
+/// `namespace/name` of the pod.
+impl fmt::Display for WorkloadRef {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let name = match self {
+            WorkloadRef::Entry(w) => &w.name,
+            WorkloadRef::Pod(p) => &p.info.name,
+        };
+        write!(f, "{}/{name}", self.namespace())
     }
 }
 
@@ -73,8 +78,8 @@ impl WorkloadRef {
 #[derive(Debug)]
 pub struct ConnLog {
     pub direction: Direction,
-    /// The enrolled pod on this node (`namespace/name`).
-    pub pod: String,
+    /// The enrolled pod on this node.
+    pub pod: Arc<Pod>,
     pub src: SocketAddr,
     pub dst: SocketAddr,
     /// The HBONE peer address, when tunnelled.
@@ -83,7 +88,7 @@ pub struct ConnLog {
     pub dst_identity: Option<Identity>,
     pub src_workload: Option<WorkloadRef>,
     pub dst_workload: Option<WorkloadRef>,
-    pub dst_service: Option<String>,
+    pub dst_service: Option<Arc<Service>>,
     /// The waypoint or network gateway the connection went through.
     pub via: Option<String>,
     /// `mtls` when the bytes crossed the network inside HBONE, else `none`.
@@ -111,14 +116,14 @@ const UNKNOWN: &str = "unknown";
 impl ConnLog {
     pub fn new(
         direction: Direction,
-        pod: String,
+        pod: &Arc<Pod>,
         src: SocketAddr,
         dst: SocketAddr,
         metrics: &Arc<Metrics>,
     ) -> Self {
         Self {
             direction,
-            pod,
+            pod: pod.clone(),
             src,
             dst,
             hbone: None,
@@ -144,7 +149,7 @@ impl ConnLog {
         let workload = |w: &Option<WorkloadRef>| {
             w.as_ref().map_or_else(
                 || (UNKNOWN.to_string(), UNKNOWN.to_string()),
-                |w| (w.workload.clone(), w.namespace.clone()),
+                |w| (w.workload().to_string(), w.namespace().to_string()),
             )
         };
         let (source_workload, source_workload_namespace) = workload(&self.src_workload);
@@ -162,8 +167,8 @@ impl ConnLog {
             destination_principal: principal(&self.dst_identity),
             destination_service: self
                 .dst_service
-                .clone()
-                .unwrap_or_else(|| UNKNOWN.to_string()),
+                .as_ref()
+                .map_or_else(|| UNKNOWN.to_string(), |s| s.hostname.clone()),
             request_protocol: "tcp",
             response_flags,
             connection_security_policy: if self.security == "mtls" {
@@ -216,20 +221,19 @@ impl ConnLog {
             Some(e) => Chain(e).to_string(),
             None => "closed".to_string(),
         };
-        let src_workload = self.src_workload.as_ref().map(|w| &w.pod);
-        let dst_workload = self.dst_workload.as_ref().map(|w| &w.pod);
+        let dst_service = self.dst_service.as_ref().map(|s| &s.hostname);
         tracing::info!(
             target: "access",
             direction = %self.direction,
-            pod = %self.pod,
+            pod = %self.pod.name(),
             src.addr = %self.src,
             src.identity = %Opt(&self.src_identity),
-            src.workload = %Opt(&src_workload),
+            src.workload = %Opt(&self.src_workload),
             dst.addr = %self.dst,
             dst.hbone = %Opt(&self.hbone),
             dst.identity = %Opt(&self.dst_identity),
-            dst.workload = %Opt(&dst_workload),
-            dst.service = %Opt(&self.dst_service),
+            dst.workload = %Opt(&self.dst_workload),
+            dst.service = %Opt(&dst_service),
             via = %Opt(&self.via),
             security = self.security,
             bytes_sent = sent,

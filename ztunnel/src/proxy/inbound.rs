@@ -20,7 +20,7 @@ use super::copy::{self, Incoming};
 use super::hbone;
 use super::pool::{CONNECTION_WINDOW, MAX_FRAME, SEND_BUFFER, STREAM_WINDOW, TLS_BUFFER};
 use super::readahead::ReadAhead;
-use super::tracker::{ConnInfo, Tracked};
+use super::tracker::Tracked;
 use super::{HANDSHAKE_TIMEOUT, Pod, ProxyError, ProxyInputs, socket};
 use crate::identity::Identity;
 use crate::proxy::accesslog::{ConnLog, Direction, WorkloadRef};
@@ -183,14 +183,8 @@ pub async fn serve(tcp: TcpStream, peer: SocketAddr, pod: Arc<Pod>, inputs: Arc<
 }
 
 /// The access-log record of one inbound HBONE connection or stream from `peer` to `dst`.
-fn hbone_log(peer: SocketAddr, dst: SocketAddr, pod: &Pod, inputs: &ProxyInputs) -> ConnLog {
-    ConnLog::new(
-        Direction::InboundHbone,
-        pod.name(),
-        peer,
-        dst,
-        &inputs.metrics,
-    )
+fn hbone_log(peer: SocketAddr, dst: SocketAddr, pod: &Arc<Pod>, inputs: &ProxyInputs) -> ConnLog {
+    ConnLog::new(Direction::InboundHbone, pod, peer, dst, &inputs.metrics)
 }
 
 /// One access-log event for a peer refused before any CONNECT: a certificate that did not
@@ -198,7 +192,7 @@ fn hbone_log(peer: SocketAddr, dst: SocketAddr, pod: &Pod, inputs: &ProxyInputs)
 fn refused_handshake(
     peer: SocketAddr,
     local: SocketAddr,
-    pod: &Pod,
+    pod: &Arc<Pod>,
     inputs: &ProxyInputs,
     error: &ProxyError,
 ) {
@@ -246,7 +240,7 @@ async fn stream(
     pod: Arc<Pod>,
     inputs: Arc<ProxyInputs>,
 ) -> Option<Accepted> {
-    let (pod, inputs) = (&*pod, &*inputs);
+    let (pod, inputs) = (&pod, &*inputs);
     let by_hostname = |host: &str, port: u16| {
         let state = inputs.state.load();
         let uid = pod.entry(&state, local.ip())?.uid.clone();
@@ -283,9 +277,7 @@ async fn stream(
         }
     };
     log.open();
-    let tracked = inputs
-        .conns
-        .track(ConnInfo::new(&log, pod), true, pod.drain.cut_signal());
+    let tracked = inputs.conns.track(&log, true, pod.drain.cut_signal());
     let tunnel = entry.and_then(|w| w.application_tunnel.clone());
     let app_addr = match &tunnel {
         Some(ApplicationTunnel { port: Some(p), .. }) => SocketAddr::new(target.ip(), *p),
@@ -336,15 +328,15 @@ async fn stream(
 /// pod's workload entry (when the state has one).
 pub(super) fn authorize(
     log: &mut ConnLog,
-    pod: &Pod,
+    pod: &Arc<Pod>,
     inputs: &ProxyInputs,
 ) -> Result<Option<Arc<crate::state::Workload>>, ProxyError> {
     let state = inputs.state.load();
     log.src_workload = state
         .workload_by_ip(log.src.ip())
-        .map(|w| WorkloadRef::of(w));
+        .map(|w| WorkloadRef::Entry(w.clone()));
     let entry = pod.entry(&state, log.dst.ip()).cloned();
-    log.dst_workload = Some(pod.workload_ref(entry.as_deref()));
+    log.dst_workload = Some(pod.workload_ref(entry.as_ref()));
     let conn = Connection::new(log.src_identity.as_ref(), log.src.ip(), log.dst);
     let verdict = state.authorize(&pod.uid, &pod.info.namespace, &conn);
     log.dry_run = verdict.dry_run.map(|d| match d {

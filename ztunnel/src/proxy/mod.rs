@@ -86,9 +86,9 @@ pub struct Pod {
 }
 
 impl Pod {
-    /// `namespace/name`, for logs.
-    pub fn name(&self) -> String {
-        format!("{}/{}", self.info.namespace, self.info.name)
+    /// `namespace/name`, for logs (formatted where it is printed, never stored).
+    pub fn name(&self) -> impl std::fmt::Display + '_ {
+        PodName(self)
     }
 
     /// This pod's workload entry: by uid, else by `ip` when that workload is in the pod's
@@ -105,18 +105,24 @@ impl Pod {
         })
     }
 
-    /// This pod as logs and metrics name it: its workload entry when the state has one
-    /// (by uid, else by `ip`), else its ZDS name.
-    pub fn workload(&self, state: &State, ip: std::net::IpAddr) -> WorkloadRef {
-        self.workload_ref(self.entry(state, ip).map(|w| &**w))
-    }
-
-    /// This pod as logs name it, given its workload entry (from [`Pod::entry`]).
-    pub fn workload_ref(&self, entry: Option<&crate::state::Workload>) -> WorkloadRef {
+    /// This pod as logs and metrics name it, given its workload entry (from [`Pod::entry`]):
+    /// the entry when the state has one, else its ZDS name.
+    pub fn workload_ref(
+        self: &Arc<Self>,
+        entry: Option<&Arc<crate::state::Workload>>,
+    ) -> WorkloadRef {
         entry.map_or_else(
-            || WorkloadRef::pod(&self.info.namespace, &self.info.name),
-            WorkloadRef::of,
+            || WorkloadRef::Pod(self.clone()),
+            |w| WorkloadRef::Entry(w.clone()),
         )
+    }
+}
+
+struct PodName<'a>(&'a Pod);
+
+impl std::fmt::Display for PodName<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}/{}", self.0.info.namespace, self.0.info.name)
     }
 }
 

@@ -9,7 +9,7 @@ use tokio::net::TcpStream;
 use super::copy::{self, Transferred};
 use super::hbone::{self, Source};
 use super::pool::{Pool, PoolKey};
-use super::tracker::{ConnInfo, Tracked};
+use super::tracker::Tracked;
 use super::{Pod, ProxyError, ProxyInputs, double, socket};
 use crate::proxy::accesslog::{ConnLog, Direction, WorkloadRef};
 use crate::state::Upstream;
@@ -19,7 +19,7 @@ use crate::state::lb::Origin;
 pub async fn serve(
     app: TcpStream,
     src: SocketAddr,
-    pod: &Pod,
+    pod: &Arc<Pod>,
     inputs: &ProxyInputs,
     pool: &Arc<Pool>,
 ) {
@@ -27,7 +27,7 @@ pub async fn serve(
         Ok(dst) => dst,
         Err(e) => {
             let local = app.local_addr().unwrap_or(src);
-            ConnLog::new(Direction::Outbound, pod.name(), src, local, &inputs.metrics).finish(
+            ConnLog::new(Direction::Outbound, pod, src, local, &inputs.metrics).finish(
                 0,
                 0,
                 Some(&e),
@@ -36,12 +36,12 @@ pub async fn serve(
             return;
         }
     };
-    let mut log = ConnLog::new(Direction::Outbound, pod.name(), src, dst, &inputs.metrics);
+    let mut log = ConnLog::new(Direction::Outbound, pod, src, dst, &inputs.metrics);
     log.src_identity = Some(pod.identity.clone());
     // One lookup of this pod's entry serves the log and the routing decision.
     let state = inputs.state.load();
     let entry = pod.entry(&state, src.ip()).cloned();
-    log.src_workload = Some(pod.workload_ref(entry.as_deref()));
+    log.src_workload = Some(pod.workload_ref(entry.as_ref()));
     // Boxed: routing (resolution, the pool's checkout, a connect) ends before the copy
     // starts; inline, its state would size the task for the connection's whole life, idle or
     // not. The allocation is freed as soon as the route is known.
@@ -62,7 +62,7 @@ async fn route(
     app: TcpStream,
     src: SocketAddr,
     dst: SocketAddr,
-    pod: &Pod,
+    pod: &Arc<Pod>,
     inputs: &ProxyInputs,
     pool: &Arc<Pool>,
     log: &mut ConnLog,
@@ -91,9 +91,8 @@ async fn route(
             waypoint,
         } => {
             let via = waypoint.then(|| format!("waypoint {}", workload.uid));
-            let service = service.map(|s| s.hostname.clone());
             let id = hop.identities.first().cloned();
-            let tracked = open_tunnel(log, pod, inputs, hop.addr, &workload, service, id, via);
+            let tracked = open_tunnel(log, pod, inputs, hop.addr, workload, service, id, via);
             let key = PoolKey::new(pod.identity.clone(), hop.identities, hop.addr, src.ip());
             let name = pod.info.name.clone();
             let req = || {
@@ -122,8 +121,8 @@ async fn route(
             service,
             target,
         } => {
-            log.dst_workload = Some(WorkloadRef::of(&workload));
-            log.dst_service = service.map(|s| s.hostname.clone());
+            log.dst_workload = Some(WorkloadRef::Entry(workload));
+            log.dst_service = service;
             plain(app, target, pod, inputs, log).await
         }
         Upstream::Passthrough if inputs.config.registry_only => {
@@ -138,9 +137,17 @@ async fn route(
             service,
         } => {
             let via = Some(format!("gateway {}", gateway.addr));
-            let service = Some(service.hostname.clone());
             let id = identities.first().cloned();
-            let tracked = open_tunnel(log, pod, inputs, gateway.addr, &workload, service, id, via);
+            let tracked = open_tunnel(
+                log,
+                pod,
+                inputs,
+                gateway.addr,
+                workload,
+                Some(service),
+                id,
+                via,
+            );
             let hops = double::Hops {
                 gateway,
                 authority,
@@ -224,21 +231,19 @@ fn open_tunnel(
     pod: &Pod,
     inputs: &ProxyInputs,
     hbone: SocketAddr,
-    workload: &crate::state::Workload,
-    service: Option<String>,
+    workload: Arc<crate::state::Workload>,
+    service: Option<Arc<crate::state::Service>>,
     identity: Option<crate::identity::Identity>,
     via: Option<String>,
 ) -> Tracked {
     log.hbone = Some(hbone);
-    log.dst_workload = Some(WorkloadRef::of(workload));
+    log.dst_workload = Some(WorkloadRef::Entry(workload));
     log.dst_service = service;
     log.dst_identity = identity;
     log.via = via;
     log.security = "mtls";
     log.open();
-    inputs
-        .conns
-        .track(ConnInfo::new(log, pod), false, pod.drain.cut_signal())
+    inputs.conns.track(log, false, pod.drain.cut_signal())
 }
 
 /// Plain TCP from the pod's own address (its netns, marked so it is not captured again).
@@ -250,9 +255,7 @@ async fn plain(
     log: &mut ConnLog,
 ) -> Routed {
     log.open();
-    let tracked = inputs
-        .conns
-        .track(ConnInfo::new(log, pod), false, pod.drain.cut_signal());
+    let tracked = inputs.conns.track(log, false, pod.drain.cut_signal());
     match socket::connect(pod, target, None).await {
         Ok(upstream) => Routed::Plain {
             app,

@@ -7,24 +7,24 @@
 //! identity: a deny resets the connection.
 
 use std::net::SocketAddr;
+use std::sync::Arc;
 
 use mesh_contract::ports;
 use tokio::net::TcpStream;
 
 use super::copy;
-use super::tracker::ConnInfo;
 use super::{Pod, ProxyError, ProxyInputs, hbone, inbound, socket};
 use crate::proxy::accesslog::{ConnLog, Direction};
 
 /// Serves one plaintext inbound connection to completion.
-pub async fn serve(tcp: TcpStream, peer: SocketAddr, pod: &Pod, inputs: &ProxyInputs) {
+pub async fn serve(tcp: TcpStream, peer: SocketAddr, pod: &Arc<Pod>, inputs: &ProxyInputs) {
     let dst = match socket::original_dst(&tcp) {
         Ok(dst) => dst,
         Err(e) => {
             let local = tcp.local_addr().unwrap_or(peer);
             let log = ConnLog::new(
                 Direction::InboundPlaintext,
-                pod.name(),
+                pod,
                 peer,
                 local,
                 &inputs.metrics,
@@ -34,13 +34,7 @@ pub async fn serve(tcp: TcpStream, peer: SocketAddr, pod: &Pod, inputs: &ProxyIn
             return;
         }
     };
-    let mut log = ConnLog::new(
-        Direction::InboundPlaintext,
-        pod.name(),
-        peer,
-        dst,
-        &inputs.metrics,
-    );
+    let mut log = ConnLog::new(Direction::InboundPlaintext, pod, peer, dst, &inputs.metrics);
     log.dst_identity = Some(pod.identity.clone());
     if ports::LOOP_GUARD.contains(&dst.port()) {
         socket::reset(tcp);
@@ -64,9 +58,7 @@ pub async fn serve(tcp: TcpStream, peer: SocketAddr, pod: &Pod, inputs: &ProxyIn
         return;
     }
     log.open();
-    let tracked = inputs
-        .conns
-        .track(ConnInfo::new(&log, pod), true, pod.drain.cut_signal());
+    let tracked = inputs.conns.track(&log, true, pod.drain.cut_signal());
     let app = match socket::connect(pod, dst, Some(peer.ip())).await {
         Ok(app) => app,
         Err(e) => {

@@ -22,37 +22,19 @@ use crate::proxy::accesslog::{ConnLog, Direction};
 use crate::state::State;
 use crate::state::authz::{Connection, Decision, DenyReason};
 
-/// What is known about a live connection.
+/// What is known about a live connection, as the debug view shows it.
 #[derive(Debug, Clone, Serialize)]
 pub struct ConnInfo {
     pub direction: Direction,
     /// The enrolled pod on this node (`namespace/name`) and its uid.
     pub pod: String,
     pub pod_uid: String,
-    #[serde(skip)]
-    pub pod_namespace: String,
     pub src: SocketAddr,
     pub dst: SocketAddr,
     pub src_identity: Option<Identity>,
     pub dst_identity: Option<Identity>,
     #[serde(serialize_with = "unix_seconds")]
     pub started: SystemTime,
-}
-
-impl ConnInfo {
-    pub fn new(log: &ConnLog, pod: &Pod) -> Self {
-        ConnInfo {
-            direction: log.direction,
-            pod: pod.name(),
-            pod_uid: pod.uid.clone(),
-            pod_namespace: pod.info.namespace.clone(),
-            src: log.src,
-            dst: log.dst,
-            src_identity: log.src_identity.clone(),
-            dst_identity: log.dst_identity.clone(),
-            started: SystemTime::now(),
-        }
-    }
 }
 
 fn unix_seconds<S: serde::Serializer>(t: &SystemTime, s: S) -> Result<S::Ok, S::Error> {
@@ -63,9 +45,18 @@ fn unix_seconds<S: serde::Serializer>(t: &SystemTime, s: S) -> Result<S::Ok, S::
     s.serialize_u64(secs)
 }
 
+/// A live connection's entry: shared parts only (the pod, identities), so a connection
+/// costs its table slot and no strings of its own. The debug view's [`ConnInfo`] is built
+/// from it when asked for.
 #[derive(Debug)]
 struct LiveConn {
-    info: ConnInfo,
+    direction: Direction,
+    pod: Arc<Pod>,
+    src: SocketAddr,
+    dst: SocketAddr,
+    src_identity: Option<Identity>,
+    dst_identity: Option<Identity>,
+    started: SystemTime,
     /// Inbound connections are authorized, so a policy change may revoke them.
     authorized: bool,
     cancel: CancellationToken,
@@ -77,6 +68,21 @@ struct LiveConn {
 pub struct ConnTracker {
     next: AtomicU64,
     live: Mutex<HashMap<u64, Arc<LiveConn>>>,
+}
+
+impl LiveConn {
+    fn info(&self) -> ConnInfo {
+        ConnInfo {
+            direction: self.direction,
+            pod: self.pod.name().to_string(),
+            pod_uid: self.pod.uid.clone(),
+            src: self.src,
+            dst: self.dst,
+            src_identity: self.src_identity.clone(),
+            dst_identity: self.dst_identity.clone(),
+            started: self.started,
+        }
+    }
 }
 
 /// A registered connection; dropping it unregisters.
@@ -119,13 +125,19 @@ impl ConnTracker {
     /// drain deadline as a revocation does.
     pub fn track(
         self: &Arc<Self>,
-        info: ConnInfo,
+        log: &ConnLog,
         authorized: bool,
         cut: CancellationToken,
     ) -> Tracked {
         let id = self.next.fetch_add(1, Ordering::Relaxed);
         let conn = Arc::new(LiveConn {
-            info,
+            direction: log.direction,
+            pod: log.pod.clone(),
+            src: log.src,
+            dst: log.dst,
+            src_identity: log.src_identity.clone(),
+            dst_identity: log.dst_identity.clone(),
+            started: SystemTime::now(),
             authorized,
             cancel: cut,
             revoked: OnceLock::new(),
@@ -143,12 +155,14 @@ impl ConnTracker {
 
     /// Every live connection, oldest first.
     pub fn snapshot(&self) -> Vec<ConnInfo> {
+        // Copy out references under the lock; the strings are built after it is released,
+        // so a debug dump never holds up connections opening or closing.
         let live = self.live.lock().expect("not poisoned");
-        let mut out: Vec<(u64, ConnInfo)> =
-            live.iter().map(|(id, c)| (*id, c.info.clone())).collect();
+        let mut out: Vec<(u64, Arc<LiveConn>)> =
+            live.iter().map(|(id, c)| (*id, c.clone())).collect();
         drop(live);
         out.sort_by_key(|(id, _)| *id);
-        out.into_iter().map(|(_, c)| c).collect()
+        out.into_iter().map(|(_, c)| c.info()).collect()
     }
 
     /// Authorizes every live inbound connection against `state` and cancels the ones now
@@ -164,9 +178,8 @@ impl ConnTracker {
             .collect();
         let mut cut = 0;
         for c in live {
-            let info = &c.info;
-            let conn = Connection::new(info.src_identity.as_ref(), info.src.ip(), info.dst);
-            let verdict = state.authorize(&info.pod_uid, &info.pod_namespace, &conn);
+            let conn = Connection::new(c.src_identity.as_ref(), c.src.ip(), c.dst);
+            let verdict = state.authorize(&c.pod.uid, &c.pod.info.namespace, &conn);
             if let Decision::Deny(reason) = verdict.decision {
                 let _ = c.revoked.set(reason);
                 c.cancel.cancel();
