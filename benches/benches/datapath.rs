@@ -7,7 +7,8 @@
 //! this package's own generator (connect, 1 byte each way, close; 4 client threads). Cold
 //! tunnels are that exchange over a new mTLS + HTTP/2 connection each, from an HBONE client
 //! in this process to the server's ztunnel. Memory is both ztunnels' RSS growth per idle
-//! tunnelled connection (1,000 of them). "Rules on ÷ off" is the plain connection rate into
+//! tunnelled connection (1,000 of them, after 16 held open so the HBONE pool is up and not
+//! charged to them; `--memory-warm 0` charges it). "Rules on ÷ off" is the plain connection rate into
 //! the direct server pod with the agent's ruleset installed (inbound not captured: the
 //! kernel's cost of the rules and conntrack, no proxy), over the same pod without it.
 //!
@@ -33,6 +34,8 @@ struct Args {
     tunnel_only: bool,
     /// Client threads for the connection-rate figure.
     conn_threads: usize,
+    /// Connections held open before the memory figure's first reading.
+    memory_warm: usize,
 }
 
 fn args() -> Args {
@@ -42,6 +45,7 @@ fn args() -> Args {
         only: None,
         tunnel_only: false,
         conn_threads: 4,
+        memory_warm: 16,
     };
     let argv: Vec<String> = std::env::args().collect();
     let mut i = 1;
@@ -62,6 +66,13 @@ fn args() -> Args {
                 i += 1;
             }
             "--tunnel-only" => a.tunnel_only = true,
+            "--memory-warm" => {
+                a.memory_warm = argv
+                    .get(i + 1)
+                    .and_then(|v| v.parse().ok())
+                    .expect("--memory-warm N");
+                i += 1;
+            }
             "--conn-threads" => {
                 a.conn_threads = argv
                     .get(i + 1)
@@ -288,7 +299,14 @@ fn main() {
 
     // Memory per idle tunnelled connection.
     if wanted("memory") {
-        let kib = idle_connection_memory(tunnel.client, tunnel.server, next_port(), 1000, &pids);
+        let kib = idle_connection_memory(
+            tunnel.client,
+            tunnel.server,
+            next_port(),
+            args.memory_warm,
+            1000,
+            &pids,
+        );
         rows.push(Row::absolute(
             "memory per idle connection",
             f64::NAN,

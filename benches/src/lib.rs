@@ -333,20 +333,25 @@ pub fn process_rss_kib(pid: u32) -> f64 {
 
 /// What `count` idle connections from `client` to `server`:`port` cost the processes in
 /// `pids`, KiB per connection (their RSS before, and after every connection has exchanged
-/// one byte each way and sits idle). The caller's descriptor limit must allow 2×`count`.
+/// one byte each way and sits idle). With `warm` > 0 that many connections are opened (and
+/// held) before the first reading, so what is shared by all connections (the HBONE pool's
+/// TLS connections and their buffers) is not charged to the ones measured. The caller's
+/// descriptor limit must allow 2×(`warm` + `count`).
 pub fn idle_connection_memory(
     client: &Pod,
     server: &Pod,
     port: u16,
+    warm: usize,
     count: usize,
     pids: &[u32],
 ) -> f64 {
     let rss = || pids.iter().map(|p| process_rss_kib(*p)).sum::<f64>();
     let listener = apps::listen(server, port);
+    let total = warm + count;
     let held = std::thread::spawn(move || {
-        let mut held = Vec::with_capacity(count);
+        let mut held = Vec::with_capacity(total);
         let mut b = [0u8; 1];
-        while held.len() < count {
+        while held.len() < total {
             let Ok((mut conn, _)) = listener.accept() else {
                 continue;
             };
@@ -356,18 +361,22 @@ pub fn idle_connection_memory(
         }
         held
     });
+    let mut clients = Vec::with_capacity(total);
+    let mut b = [0u8; 1];
+    let mut open = |clients: &mut Vec<TcpStream>, n: usize| {
+        while clients.len() < n {
+            let Ok(mut conn) = connect(client, server.addr(port)) else {
+                continue;
+            };
+            if conn.write_all(b"x").is_ok() && conn.read_exact(&mut b).is_ok() {
+                clients.push(conn);
+            }
+        }
+    };
+    open(&mut clients, warm);
     std::thread::sleep(Duration::from_millis(500));
     let before = rss();
-    let mut clients = Vec::with_capacity(count);
-    let mut b = [0u8; 1];
-    while clients.len() < count {
-        let Ok(mut conn) = connect(client, server.addr(port)) else {
-            continue;
-        };
-        if conn.write_all(b"x").is_ok() && conn.read_exact(&mut b).is_ok() {
-            clients.push(conn);
-        }
-    }
+    open(&mut clients, total);
     let servers = held.join().expect("server thread");
     std::thread::sleep(Duration::from_millis(500));
     let after = rss();
