@@ -36,6 +36,14 @@ struct Args {
     conn_threads: usize,
     /// Connections held open before the memory figure's first reading.
     memory_warm: usize,
+    /// Extra arguments for both ztunnels (`--ztunnel-arg --hbone-congestion-control
+    /// --ztunnel-arg cubic`).
+    ztunnel_args: Vec<String>,
+    /// ztunnel's log filter (default `info`: one access-log line per connection, as deployed).
+    log: String,
+    /// Keep the mesh up this long (or until stdin closes) after set-up, measuring nothing: for
+    /// profiling by hand.
+    hold: Option<Duration>,
 }
 
 fn args() -> Args {
@@ -46,6 +54,9 @@ fn args() -> Args {
         tunnel_only: false,
         conn_threads: 4,
         memory_warm: 16,
+        hold: None,
+        ztunnel_args: Vec::new(),
+        log: "info".to_string(),
     };
     let argv: Vec<String> = std::env::args().collect();
     let mut i = 1;
@@ -80,6 +91,23 @@ fn args() -> Args {
                     .expect("--conn-threads N");
                 i += 1;
             }
+            "--hold" => {
+                a.hold = argv
+                    .get(i + 1)
+                    .and_then(|v| v.parse().ok())
+                    .map(Duration::from_secs_f64);
+                assert!(a.hold.is_some(), "--hold SECONDS");
+                i += 1;
+            }
+            "--ztunnel-arg" => {
+                a.ztunnel_args
+                    .push(argv.get(i + 1).cloned().expect("--ztunnel-arg ARG"));
+                i += 1;
+            }
+            "--log" => {
+                a.log = argv.get(i + 1).cloned().expect("--log FILTER");
+                i += 1;
+            }
             "--only" => {
                 a.only = argv.get(i + 1).cloned();
                 i += 1;
@@ -111,7 +139,7 @@ fn main() {
     raise_fd_limit();
     let window = Duration::from_secs_f64(args.seconds);
     let mut m = Mesh::new(&["a", "b"]);
-    m.log = "info".into();
+    m.log = args.log.clone();
     let a1 = m.lab.add_pod("a", "a1");
     let b1 = m.lab.add_pod("b", "b1");
     let a2 = m.lab.add_pod("a", "a2");
@@ -122,8 +150,9 @@ fn main() {
     let wa = Workload::mesh(&a1, "bench", "client");
     let wb = Workload::mesh(&b1, "bench", "server");
     m.write_config(&[&wa, &wb], &[]);
-    m.start_ztunnel("a", &[]);
-    m.start_ztunnel("b", &[]);
+    let extra: Vec<&str> = args.ztunnel_args.iter().map(String::as_str).collect();
+    m.start_ztunnel("a", &extra);
+    m.start_ztunnel("b", &extra);
     m.enroll(&wa);
     m.enroll(&wb);
     let pids = [
@@ -132,6 +161,21 @@ fn main() {
     ];
     let cpu = move || pids.iter().map(|p| process_cpu_seconds(*p)).sum::<f64>();
     let no_cpu = || 0.0;
+    if let Some(hold) = args.hold {
+        for p in [&a1, &b1, &a2, &b2] {
+            eprintln!("pod {}: netns {} address {}", p.name, p.ns.name, p.ip);
+        }
+        eprintln!(
+            "holding the mesh for {hold:?} or until stdin closes (a1 -> b1 tunnelled, a2 -> b2 direct)"
+        );
+        let (closed, wait) = std::sync::mpsc::channel::<()>();
+        std::thread::spawn(move || {
+            let _ = std::io::copy(&mut std::io::stdin(), &mut std::io::sink());
+            let _ = closed.send(());
+        });
+        let _ = wait.recv_timeout(hold);
+        return;
+    }
     let direct = Pair {
         client: &a2,
         server: &b2,
