@@ -17,6 +17,7 @@ use bytes::{Bytes, BytesMut};
 use h2::{RecvStream, SendStream};
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
+use tokio::net::tcp::ReadHalf;
 
 use super::socket;
 
@@ -90,10 +91,10 @@ pub async fn hbone(
     let mut sent = 0u64;
     let mut received = 0u64;
     let result = {
-        let (rd, mut wr) = app.split();
+        let (mut rd, mut wr) = app.split();
         // Pinned where they are built: moved into a callee, each future would take its room
         // in the connection's task twice, for as long as the connection lives.
-        let up = pin!(app_to_stream(rd.as_ref(), &mut send, &mut sent));
+        let up = pin!(app_to_stream(&mut rd, &mut send, &mut sent));
         let down = pin!(async {
             let mut recv = incoming.open().await?;
             stream_to_app(&mut recv, &mut wr, &mut received).await
@@ -163,19 +164,31 @@ async fn join_explained(
 }
 
 async fn app_to_stream(
-    app: &TcpStream,
+    app: &mut ReadHalf<'_>,
     send: &mut SendStream<Bytes>,
     count: &mut u64,
 ) -> Result<(), CopyError> {
+    let mut first = true;
     loop {
         // Take a buffer only once there is something to read: an idle connection holds none
         // (256 KiB each way would be most of what an idle tunnel costs).
-        app.readable().await.map_err(CopyError::AppRead)?;
+        app.as_ref().readable().await.map_err(CopyError::AppRead)?;
         let mut buf = BytesMut::with_capacity(READ_CHUNK);
-        let n = match app.try_read_buf(&mut buf) {
-            Ok(n) => n,
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
-            Err(e) => return Err(CopyError::AppRead(e)),
+        // One read, never a wait with the buffer held. Through `poll_read`, a read shorter
+        // than the buffer (the socket drained) also clears tokio's readiness, so the next
+        // `readable` waits for epoll instead of costing a read that finds nothing.
+        let read =
+            poll_fn(
+                |cx| match tokio_util::io::poll_read_buf(Pin::new(&mut *app), cx, &mut buf) {
+                    Poll::Ready(r) => Poll::Ready(Some(r)),
+                    Poll::Pending => Poll::Ready(None),
+                },
+            )
+            .await;
+        let n = match read {
+            Some(Ok(n)) => n,
+            None => continue,
+            Some(Err(e)) => return Err(CopyError::AppRead(e)),
         };
         super::spin::activity();
         if n == 0 {
@@ -185,6 +198,13 @@ async fn app_to_stream(
         }
         *count += n as u64;
         let mut data = buf.freeze();
+        if std::mem::take(&mut first) {
+            // The first chunk is queued at once (h2 holds it until the window allows, at most
+            // one chunk): waiting for capacity would let the CONNECT go out alone, and the
+            // peer would wake for it and again for the first bytes behind it.
+            send.send_data(data, false).map_err(CopyError::Stream)?;
+            continue;
+        }
         while !data.is_empty() {
             send.reserve_capacity(data.len());
             let granted = match poll_fn(|cx| send.poll_capacity(cx)).await {
@@ -295,5 +315,97 @@ impl AsyncWrite for Counted {
         cx: &mut std::task::Context<'_>,
     ) -> Poll<io::Result<()>> {
         Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::AsyncReadExt;
+
+    /// A connected loopback pair: (the app's end, ztunnel's end).
+    async fn app_pair() -> (TcpStream, TcpStream) {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let app = TcpStream::connect(listener.local_addr().unwrap());
+        let (app, accepted) = tokio::join!(app, listener.accept());
+        (app.unwrap(), accepted.unwrap().0)
+    }
+
+    #[tokio::test]
+    async fn the_first_bytes_are_queued_without_a_window_and_flow_once_it_opens() {
+        let (client_io, server_io) = tokio::io::duplex(1 << 20);
+        let (sender, client_conn) = h2::client::handshake(client_io).await.unwrap();
+        tokio::spawn(client_conn);
+        // The peer grants no stream window at first: nothing may be sent until it does.
+        let server = tokio::spawn(async move {
+            let mut conn = h2::server::Builder::new()
+                .initial_window_size(0)
+                .handshake::<_, Bytes>(server_io)
+                .await
+                .unwrap();
+            let (req, mut respond) = conn.accept().await.unwrap().unwrap();
+            let mut send = respond
+                .send_response(http::Response::new(()), false)
+                .unwrap();
+            send.send_data(Bytes::from_static(b"pong"), true).unwrap();
+            let mut body = req.into_body();
+            // The connection is driven (polled) throughout: DATA sent into the closed window
+            // would show up here (and be a flow-control error).
+            let early = tokio::time::timeout(std::time::Duration::from_millis(100), body.data());
+            tokio::select! {
+                r = early => assert!(r.is_err(), "DATA sent into a closed window"),
+                _ = poll_fn(|cx| conn.poll_closed(cx)) => panic!("connection closed"),
+            }
+            conn.set_initial_window_size(1 << 20).unwrap();
+            tokio::spawn(async move { poll_fn(|cx| conn.poll_closed(cx)).await });
+            let mut got = Vec::new();
+            while let Some(chunk) = body.data().await {
+                let chunk = chunk.unwrap();
+                got.extend_from_slice(&chunk);
+                let _ = body.flow_control().release_capacity(chunk.len());
+            }
+            got
+        });
+        let req = http::Request::builder()
+            .method(http::Method::CONNECT)
+            .uri("198.18.0.1:80")
+            .body(())
+            .unwrap();
+        let (response, send) = sender
+            .ready()
+            .await
+            .unwrap()
+            .send_request(req, false)
+            .unwrap();
+        let (mut app, ours) = app_pair().await;
+        // The app speaks first, before the copy starts; then more, then closes its side.
+        let first = vec![1u8; 1000];
+        app.write_all(&first).await.unwrap();
+        let copy = tokio::spawn(hbone(
+            ours,
+            send,
+            Incoming::Pending(response),
+            std::future::pending(),
+        ));
+        let rest: Vec<u8> = (0..300_000u32).map(|i| (i % 251) as u8).collect();
+        app.write_all(&rest).await.unwrap();
+        app.shutdown().await.unwrap();
+        let mut answer = Vec::new();
+        app.read_to_end(&mut answer).await.unwrap();
+        assert_eq!(answer, b"pong");
+
+        let (transferred, result) = copy.await.unwrap();
+        result.unwrap();
+        let got = server.await.unwrap();
+        assert_eq!(got.len(), first.len() + rest.len());
+        assert_eq!(&got[..first.len()], &first[..]);
+        assert_eq!(&got[first.len()..], &rest[..]);
+        assert_eq!(
+            transferred,
+            Transferred {
+                sent: got.len() as u64,
+                received: 4
+            }
+        );
     }
 }
