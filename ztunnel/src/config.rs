@@ -137,6 +137,13 @@ pub struct Config {
     #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
     pub hbone_keepalive: Duration,
 
+    /// TCP congestion control for HBONE connections, in and out (`cubic`, `bbr`, ...; see
+    /// `/proc/sys/net/ipv4/tcp_available_congestion_control`). Unset, they keep the pod's
+    /// default, which a pod inherits from its node. Sockets to apps in the same pod never
+    /// use the pod's default: they run over loopback, where pacing (BBR) only costs CPU.
+    #[arg(long, env = "ZTUNNEL_HBONE_CONGESTION_CONTROL", value_parser = parse_congestion_control)]
+    pub hbone_congestion_control: Option<String>,
+
     /// After traffic, how long a worker keeps polling its sockets instead of sleeping, so a
     /// quick reply is picked up without a thread wake-up (0 disables). Trades CPU and
     /// connection rate for round-trip latency; see README, Performance.
@@ -203,11 +210,56 @@ pub fn parse_resolv_conf(text: &str) -> Vec<std::net::SocketAddr> {
         .collect()
 }
 
+/// A congestion control this kernel offers, named as it takes names: ASCII letters, digits,
+/// `_` and `-`, shorter than `TCP_CA_NAME_MAX` (16). Checked here, so a mistyped name stops
+/// ztunnel at start instead of failing every HBONE connection.
+fn parse_congestion_control(name: &str) -> Result<String, String> {
+    let valid = !name.is_empty()
+        && name.len() < 16
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-');
+    if !valid {
+        return Err(
+            "expected a congestion control name: 1 to 15 ASCII letters, digits, '_' or '-'"
+                .to_string(),
+        );
+    }
+    crate::proxy::socket::check_congestion_control(name).map_err(|e| e.to_string())?;
+    Ok(name.to_string())
+}
+
 impl Config {
     /// Worker threads to run.
     pub fn worker_count(&self) -> usize {
         self.workers
             .unwrap_or_else(|| std::thread::available_parallelism().map_or(2, |n| n.get()))
             .max(1)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_congestion_control;
+
+    #[test]
+    fn congestion_control_names_are_checked_against_the_kernel() {
+        // reno is built into every Linux kernel.
+        assert_eq!(parse_congestion_control("reno").unwrap(), "reno");
+        let unknown = parse_congestion_control("nosuchcc").unwrap_err();
+        assert!(
+            unknown.contains("\"nosuchcc\" is not available") && unknown.contains("reno"),
+            "{unknown}"
+        );
+        for bad in [
+            "",
+            "cubic bbr",
+            "../cubic",
+            "averyveryverylongname",
+            "c\u{e9}",
+        ] {
+            let err = parse_congestion_control(bad).unwrap_err();
+            assert!(err.contains("1 to 15 ASCII"), "{bad:?}: {err}");
+        }
     }
 }

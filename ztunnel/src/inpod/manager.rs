@@ -151,7 +151,12 @@ impl PodManager {
             .server_config(cert.clone())
             .map_err(|e| e.to_string())?;
         let listeners = netns
-            .run(|| socket::pod_listeners(self.workers.len()))
+            .run(|| {
+                socket::pod_listeners(
+                    self.workers.len(),
+                    self.inputs.config.hbone_congestion_control.as_deref(),
+                )
+            })
             .map_err(|e| e.to_string())?
             .map_err(|e| format!("cannot listen in the pod netns: {e}"))?;
         // Without its DNS sockets the pod is still proxied; the node agent sees nothing on

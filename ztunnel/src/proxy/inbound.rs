@@ -283,7 +283,13 @@ async fn stream(
         Some(ApplicationTunnel { port: Some(p), .. }) => SocketAddr::new(target.ip(), *p),
         _ => target,
     };
-    let mut app = match socket::connect(pod, app_addr, Some(peer.ip())).await {
+    let mut app = match socket::connect(
+        pod,
+        app_addr,
+        socket::Toward::LocalApp { client: peer.ip() },
+    )
+    .await
+    {
         Ok(app) => app,
         Err(e) => {
             answer(&mut respond, StatusCode::SERVICE_UNAVAILABLE);

@@ -256,7 +256,7 @@ async fn plain(
 ) -> Routed {
     log.open();
     let tracked = inputs.conns.track(log, false, pod.drain.cut_signal());
-    match socket::connect(pod, target, None).await {
+    match socket::connect(pod, target, socket::Toward::Network).await {
         Ok(upstream) => Routed::Plain {
             app,
             upstream,

@@ -59,7 +59,8 @@ pub async fn serve(tcp: TcpStream, peer: SocketAddr, pod: &Arc<Pod>, inputs: &Pr
     }
     log.open();
     let tracked = inputs.conns.track(&log, true, pod.drain.cut_signal());
-    let app = match socket::connect(pod, dst, Some(peer.ip())).await {
+    let app = match socket::connect(pod, dst, socket::Toward::LocalApp { client: peer.ip() }).await
+    {
         Ok(app) => app,
         Err(e) => {
             socket::reset(tcp);

@@ -268,7 +268,12 @@ impl Pool {
             .tls
             .client_config(pod.cert.clone(), key.dst_identities.clone())?;
         let handshake = async {
-            let tcp = socket::connect(pod, addr, None).await?;
+            let tcp = socket::connect(
+                pod,
+                addr,
+                socket::Toward::Hbone(self.inputs.config.hbone_congestion_control.as_deref()),
+            )
+            .await?;
             let mut tls = tokio_rustls::TlsConnector::from(config)
                 .connect(ServerName::IpAddress(addr.ip().into()), ReadAhead::new(tcp))
                 .await
