@@ -6,7 +6,8 @@
 //! - `GET /logging`, `POST /logging?level=<filter>` or `POST /logging?<module>=<level>`;
 //! - `POST /quitquitquit`: drain and exit, as on SIGTERM;
 //! - `GET /debug/connections`: live connections per pod with peers and identities;
-//! - `GET /debug/pool`: pooled HBONE connections per worker.
+//! - `GET /debug/pool`: pooled HBONE connections per worker;
+//! - `GET /debug/workers`: what each worker thread serves (inbound HBONE connections).
 //!
 //! Peers that are not loopback get 403 unless `--admin-allow-remote`: binding a wider
 //! address by mistake must not publish the mesh's inventory.
@@ -165,7 +166,7 @@ impl Admin {
         match (method, path) {
             (&Method::GET, "/") => text(
                 StatusCode::OK,
-                "/config_dump\n/logging\n/quitquitquit (POST)\n/debug/connections\n/debug/pool",
+                "/config_dump\n/logging\n/quitquitquit (POST)\n/debug/connections\n/debug/pool\n/debug/workers",
             ),
             (&Method::GET, "/config_dump") => json(&self.config_dump()),
             (&Method::GET | &Method::POST, "/logging") => self.logging(method, query),
@@ -176,6 +177,7 @@ impl Admin {
             }
             (&Method::GET, "/debug/connections") => json(&self.inputs.conns.snapshot()),
             (&Method::GET, "/debug/pool") => json(&self.workers.pool_entries()),
+            (&Method::GET, "/debug/workers") => json(&self.workers.loads()),
             (_, "/quitquitquit") => text(StatusCode::METHOD_NOT_ALLOWED, "use POST"),
             _ => text(StatusCode::NOT_FOUND, "not found; GET / lists the views"),
         }
