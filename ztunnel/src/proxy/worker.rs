@@ -204,10 +204,6 @@ impl Worker {
         }
     }
 
-    fn pool(&self) -> &Arc<Pool> {
-        &self.peers[self.me].pool
-    }
-
     /// The worker serving the fewest inbound HBONE connections, this one on a tie.
     fn least_hbone(&self) -> usize {
         least_loaded(
@@ -263,8 +259,8 @@ struct Accepted {
 }
 
 impl Accepted {
-    /// Serves `tcp` on the current worker (`worker`) to completion.
-    async fn serve(self, tcp: TcpStream, worker: Worker) {
+    /// Serves `tcp` to completion on the current worker, whose HBONE pool is `pool`.
+    async fn serve(self, tcp: TcpStream, pool: Arc<Pool>) {
         let Accepted {
             kind,
             peer,
@@ -276,9 +272,7 @@ impl Accepted {
         } = self;
         let work = std::pin::pin!(async {
             match kind {
-                ListenerKind::Outbound => {
-                    outbound::serve(tcp, peer, &pod, &inputs, worker.pool()).await
-                }
+                ListenerKind::Outbound => outbound::serve(tcp, peer, &pod, &inputs, &pool).await,
                 ListenerKind::InboundPlaintext => plaintext::serve(tcp, peer, &pod, &inputs).await,
                 // Boxed: its TLS and HTTP/2 handshakes would otherwise size every
                 // connection's task, idle or not (once per HBONE connection, not stream).
@@ -347,7 +341,7 @@ async fn accept_loop(
             load,
         };
         if target == worker.me {
-            tokio::spawn(accepted.serve(tcp, worker.clone()));
+            tokio::spawn(accepted.serve(tcp, worker.peers[worker.me].pool.clone()));
             continue;
         }
         // Moved before anything is read: the socket leaves this worker's reactor and joins
@@ -359,10 +353,11 @@ async fn accept_loop(
                 continue;
             }
         };
-        let there = worker.with_me(target);
-        worker.peers[target].handle.spawn(async move {
+        let there = &worker.peers[target];
+        let pool = there.pool.clone();
+        there.handle.spawn(async move {
             match TcpStream::from_std(std) {
-                Ok(tcp) => accepted.serve(tcp, there).await,
+                Ok(tcp) => accepted.serve(tcp, pool).await,
                 Err(e) => {
                     tracing::warn!(pod = %accepted.pod.name(), %peer, error = %e, "cannot register a handed-over HBONE connection");
                 }
