@@ -42,15 +42,21 @@ const BACKLOG: i32 = 1024;
 
 /// Congestion control for loopback connections with the pod's own apps, the first the
 /// kernel has. Not the pod's default: where that is BBR, its pacing (a timer per packet,
-/// with no fq qdisc) buys nothing on loopback and costs the sender about a sixth of its CPU
-/// on a bulk stream (README, Performance).
+/// with no fq qdisc) buys nothing on loopback; on the benchmark VM its timers were about 6 %
+/// of the sending ztunnel's samples (README, Performance).
 const LOCAL_CONGESTION: [&str; 2] = ["cubic", "reno"];
 
+/// Sets the first of [`LOCAL_CONGESTION`] the kernel has, found once per process so a
+/// missing one costs no failed call per connection; none found, the pod's default stays.
 fn set_local_congestion(s: &Socket) {
-    for name in LOCAL_CONGESTION {
-        if s.set_tcp_congestion(name.as_bytes()).is_ok() {
-            return;
-        }
+    static CHOSEN: std::sync::OnceLock<Option<&str>> = std::sync::OnceLock::new();
+    let chosen = CHOSEN.get_or_init(|| {
+        LOCAL_CONGESTION
+            .into_iter()
+            .find(|name| check_congestion_control(name).is_ok())
+    });
+    if let Some(name) = chosen {
+        let _ = s.set_tcp_congestion(name.as_bytes());
     }
 }
 
@@ -199,29 +205,29 @@ pub async fn connect(
         match toward {
             Toward::Hbone(congestion) => set_hbone_congestion(&sock, congestion)?,
             Toward::Network => {}
-            Toward::LocalApp { .. } => set_local_congestion(&sock),
-        }
-        if let Toward::LocalApp { client: src } = toward {
-            match src {
-                IpAddr::V4(_) => {
-                    sock.set_ip_transparent_v4(true)?;
-                    sock.set_freebind_v4(true)?;
+            Toward::LocalApp { client: src } => {
+                set_local_congestion(&sock);
+                match src {
+                    IpAddr::V4(_) => {
+                        sock.set_ip_transparent_v4(true)?;
+                        sock.set_freebind_v4(true)?;
+                    }
+                    IpAddr::V6(_) => {
+                        sock.set_ip_transparent_v6(true)?;
+                        sock.set_freebind_v6(true)?;
+                    }
                 }
-                IpAddr::V6(_) => {
-                    sock.set_ip_transparent_v6(true)?;
-                    sock.set_freebind_v6(true)?;
-                }
+                // The port is picked at connect, where only the whole 4-tuple must be unique;
+                // picked at bind, it must be free for this address alone, a search through every
+                // port the address holds that slows each connect as connections churn.
+                nix::sys::socket::setsockopt(
+                    &sock,
+                    nix::sys::socket::sockopt::IpBindAddressNoPort,
+                    &true,
+                )
+                .map_err(io::Error::from)?;
+                sock.bind(&SocketAddr::new(src, 0).into())?;
             }
-            // The port is picked at connect, where only the whole 4-tuple must be unique;
-            // picked at bind, it must be free for this address alone, a search through every
-            // port the address holds that slows each connect as connections churn.
-            nix::sys::socket::setsockopt(
-                &sock,
-                nix::sys::socket::sockopt::IpBindAddressNoPort,
-                &true,
-            )
-            .map_err(io::Error::from)?;
-            sock.bind(&SocketAddr::new(src, 0).into())?;
         }
         Ok(())
     };
