@@ -170,34 +170,25 @@ async fn app_to_stream(
 ) -> Result<(), CopyError> {
     let mut first = true;
     loop {
-        // Take a buffer only once there is something to read: an idle connection holds none
-        // (256 KiB each way would be most of what an idle tunnel costs).
+        // Hold no buffer while waiting: an idle connection costs none (256 KiB each way would
+        // be most of what an idle tunnel costs).
         app.as_ref().readable().await.map_err(CopyError::AppRead)?;
-        let mut buf = BytesMut::with_capacity(READ_CHUNK);
         // One read, never a wait with the buffer held. Through `poll_read`, a read shorter
         // than the buffer (the socket drained) also clears tokio's readiness, so the next
         // `readable` waits for epoll instead of costing a read that finds nothing.
-        let read =
-            poll_fn(
-                |cx| match tokio_util::io::poll_read_buf(Pin::new(&mut *app), cx, &mut buf) {
-                    Poll::Ready(r) => Poll::Ready(Some(r)),
-                    Poll::Pending => Poll::Ready(None),
-                },
-            )
-            .await;
-        let n = match read {
-            Some(Ok(n)) => n,
+        let read = poll_fn(|cx| Poll::Ready(read_chunk(Pin::new(&mut *app), cx))).await;
+        let mut data = match read {
+            Some(Ok(data)) => data,
             None => continue,
             Some(Err(e)) => return Err(CopyError::AppRead(e)),
         };
         super::spin::activity();
-        if n == 0 {
+        if data.is_empty() {
             send.send_data(Bytes::new(), true)
                 .map_err(CopyError::Stream)?;
             return Ok(());
         }
-        *count += n as u64;
-        let mut data = buf.freeze();
+        *count += data.len() as u64;
         if std::mem::take(&mut first) {
             // The first chunk is queued at once (h2 holds it until the window allows, at most
             // one chunk): waiting for capacity would let the CONNECT go out alone, and the
@@ -219,6 +210,37 @@ async fn app_to_stream(
             send.send_data(chunk, false).map_err(CopyError::Stream)?;
         }
     }
+}
+
+thread_local! {
+    /// The worker thread's buffer for app reads, lent to one read at a time.
+    static READ_BUF: std::cell::Cell<Option<BytesMut>> = const { std::cell::Cell::new(None) };
+}
+
+/// Reads shorter than this are copied out into a `Bytes` of their own size, and the thread's
+/// buffer serves the next read: small messages cost no 256 KiB allocation each (nor a large
+/// buffer kept alive by a few bytes queued in HTTP/2). Longer reads take the buffer with them
+/// as their `Bytes`, without a copy, and the next read gets a fresh one.
+const COPY_BELOW: usize = 16 * 1024;
+
+/// One read of at most [`READ_CHUNK`] bytes from `app` (empty at end of stream), or `None`
+/// when nothing is ready.
+fn read_chunk(
+    app: Pin<&mut ReadHalf<'_>>,
+    cx: &mut std::task::Context<'_>,
+) -> Option<io::Result<Bytes>> {
+    let mut buf = READ_BUF
+        .take()
+        .unwrap_or_else(|| BytesMut::with_capacity(READ_CHUNK));
+    let read = match tokio_util::io::poll_read_buf(app, cx, &mut buf) {
+        Poll::Ready(Ok(n)) if n >= COPY_BELOW => return Some(Ok(buf.freeze())),
+        Poll::Ready(Ok(_)) => Some(Ok(Bytes::copy_from_slice(&buf))),
+        Poll::Ready(Err(e)) => Some(Err(e)),
+        Poll::Pending => None,
+    };
+    buf.clear();
+    READ_BUF.set(Some(buf));
+    read
 }
 
 async fn stream_to_app<W: AsyncWrite + Unpin>(
@@ -329,6 +351,56 @@ mod tests {
         let app = TcpStream::connect(listener.local_addr().unwrap());
         let (app, accepted) = tokio::join!(app, listener.accept());
         (app.unwrap(), accepted.unwrap().0)
+    }
+
+    /// One `read_chunk` once the socket is readable, and what the thread's buffer then is.
+    async fn read_once(rd: &mut ReadHalf<'_>) -> (Bytes, Option<usize>) {
+        rd.as_ref().readable().await.unwrap();
+        let data = poll_fn(|cx| Poll::Ready(read_chunk(Pin::new(&mut *rd), cx)))
+            .await
+            .expect("readable")
+            .unwrap();
+        let lent = READ_BUF.take();
+        let kept = lent.as_ref().map(BytesMut::capacity);
+        READ_BUF.set(lent);
+        (data, kept)
+    }
+
+    #[tokio::test]
+    async fn small_reads_are_copied_out_and_large_ones_take_the_buffer() {
+        let (mut app, mut ours) = app_pair().await;
+        let (mut rd, _wr) = ours.split();
+        READ_BUF.set(None);
+
+        app.write_all(b"hello").await.unwrap();
+        let (data, kept) = read_once(&mut rd).await;
+        assert_eq!(&data[..], b"hello");
+        assert_eq!(
+            kept,
+            Some(READ_CHUNK),
+            "a small read leaves the buffer for the next"
+        );
+
+        let big: Vec<u8> = (0..100_000u32).map(|i| (i % 253) as u8).collect();
+        app.write_all(&big).await.unwrap();
+        let mut got = Vec::new();
+        let mut took = false;
+        while got.len() < big.len() {
+            let (data, kept) = read_once(&mut rd).await;
+            took |= data.len() >= COPY_BELOW && kept.is_none();
+            assert!(data.len() >= COPY_BELOW || kept == Some(READ_CHUNK));
+            got.extend_from_slice(&data);
+        }
+        assert_eq!(got, big);
+        assert!(
+            took,
+            "no read of {COPY_BELOW} bytes or more took the buffer"
+        );
+
+        app.shutdown().await.unwrap();
+        let (data, kept) = read_once(&mut rd).await;
+        assert!(data.is_empty(), "end of stream");
+        assert_eq!(kept, Some(READ_CHUNK));
     }
 
     #[tokio::test]
