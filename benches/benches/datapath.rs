@@ -10,7 +10,8 @@
 //! tunnelled connection (1,000 of them, after 16 held open so the HBONE pool is up and not
 //! charged to them; `--memory-warm 0` charges it). "Rules on ÷ off" is the plain connection rate into
 //! the direct server pod with the agent's ruleset installed (inbound not captured: the
-//! kernel's cost of the rules and conntrack, no proxy), over the same pod without it.
+//! kernel's cost of the rules and conntrack, no proxy), over the same pod without it, the two
+//! alternating rep by rep.
 //!
 //! Run: `./x bench` (or `cargo build --release --bins && cargo bench -p benches --bench
 //! datapath -- [--reps N] [--seconds S] [--only NAME] [--tunnel-only]`). Prints a table and
@@ -363,19 +364,19 @@ fn main() {
 
     // The kernel's cost of the agent's rules on new connections into a pod.
     if wanted("rules") {
+        // Off and on alternate, so that a slow spell of the VM does not land on one side only.
         let (mut off, mut on) = (Vec::new(), Vec::new());
         for _ in 0..args.reps {
             off.push(conn_rate(&direct, next_port()));
-        }
-        mesh_testbed::agent::install_redirection_with(
-            direct.server,
-            node_agent::redirect::Options {
-                capture_inbound: false,
-                ..Default::default()
-            },
-        );
-        for _ in 0..args.reps {
+            mesh_testbed::agent::install_redirection_with(
+                direct.server,
+                node_agent::redirect::Options {
+                    capture_inbound: false,
+                    ..Default::default()
+                },
+            );
             on.push(conn_rate(&direct, next_port()));
+            mesh_testbed::agent::remove_redirection(direct.server);
         }
         off.sort_by(f64::total_cmp);
         on.sort_by(f64::total_cmp);

@@ -143,11 +143,23 @@ pub fn install_redirection(pod: &Pod) {
 
 /// The same with the node agent's per-pod options (DNS capture, inbound capture off, ...).
 pub fn install_redirection_with(pod: &Pod, options: redirect::Options) {
+    let (netns, rt) = redirect_context(pod);
+    rt.block_on(redirect::Redirector::new().apply(&netns, options))
+        .unwrap_or_else(|e| panic!("redirection for {}: {e:?}", pod.name));
+}
+
+/// Removes what [`install_redirection`] installed, with the node agent's own code.
+pub fn remove_redirection(pod: &Pod) {
+    let (netns, rt) = redirect_context(pod);
+    rt.block_on(redirect::Redirector::new().remove(&netns))
+        .unwrap_or_else(|e| panic!("removing redirection for {}: {e:?}", pod.name));
+}
+
+fn redirect_context(pod: &Pod) -> (std::sync::Arc<NetNs>, tokio::runtime::Runtime) {
     let netns = std::sync::Arc::new(NetNs::open(pod.ns.path()).expect("pod netns"));
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .expect("runtime");
-    rt.block_on(redirect::Redirector::new().apply(&netns, options))
-        .unwrap_or_else(|e| panic!("redirection for {}: {e:?}", pod.name));
+    (netns, rt)
 }
