@@ -12,16 +12,21 @@
 //! the direct server pod with the agent's ruleset installed (inbound not captured: the
 //! kernel's cost of the rules and conntrack, no proxy), over the same pod without it, the two
 //! alternating rep by rep.
+//! "Plain relay" rows join the direct pods with a minimal user-space TCP relay in each
+//! (`benches::relay`: no TLS, no HTTP/2, no rules) and measure it against the direct path, rep
+//! by rep: the three TCP legs any in-pod L4 proxy adds, before any work of its own (`--only
+//! floor` runs just those).
 //!
 //! Run: `./x bench` (or `cargo build --release --bins && cargo bench -p benches --bench
 //! datapath -- [--reps N] [--seconds S] [--only NAME] [--tunnel-only]`). Prints a table and
 //! writes `target/bench/datapath.json`.
 
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::time::Duration;
 
 use benches::{
-    Window, cold_tunnel_rate, connection_rate, idle_connection_memory, iperf3, median,
-    process_cpu_seconds, raise_fd_limit, sockperf,
+    Window, cold_tunnel_rate, connection_rate, connection_rate_via, idle_connection_memory, iperf3,
+    iperf3_via, median, process_cpu_seconds, raise_fd_limit, relay, sockperf, sockperf_via,
 };
 use mesh_testbed::lab::Pod;
 use mesh_testbed::mesh::{Mesh, Workload};
@@ -362,6 +367,87 @@ fn main() {
         ));
     }
 
+    // The floor: the direct pods joined by a plain relay in each (no TLS, no HTTP/2, no rules),
+    // so a connection crosses the same three TCP legs as a tunnelled one. Direct and relayed
+    // alternate rep by rep.
+    if wanted("floor") && !args.tunnel_only {
+        let lo: IpAddr = if direct.client.ip.is_ipv6() {
+            Ipv6Addr::LOCALHOST.into()
+        } else {
+            Ipv4Addr::LOCALHOST.into()
+        };
+        let relayed = |app: u16, run: &mut dyn FnMut(u16, SocketAddr)| {
+            let server_side = relay(
+                direct.server,
+                SocketAddr::new(direct.server.ip, 0),
+                direct.server.addr(app),
+            );
+            let client_side = relay(direct.client, SocketAddr::new(lo, 0), server_side.addr);
+            run(app, client_side.addr);
+        };
+        let (mut tp, mut rtp) = ([Vec::new(), Vec::new()], [Vec::new(), Vec::new()]);
+        let (mut lat, mut rlat, mut conn, mut rconn) =
+            (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+        for _ in 0..args.reps {
+            for (i, streams) in [1usize, 4].into_iter().enumerate() {
+                let (c, s) = (direct.client, direct.server);
+                tp[i].push(iperf3(c, s, next_port(), streams, window, &no_cpu).per_second);
+                relayed(next_port(), &mut |port, dst| {
+                    rtp[i].push(iperf3_via(c, s, port, dst, streams, window, &no_cpu).per_second);
+                });
+            }
+            lat.push(sockperf(direct.client, direct.server, next_port(), 1024, window).p50);
+            relayed(next_port(), &mut |port, dst| {
+                rlat.push(sockperf_via(direct.client, direct.server, port, dst, 1024, window).p50);
+            });
+            conn.push(conn_rate(&direct, next_port()));
+            relayed(next_port(), &mut |port, dst| {
+                rconn.push(
+                    connection_rate_via(
+                        direct.client,
+                        direct.server,
+                        port,
+                        dst,
+                        args.conn_threads,
+                        window,
+                    )
+                    .per_second,
+                );
+            });
+        }
+        for v in tp
+            .iter_mut()
+            .chain(rtp.iter_mut())
+            .chain([&mut lat, &mut rlat, &mut conn, &mut rconn])
+        {
+            v.sort_by(f64::total_cmp);
+        }
+        for (i, streams) in ["1 stream", "4 streams"].into_iter().enumerate() {
+            rows.push(Row::ratio(
+                &format!("plain relay: {streams}"),
+                median(&tp[i]),
+                median(&rtp[i]),
+                "GB/s",
+                1e-9,
+                f64::NAN,
+            ));
+        }
+        rows.push(Row::added(
+            "plain relay: latency p50",
+            median(&lat),
+            median(&rlat),
+            f64::NAN,
+        ));
+        rows.push(Row::ratio(
+            "plain relay: new connections",
+            median(&conn),
+            median(&rconn),
+            "conn/s",
+            1.0,
+            f64::NAN,
+        ));
+    }
+
     // The kernel's cost of the agent's rules on new connections into a pod.
     if wanted("rules") {
         // Off and on alternate, so that a slow spell of the VM does not land on one side only.
@@ -445,7 +531,11 @@ impl Row {
             direct: format!("{:.2} {unit}", direct * scale),
             tunnel: format!("{:.2} {unit}", tunnel * scale),
             result: format!("{r:.2}x"),
-            bar: format!(">= {bar:.2}"),
+            bar: if bar.is_nan() {
+                "-".into()
+            } else {
+                format!(">= {bar:.2}")
+            },
             raw: (direct, tunnel, r),
         }
     }

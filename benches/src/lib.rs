@@ -72,6 +72,27 @@ pub fn iperf3(
     window: Duration,
     cpu: CpuProbe<'_>,
 ) -> Window {
+    iperf3_via(
+        client,
+        server,
+        port,
+        server.addr(port),
+        streams,
+        window,
+        cpu,
+    )
+}
+
+/// [`iperf3`] with the client aimed at `dst` (a relay in front of `server`:`port`).
+pub fn iperf3_via(
+    client: &Pod,
+    server: &Pod,
+    port: u16,
+    dst: SocketAddr,
+    streams: usize,
+    window: Duration,
+    cpu: CpuProbe<'_>,
+) -> Window {
     let _server = Killed(
         server
             .ns
@@ -94,9 +115,9 @@ pub fn iperf3(
     let secs = window.as_secs_f64().ceil().max(1.0) as u64;
     let args: Vec<String> = [
         "-c",
-        &server.ip.to_string(),
+        &dst.ip().to_string(),
         "-p",
-        &port.to_string(),
+        &dst.port().to_string(),
         "-P",
         &streams.to_string(),
         "-t",
@@ -141,6 +162,18 @@ pub struct Latency {
 }
 
 pub fn sockperf(client: &Pod, server: &Pod, port: u16, size: usize, window: Duration) -> Latency {
+    sockperf_via(client, server, port, server.addr(port), size, window)
+}
+
+/// [`sockperf`] with the client aimed at `dst` (a relay in front of `server`:`port`).
+pub fn sockperf_via(
+    client: &Pod,
+    server: &Pod,
+    port: u16,
+    dst: SocketAddr,
+    size: usize,
+    window: Duration,
+) -> Latency {
     let ip = server.ip.to_string();
     let port = port.to_string();
     let _server = Killed(
@@ -164,9 +197,9 @@ pub fn sockperf(client: &Pod, server: &Pod, port: u16, size: usize, window: Dura
             "ping-pong",
             "--tcp",
             "-i",
-            &ip,
+            &dst.ip().to_string(),
             "-p",
-            &port,
+            &dst.port().to_string(),
             "-m",
             &size.to_string(),
             "-t",
@@ -199,7 +232,18 @@ pub fn connection_rate(
     threads: usize,
     window: Duration,
 ) -> Window {
-    let dst = server.addr(port);
+    connection_rate_via(client, server, port, server.addr(port), threads, window)
+}
+
+/// [`connection_rate`] with the clients aimed at `dst` (a relay in front of `server`:`port`).
+pub fn connection_rate_via(
+    client: &Pod,
+    server: &Pod,
+    port: u16,
+    dst: SocketAddr,
+    threads: usize,
+    window: Duration,
+) -> Window {
     rate(server, port, threads, window, move |client_stop, done| {
         let client = client.clone();
         std::thread::spawn(move || {
@@ -424,4 +468,86 @@ pub fn percentile(sorted: &[f64], p: f64) -> f64 {
     }
     let i = ((sorted.len() - 1) as f64 * p).round() as usize;
     sorted[i]
+}
+
+/// A plain user-space TCP relay: no TLS, no HTTP/2, no redirection rules, `TCP_NODELAY`, 64 KiB
+/// copy buffers, two threads with a Tokio runtime each (as ztunnel's two workers). A chain of
+/// two (client pod → server pod → app) carries a connection over the same three TCP legs as
+/// the tunnel, so it shows what any user-space L4 proxy pays on this machine before doing any
+/// work of its own. Stops when dropped.
+#[derive(Debug)]
+pub struct Relay {
+    /// Where it listens.
+    pub addr: SocketAddr,
+    stop: tokio::sync::watch::Sender<bool>,
+    threads: Vec<std::thread::JoinHandle<()>>,
+}
+
+/// Starts a [`Relay`] in `pod` from `listen` (port 0: any free one) to `upstream`.
+pub fn relay(pod: &Pod, listen: SocketAddr, upstream: SocketAddr) -> Relay {
+    // Under glibc's mmap threshold: a larger buffer would cost an mmap and page faults per
+    // connection, which is not the floor.
+    const BUF: usize = 64 * 1024;
+    let netns = pod.ns.open();
+    let listener = netns
+        .run(|| TcpListener::bind(listen))
+        .expect("enter the pod netns")
+        .unwrap_or_else(|e| panic!("relay listen on {listen}: {e}"));
+    listener.set_nonblocking(true).expect("nonblocking");
+    let addr = listener.local_addr().expect("relay address");
+    let (stop, stopped) = tokio::sync::watch::channel(false);
+    let threads = (0..2)
+        .map(|_| {
+            let listener = listener.try_clone().expect("listener");
+            let (netns, mut stopped) = (pod.ns.open(), stopped.clone());
+            std::thread::spawn(move || {
+                netns
+                    .run(|| {
+                        let rt = tokio::runtime::Builder::new_current_thread()
+                            .enable_all()
+                            .build()
+                            .expect("runtime");
+                        rt.block_on(async {
+                            let listener =
+                                tokio::net::TcpListener::from_std(listener).expect("listener");
+                            loop {
+                                let mut down = tokio::select! {
+                                    _ = stopped.changed() => return,
+                                    r = listener.accept() => match r {
+                                        Ok((s, _)) => s,
+                                        Err(_) => continue,
+                                    },
+                                };
+                                tokio::spawn(async move {
+                                    let Ok(mut up) = tokio::net::TcpStream::connect(upstream).await
+                                    else {
+                                        return;
+                                    };
+                                    let _ = (down.set_nodelay(true), up.set_nodelay(true));
+                                    let _ = tokio::io::copy_bidirectional_with_sizes(
+                                        &mut down, &mut up, BUF, BUF,
+                                    )
+                                    .await;
+                                });
+                            }
+                        })
+                    })
+                    .expect("enter the pod netns")
+            })
+        })
+        .collect();
+    Relay {
+        addr,
+        stop,
+        threads,
+    }
+}
+
+impl Drop for Relay {
+    fn drop(&mut self) {
+        let _ = self.stop.send(true);
+        for t in self.threads.drain(..) {
+            let _ = t.join();
+        }
+    }
 }
