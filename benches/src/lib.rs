@@ -279,35 +279,42 @@ pub fn cold_tunnel_rate(
         .and_then(|p| p.parse().ok())
         .expect("authority ip:port");
     rate(server, port, threads, window, |client_stop, done| {
-        let (ca_dir, netns, target) = (ca_dir.to_path_buf(), client.ns.open(), target.clone());
-        std::thread::spawn(move || {
-            netns
-                .run(|| {
-                    let rt = tokio::runtime::Builder::new_current_thread()
-                        .enable_all()
-                        .build()
-                        .expect("runtime");
-                    rt.block_on(async {
-                        use tokio::io::{AsyncReadExt, AsyncWriteExt};
-                        let (tls, cert, _certs) =
-                            mesh_testbed::relay::client_identity(&ca_dir, "bench", "prober").await;
-                        let mut b = [0u8; 1];
-                        while !client_stop.load(Ordering::Relaxed) {
-                            let Ok(mut s) =
-                                mesh_testbed::relay::hbone_stream(&tls, cert.clone(), &target)
-                                    .await
-                            else {
-                                continue;
-                            };
-                            if s.write_all(b"x").await.is_ok() && s.read_exact(&mut b).await.is_ok()
-                            {
-                                done.fetch_add(1, Ordering::Relaxed);
-                            }
-                        }
-                    })
-                })
-                .expect("enter the client netns")
+        let (ca_dir, target) = (ca_dir.to_path_buf(), target.clone());
+        spawn_in(client, move || async move {
+            use tokio::io::{AsyncReadExt, AsyncWriteExt};
+            let (tls, cert, _certs) =
+                mesh_testbed::relay::client_identity(&ca_dir, "bench", "prober").await;
+            let mut b = [0u8; 1];
+            while !client_stop.load(Ordering::Relaxed) {
+                let Ok(mut s) =
+                    mesh_testbed::relay::hbone_stream(&tls, cert.clone(), &target).await
+                else {
+                    continue;
+                };
+                if s.write_all(b"x").await.is_ok() && s.read_exact(&mut b).await.is_ok() {
+                    done.fetch_add(1, Ordering::Relaxed);
+                }
+            }
         })
+    })
+}
+
+/// A thread inside `pod`'s netns that runs `task` on a current-thread Tokio runtime.
+fn spawn_in<F: Future<Output = ()>>(
+    pod: &Pod,
+    task: impl FnOnce() -> F + Send + 'static,
+) -> std::thread::JoinHandle<()> {
+    let netns = pod.ns.open();
+    std::thread::spawn(move || {
+        netns
+            .run(|| {
+                tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                    .expect("runtime")
+                    .block_on(task())
+            })
+            .expect("enter the pod netns")
     })
 }
 
@@ -499,40 +506,27 @@ pub fn relay(pod: &Pod, listen: SocketAddr, upstream: SocketAddr) -> Relay {
     let threads = (0..2)
         .map(|_| {
             let listener = listener.try_clone().expect("listener");
-            let (netns, mut stopped) = (pod.ns.open(), stopped.clone());
-            std::thread::spawn(move || {
-                netns
-                    .run(|| {
-                        let rt = tokio::runtime::Builder::new_current_thread()
-                            .enable_all()
-                            .build()
-                            .expect("runtime");
-                        rt.block_on(async {
-                            let listener =
-                                tokio::net::TcpListener::from_std(listener).expect("listener");
-                            loop {
-                                let mut down = tokio::select! {
-                                    _ = stopped.changed() => return,
-                                    r = listener.accept() => match r {
-                                        Ok((s, _)) => s,
-                                        Err(_) => continue,
-                                    },
-                                };
-                                tokio::spawn(async move {
-                                    let Ok(mut up) = tokio::net::TcpStream::connect(upstream).await
-                                    else {
-                                        return;
-                                    };
-                                    let _ = (down.set_nodelay(true), up.set_nodelay(true));
-                                    let _ = tokio::io::copy_bidirectional_with_sizes(
-                                        &mut down, &mut up, BUF, BUF,
-                                    )
-                                    .await;
-                                });
-                            }
-                        })
-                    })
-                    .expect("enter the pod netns")
+            let mut stopped = stopped.clone();
+            spawn_in(pod, move || async move {
+                let listener = tokio::net::TcpListener::from_std(listener).expect("listener");
+                loop {
+                    let mut down = tokio::select! {
+                        _ = stopped.changed() => return,
+                        r = listener.accept() => match r {
+                            Ok((s, _)) => s,
+                            Err(_) => continue,
+                        },
+                    };
+                    tokio::spawn(async move {
+                        let Ok(mut up) = tokio::net::TcpStream::connect(upstream).await else {
+                            return;
+                        };
+                        let _ = (down.set_nodelay(true), up.set_nodelay(true));
+                        let _ =
+                            tokio::io::copy_bidirectional_with_sizes(&mut down, &mut up, BUF, BUF)
+                                .await;
+                    });
+                }
             })
         })
         .collect();
