@@ -376,44 +376,39 @@ fn main() {
         } else {
             Ipv4Addr::LOCALHOST.into()
         };
-        let relayed = |app: u16, run: &mut dyn FnMut(u16, SocketAddr)| {
+        // Relays from the client pod to `app` in the server pod, and the address that enters
+        // them; they stop when the returned guards are dropped.
+        let relayed = |app: u16| {
             let server_side = relay(
                 direct.server,
                 SocketAddr::new(direct.server.ip, 0),
                 direct.server.addr(app),
             );
             let client_side = relay(direct.client, SocketAddr::new(lo, 0), server_side.addr);
-            run(app, client_side.addr);
+            let entry = client_side.addr;
+            ([server_side, client_side], entry)
         };
+        let (c, s) = (direct.client, direct.server);
         let (mut tp, mut rtp) = ([Vec::new(), Vec::new()], [Vec::new(), Vec::new()]);
         let (mut lat, mut rlat, mut conn, mut rconn) =
             (Vec::new(), Vec::new(), Vec::new(), Vec::new());
         for _ in 0..args.reps {
             for (i, streams) in [1usize, 4].into_iter().enumerate() {
-                let (c, s) = (direct.client, direct.server);
                 tp[i].push(iperf3(c, s, next_port(), streams, window, &no_cpu).per_second);
-                relayed(next_port(), &mut |port, dst| {
-                    rtp[i].push(iperf3_via(c, s, port, dst, streams, window, &no_cpu).per_second);
-                });
+                let app = next_port();
+                let (_relays, dst) = relayed(app);
+                rtp[i].push(iperf3_via(c, s, app, dst, streams, window, &no_cpu).per_second);
             }
-            lat.push(sockperf(direct.client, direct.server, next_port(), 1024, window).p50);
-            relayed(next_port(), &mut |port, dst| {
-                rlat.push(sockperf_via(direct.client, direct.server, port, dst, 1024, window).p50);
-            });
+            lat.push(sockperf(c, s, next_port(), 1024, window).p50);
+            {
+                let app = next_port();
+                let (_relays, dst) = relayed(app);
+                rlat.push(sockperf_via(c, s, app, dst, 1024, window).p50);
+            }
             conn.push(conn_rate(&direct, next_port()));
-            relayed(next_port(), &mut |port, dst| {
-                rconn.push(
-                    connection_rate_via(
-                        direct.client,
-                        direct.server,
-                        port,
-                        dst,
-                        args.conn_threads,
-                        window,
-                    )
-                    .per_second,
-                );
-            });
+            let app = next_port();
+            let (_relays, dst) = relayed(app);
+            rconn.push(connection_rate_via(c, s, app, dst, args.conn_threads, window).per_second);
         }
         for v in tp
             .iter_mut()

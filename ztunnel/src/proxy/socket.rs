@@ -218,8 +218,8 @@ pub async fn connect(
                     }
                 }
                 // The port is picked at connect, where only the whole 4-tuple must be unique;
-                // picked at bind, it must be free for this address alone, a search through every
-                // port the address holds that slows each connect as connections churn.
+                // picked at bind, it would have to be free for this address alone, which many
+                // connections from one client address can exhaust (not measured on its own).
                 nix::sys::socket::setsockopt(
                     &sock,
                     nix::sys::socket::sockopt::IpBindAddressNoPort,
