@@ -25,8 +25,8 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::time::Duration;
 
 use benches::{
-    Window, cold_tunnel_rate, connection_rate, connection_rate_via, idle_connection_memory, iperf3,
-    iperf3_via, median, process_cpu_seconds, raise_fd_limit, relay, sockperf, sockperf_via,
+    Relay, Window, cold_tunnel_rate, connection_rate, connection_rate_via, idle_connection_memory,
+    iperf3, iperf3_via, median, process_cpu_seconds, raise_fd_limit, relay, sockperf, sockperf_via,
 };
 use mesh_testbed::lab::Pod;
 use mesh_testbed::mesh::{Mesh, Workload};
@@ -205,6 +205,8 @@ fn main() {
     // Throughput, 1 and 4 streams, and CPU per GiB on the single stream.
     let wanted = |name: &str| args.only.as_deref().is_none_or(|o| name.contains(o));
     let mut cpu_per_gib = Vec::new();
+    // The same on the single stream through the plain relays (the floor, below).
+    let mut relay_cpu_per_gib = Vec::new();
     for streams in [1usize, 4] {
         if !wanted("throughput") {
             break;
@@ -396,8 +398,13 @@ fn main() {
             for (i, streams) in [1usize, 4].into_iter().enumerate() {
                 tp[i].push(iperf3(c, s, next_port(), streams, window, &no_cpu).per_second);
                 let app = next_port();
-                let (_relays, dst) = relayed(app);
-                rtp[i].push(iperf3_via(c, s, app, dst, streams, window, &no_cpu).per_second);
+                let (relays, dst) = relayed(app);
+                let cpu = || relays.iter().map(Relay::cpu_seconds).sum::<f64>();
+                let w = iperf3_via(c, s, app, dst, streams, window, &cpu);
+                rtp[i].push(w.per_second);
+                if streams == 1 {
+                    relay_cpu_per_gib.push(w.cpu / (w.units / (1u64 << 30) as f64));
+                }
             }
             lat.push(sockperf(c, s, next_port(), 1024, window).p50);
             {
@@ -473,6 +480,8 @@ fn main() {
 
     cpu_per_gib.sort_by(f64::total_cmp);
     let cpu_gib = median(&cpu_per_gib);
+    relay_cpu_per_gib.sort_by(f64::total_cmp);
+    let relay_cpu_gib = median(&relay_cpu_per_gib);
 
     println!();
     println!(
@@ -485,14 +494,21 @@ fn main() {
             r.name, r.direct, r.tunnel, r.result, r.bar
         );
     }
-    println!(
-        "{:<28} {:>14} {:>14} {:>10} {:>10}",
-        "CPU-s per GiB, both ztunnels",
-        "-",
-        "-",
-        format!("{cpu_gib:.2}"),
-        "<= 1.10"
-    );
+    for (name, value, bar) in [
+        ("CPU-s per GiB, both ztunnels", cpu_gib, "<= 1.10"),
+        ("CPU-s per GiB, plain relays", relay_cpu_gib, "-"),
+    ] {
+        if !value.is_nan() {
+            println!(
+                "{:<28} {:>14} {:>14} {:>10} {:>10}",
+                name,
+                "-",
+                "-",
+                format!("{value:.2}"),
+                bar
+            );
+        }
+    }
     let json = serde_json::json!({
         "reps": args.reps,
         "seconds": args.seconds,
@@ -500,6 +516,7 @@ fn main() {
             "name": r.name, "direct": r.raw.0, "tunnel": r.raw.1, "result": r.raw.2,
         })).collect::<Vec<_>>(),
         "cpu_seconds_per_gib": cpu_gib,
+        "relay_cpu_seconds_per_gib": relay_cpu_gib,
     });
     let out = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/bench");
     let _ = std::fs::create_dir_all(&out);

@@ -445,7 +445,12 @@ pub fn raise_fd_limit() {
 
 /// CPU seconds (user + system) a process has used, from `/proc/<pid>/stat`.
 pub fn process_cpu_seconds(pid: u32) -> f64 {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    stat_cpu_seconds(&format!("/proc/{pid}/stat"))
+}
+
+/// CPU seconds (user + system) from a `stat` file of `/proc` (a process's or a thread's).
+fn stat_cpu_seconds(path: &str) -> f64 {
+    let stat = std::fs::read_to_string(path).unwrap_or_default();
     // Fields after the command name (which may contain spaces) start after the last ')'.
     let fields: Vec<&str> = stat
         .rsplit(')')
@@ -488,6 +493,18 @@ pub struct Relay {
     pub addr: SocketAddr,
     stop: tokio::sync::watch::Sender<bool>,
     threads: Vec<std::thread::JoinHandle<()>>,
+    /// The threads' ids, once each has started.
+    tids: Arc<std::sync::Mutex<Vec<i32>>>,
+}
+
+impl Relay {
+    /// CPU seconds (user + system) its threads have used so far.
+    pub fn cpu_seconds(&self) -> f64 {
+        let tids = self.tids.lock().expect("relay tids").clone();
+        tids.iter()
+            .map(|tid| stat_cpu_seconds(&format!("/proc/self/task/{tid}/stat")))
+            .sum()
+    }
 }
 
 /// Starts a [`Relay`] in `pod` from `listen` (port 0: any free one) to `upstream`.
@@ -504,11 +521,16 @@ pub fn relay(pod: &Pod, listen: SocketAddr, upstream: SocketAddr) -> Relay {
     listener.set_nonblocking(true).expect("nonblocking");
     let addr = listener.local_addr().expect("relay address");
     let (stop, stopped) = tokio::sync::watch::channel(false);
+    let tids = Arc::new(std::sync::Mutex::new(Vec::new()));
     let threads = (0..2)
         .map(|_| {
             let listener = listener.try_clone().expect("listener");
             let mut stopped = stopped.clone();
+            let tids = tids.clone();
             spawn_in(pod, move || async move {
+                tids.lock()
+                    .expect("relay tids")
+                    .push(nix::unistd::gettid().as_raw());
                 let listener = tokio::net::TcpListener::from_std(listener).expect("listener");
                 loop {
                     let mut down = tokio::select! {
@@ -535,6 +557,7 @@ pub fn relay(pod: &Pod, listen: SocketAddr, upstream: SocketAddr) -> Relay {
         addr,
         stop,
         threads,
+        tids,
     }
 }
 
