@@ -67,7 +67,7 @@ pub async fn serve(tcp: TcpStream, peer: SocketAddr, pod: Arc<Pod>, inputs: Arc<
             .await
             .map_err(|source| ProxyError::Tls { addr: peer, source })?;
         tls.get_mut().1.set_buffer_limit(Some(TLS_BUFFER));
-        tls.get_mut().0.grow();
+        tls.get_mut().0.allow_growth();
         let peer_identity = tls::peer_identity(tls.get_ref().1.peer_certificates());
         let conn = h2_server().handshake::<_, Bytes>(tls).await?;
         Ok::<_, ProxyError>((conn, peer_identity))

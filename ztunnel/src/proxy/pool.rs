@@ -279,7 +279,7 @@ impl Pool {
                 .await
                 .map_err(|source| ProxyError::Tls { addr, source })?;
             tls.get_mut().1.set_buffer_limit(Some(TLS_BUFFER));
-            tls.get_mut().0.grow();
+            tls.get_mut().0.allow_growth();
             let (sender, conn) = h2_client().handshake::<_, Bytes>(tls).await?;
             Ok::<_, ProxyError>((sender, conn))
         };
