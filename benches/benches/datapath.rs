@@ -14,8 +14,9 @@
 //! alternating rep by rep.
 //! "Plain relay" rows join the direct pods with a minimal user-space TCP relay in each
 //! (`benches::relay`: no TLS, no HTTP/2, no rules) and measure it against the direct path, rep
-//! by rep: the three TCP legs any in-pod L4 proxy adds, before any work of its own (`--only
-//! floor` runs just those).
+//! by rep: the three TCP legs any in-pod L4 proxy adds, before any work of its own, and the
+//! relays' CPU per GiB on the single stream beside both ztunnels' (`--only floor` runs just
+//! those).
 //!
 //! Run: `./x bench` (or `cargo build --release --bins && cargo bench -p benches --bench
 //! datapath -- [--reps N] [--seconds S] [--only NAME] [--tunnel-only]`). Prints a table and
