@@ -3,7 +3,7 @@
 //! Each socket is created with the calling thread briefly inside the pod's netns (see
 //! [`mesh_netns::NetNs::run`]) and carries `SO_MARK` 0x539 so the pod's redirection rules let
 //! it through. Connections to a local app can bind the real client address with
-//! `IP_TRANSPARENT` + `IP_FREEBIND`, so the app sees its true peer.
+//! `IP_TRANSPARENT`, so the app sees its true peer.
 
 use std::io;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
@@ -178,7 +178,7 @@ pub enum Toward<'a> {
     /// A destination outside the mesh, across the network (passthrough, plain TCP).
     Network,
     /// An app in this pod, over loopback, from the address of the remote client it is
-    /// reached for (`IP_TRANSPARENT` + `IP_FREEBIND`), so the app sees its true peer.
+    /// reached for (`IP_TRANSPARENT`), so the app sees its true peer.
     LocalApp { client: IpAddr },
 }
 
@@ -207,15 +207,11 @@ pub async fn connect(
             Toward::Network => {}
             Toward::LocalApp { client: src } => {
                 set_local_congestion(&sock);
+                // Transparent alone lets it bind the client's (non-local) address: the kernel
+                // allows that for a transparent socket as for a free-binding one.
                 match src {
-                    IpAddr::V4(_) => {
-                        sock.set_ip_transparent_v4(true)?;
-                        sock.set_freebind_v4(true)?;
-                    }
-                    IpAddr::V6(_) => {
-                        sock.set_ip_transparent_v6(true)?;
-                        sock.set_freebind_v6(true)?;
-                    }
+                    IpAddr::V4(_) => sock.set_ip_transparent_v4(true)?,
+                    IpAddr::V6(_) => sock.set_ip_transparent_v6(true)?,
                 }
                 // The port is picked at connect, where only the whole 4-tuple must be unique;
                 // picked at bind, it would have to be free for this address alone, which many
