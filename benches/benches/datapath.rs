@@ -8,10 +8,10 @@
 //! tunnels are that exchange over a new mTLS + HTTP/2 connection each, from an HBONE client
 //! in this process to the server's ztunnel. Memory is both ztunnels' RSS growth per idle
 //! tunnelled connection (1,000 of them, after 16 held open so the HBONE pool is up and not
-//! charged to them; `--memory-warm 0` charges it), taken before any other figure. "Rules on ÷ off" is the plain connection rate into
-//! the direct server pod with the agent's ruleset installed (inbound not captured: the
-//! kernel's cost of the rules and conntrack, no proxy), over the same pod without it, the two
-//! alternating rep by rep.
+//! charged to them; `--memory-warm 0` charges it), taken before any other figure. "Rules on ÷
+//! off" is the plain connection rate into the direct server pod with the agent's ruleset
+//! installed (inbound not captured: the kernel's cost of the rules and conntrack, no proxy),
+//! over the same pod without it, the two alternating rep by rep.
 //! "Plain relay" rows join the direct pods with a minimal user-space TCP relay in each
 //! (`benches::relay`: no TLS, no HTTP/2, no rules) and measure it against the direct path, rep
 //! by rep: the three TCP legs any in-pod L4 proxy adds, before any work of its own, and the
