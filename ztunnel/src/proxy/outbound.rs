@@ -23,7 +23,7 @@ pub async fn serve(
     inputs: &ProxyInputs,
     pool: &Arc<Pool>,
 ) {
-    let dst = match socket::original_dst(&app) {
+    let dst = match socket::original_dst(&app, src) {
         Ok(dst) => dst,
         Err(e) => {
             let local = app.local_addr().unwrap_or(src);

@@ -18,7 +18,7 @@ use crate::proxy::accesslog::{ConnLog, Direction};
 
 /// Serves one plaintext inbound connection to completion.
 pub async fn serve(tcp: TcpStream, peer: SocketAddr, pod: &Arc<Pod>, inputs: &ProxyInputs) {
-    let dst = match socket::original_dst(&tcp) {
+    let dst = match socket::original_dst(&tcp, peer) {
         Ok(dst) => dst,
         Err(e) => {
             let local = tcp.local_addr().unwrap_or(peer);

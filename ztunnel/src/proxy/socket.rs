@@ -152,11 +152,12 @@ pub fn ipv6_available() -> bool {
         .is_ok()
 }
 
-/// The destination the app asked for before the pod's rules redirected it here.
-pub fn original_dst(s: &TcpStream) -> Result<SocketAddr, ProxyError> {
+/// The destination the app asked for before the pod's rules redirected it here. `peer` is
+/// the address `s` was accepted from: it has the socket's family, which picks the option to
+/// read, without asking the kernel for the local address as well.
+pub fn original_dst(s: &TcpStream, peer: SocketAddr) -> Result<SocketAddr, ProxyError> {
     let sock = SockRef::from(s);
-    let local = s.local_addr().map_err(ProxyError::OriginalDst)?;
-    let addr = if local.is_ipv4() {
+    let addr = if peer.is_ipv4() {
         sock.original_dst_v4()
     } else {
         sock.original_dst_v6()
