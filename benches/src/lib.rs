@@ -280,7 +280,7 @@ pub fn cold_tunnel_rate(
         .expect("authority ip:port");
     rate(server, port, threads, window, |client_stop, done| {
         let (ca_dir, target) = (ca_dir.to_path_buf(), target.clone());
-        spawn_in(client, move || async move {
+        client.ns.spawn_async(move || async move {
             use tokio::io::{AsyncReadExt, AsyncWriteExt};
             let (tls, cert, _certs) =
                 mesh_testbed::relay::client_identity(&ca_dir, "bench", "prober").await;
@@ -296,25 +296,6 @@ pub fn cold_tunnel_rate(
                 }
             }
         })
-    })
-}
-
-/// A thread inside `pod`'s netns that runs `task` on a current-thread Tokio runtime.
-fn spawn_in<F: Future<Output = ()>>(
-    pod: &Pod,
-    task: impl FnOnce() -> F + Send + 'static,
-) -> std::thread::JoinHandle<()> {
-    let netns = pod.ns.open();
-    std::thread::spawn(move || {
-        netns
-            .run(|| {
-                tokio::runtime::Builder::new_current_thread()
-                    .enable_all()
-                    .build()
-                    .expect("runtime")
-                    .block_on(task())
-            })
-            .expect("enter the pod netns")
     })
 }
 
@@ -500,8 +481,10 @@ pub struct Relay {
 impl Relay {
     /// CPU seconds (user + system) its threads have used so far.
     pub fn cpu_seconds(&self) -> f64 {
-        let tids = self.tids.lock().expect("relay tids").clone();
-        tids.iter()
+        self.tids
+            .lock()
+            .expect("relay tids")
+            .iter()
             .map(|tid| stat_cpu_seconds(&format!("/proc/self/task/{tid}/stat")))
             .sum()
     }
@@ -527,7 +510,7 @@ pub fn relay(pod: &Pod, listen: SocketAddr, upstream: SocketAddr) -> Relay {
             let listener = listener.try_clone().expect("listener");
             let mut stopped = stopped.clone();
             let tids = tids.clone();
-            spawn_in(pod, move || async move {
+            pod.ns.spawn_async(move || async move {
                 tids.lock()
                     .expect("relay tids")
                     .push(nix::unistd::gettid().as_raw());

@@ -115,6 +115,26 @@ impl Ns {
         NetNs::open(self.path()).expect("open lab netns")
     }
 
+    /// A thread inside this netns that runs `task` on a current-thread Tokio runtime, so
+    /// every socket the task opens belongs here.
+    pub fn spawn_async<F: Future<Output = ()>>(
+        &self,
+        task: impl FnOnce() -> F + Send + 'static,
+    ) -> std::thread::JoinHandle<()> {
+        let netns = self.open();
+        std::thread::spawn(move || {
+            netns
+                .run(|| {
+                    tokio::runtime::Builder::new_current_thread()
+                        .enable_all()
+                        .build()
+                        .expect("runtime")
+                        .block_on(task())
+                })
+                .expect("enter the lab netns")
+        })
+    }
+
     /// `ip -n <ns> <args>`.
     pub fn ip<S: AsRef<str>>(&self, args: &[S]) {
         let mut full = vec!["-n", self.name.as_str()];

@@ -77,45 +77,33 @@ impl Relay {
         let seen = Arc::new(Mutex::new(Vec::new()));
         let (stop, stopped) = tokio::sync::oneshot::channel();
         let (ready_tx, ready_rx) = std::sync::mpsc::channel();
-        let netns = pod.ns.open();
         let addr = pod.addr(15008);
         let record = seen.clone();
-        let thread = std::thread::spawn(move || {
-            netns
-                .run(move || {
-                    let rt = tokio::runtime::Builder::new_current_thread()
-                        .enable_all()
-                        .build()
-                        .expect("runtime");
-                    rt.block_on(async move {
-                        let (tls, cert, _certs) =
-                            client_identity(&ca_dir, &namespace, &service_account).await;
-                        let tls = Arc::new(tls);
-                        let server = tls.server_config(cert.clone()).expect("server config");
-                        let listener = TcpListener::bind(addr).await.expect("bind 15008");
-                        ready_tx.send(()).expect("ready");
-                        let serve = async {
-                            loop {
-                                let Ok((tcp, _)) = listener.accept().await else {
-                                    continue;
-                                };
-                                let ctx = Conn {
-                                    server: server.clone(),
-                                    tls: tls.clone(),
-                                    cert: cert.clone(),
-                                    forward: forward.clone(),
-                                    seen: record.clone(),
-                                };
-                                tokio::spawn(ctx.serve(tcp));
-                            }
-                        };
-                        tokio::select! {
-                            () = serve => {}
-                            _ = stopped => {}
-                        }
-                    });
-                })
-                .expect("enter the pod netns");
+        let thread = pod.ns.spawn_async(move || async move {
+            let (tls, cert, _certs) = client_identity(&ca_dir, &namespace, &service_account).await;
+            let tls = Arc::new(tls);
+            let server = tls.server_config(cert.clone()).expect("server config");
+            let listener = TcpListener::bind(addr).await.expect("bind 15008");
+            ready_tx.send(()).expect("ready");
+            let serve = async {
+                loop {
+                    let Ok((tcp, _)) = listener.accept().await else {
+                        continue;
+                    };
+                    let ctx = Conn {
+                        server: server.clone(),
+                        tls: tls.clone(),
+                        cert: cert.clone(),
+                        forward: forward.clone(),
+                        seen: record.clone(),
+                    };
+                    tokio::spawn(ctx.serve(tcp));
+                }
+            };
+            tokio::select! {
+                () = serve => {}
+                _ = stopped => {}
+            }
         });
         ready_rx
             .recv_timeout(Duration::from_secs(20))

@@ -1,13 +1,14 @@
 //! Moving bytes between an app socket and its tunnel, with correct half-close.
 //!
 //! Both directions run inside the connection's own task (joined futures, no extra task and no
-//! channel), reading the app in chunks of up to 256 KiB that become HTTP/2 DATA frames; a chunk
-//! of 16 KiB or more goes without another copy, a smaller one is copied once out of the worker
-//! thread's read buffer (see [`read_chunk`]). The client side starts sending as soon as its CONNECT is out, without waiting for
-//! the peer's 200 (HTTP/2 allows DATA right after a stream's HEADERS): a client that speaks
-//! first saves a round trip per connection, and a refusal simply discards those bytes. End of stream is carried both ways: app FIN → `END_STREAM`, `END_STREAM` → FIN to
-//! the app. An error on either side aborts both: a reset tunnel resets the app connection and
-//! a failed app socket resets the stream.
+//! channel), reading the app in chunks of up to 256 KiB that become HTTP/2 DATA frames; a chunk of
+//! 16 KiB or more goes without another copy, a smaller one is copied once out of the worker
+//! thread's read buffer (see [`read_chunk`]). The client side starts sending as soon as its CONNECT
+//! is out, without waiting for the peer's 200 (HTTP/2 allows DATA right after a stream's HEADERS):
+//! a client that speaks first saves a round trip per connection, and a refusal simply discards
+//! those bytes. End of stream is carried both ways: app FIN → `END_STREAM`, `END_STREAM` → FIN to
+//! the app. An error on either side aborts both: a reset tunnel resets the app connection and a
+//! failed app socket resets the stream.
 
 use std::future::poll_fn;
 use std::io;

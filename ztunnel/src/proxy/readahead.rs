@@ -9,9 +9,9 @@
 //! [`READ_AHEAD`] only once the handshake is done ([`ReadAhead::allow_growth`]) and a read then
 //! fills the small one, i.e. the peer sends faster than small reads drain. So a flood of
 //! connections that never finish a handshake costs a few KiB each, not a quarter MiB, and
-//! neither does a connection that only ever carries small exchanges: allocating, zeroing and
-//! freeing a quarter MiB per connection costs 64 page faults and an `madvise` with its TLB
-//! shootdown, which on a VM showed in every cold mTLS connection.
+//! neither does a connection that only ever carries small exchanges: a quarter MiB freed per
+//! connection came back to the kernel with an `madvise` each, and its TLB shootdown across the
+//! workers, in every cold mTLS connection on the benchmark VM (README, Performance).
 
 use std::io::{self, IoSlice};
 use std::pin::Pin;
