@@ -20,7 +20,9 @@
 //!
 //! Run: `./x bench` (or `cargo build --release --bins && cargo bench -p benches --bench
 //! datapath -- [--reps N] [--seconds S] [--only NAME] [--tunnel-only]`). Prints a table and
-//! writes `target/bench/datapath.json`.
+//! writes `target/bench/datapath.json`. `--hold SECONDS` measures nothing: it keeps the scene up
+//! for profiling (its pods' netns names are printed), with the plain relays joining the direct
+//! pods to ports 5201 and 11111 in b2.
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::time::Duration;
@@ -140,6 +142,20 @@ struct Pair<'a> {
     server: &'a Pod,
 }
 
+/// With `--hold`, the relays between the direct pods lead to these ports in b2: iperf3's and
+/// sockperf's defaults, one pair each (sockperf cannot bind a port a closed connection still
+/// holds in TIME_WAIT).
+const HOLD_RELAY_APPS: [u16; 2] = [5201, 11111];
+
+/// The loopback address of `ip`'s family: where a pod's client-side relay listens.
+fn loopback(ip: IpAddr) -> IpAddr {
+    if ip.is_ipv6() {
+        Ipv6Addr::LOCALHOST.into()
+    } else {
+        Ipv4Addr::LOCALHOST.into()
+    }
+}
+
 fn main() {
     let args = args();
     // 1,000 idle connections hold 2,000 descriptors here and as many in each ztunnel.
@@ -171,6 +187,20 @@ fn main() {
     if let Some(hold) = args.hold {
         for p in [&a1, &b1, &a2, &b2] {
             eprintln!("pod {}: netns {} address {}", p.name, p.ns.name, p.ip);
+        }
+        // The floor's relays too, so that a profile of ztunnel can be set beside one of a
+        // proxy that only copies, under the same load.
+        let mut relays = Vec::new();
+        for app in HOLD_RELAY_APPS {
+            let server_side = relay(&b2, SocketAddr::new(b2.ip, 0), b2.addr(app));
+            let client_side = relay(&a2, SocketAddr::new(loopback(a2.ip), 0), server_side.addr);
+            eprintln!(
+                "plain relays (threads of this process): a2 -> {} -> {} -> {}",
+                client_side.addr,
+                server_side.addr,
+                b2.addr(app)
+            );
+            relays.extend([server_side, client_side]);
         }
         eprintln!(
             "holding the mesh for {hold:?} or until stdin closes (a1 -> b1 tunnelled, a2 -> b2 direct)"
@@ -381,11 +411,7 @@ fn main() {
     // so a connection crosses the same three TCP legs as a tunnelled one. Direct and relayed
     // alternate rep by rep.
     if wanted("floor") && !args.tunnel_only {
-        let lo: IpAddr = if direct.client.ip.is_ipv6() {
-            Ipv6Addr::LOCALHOST.into()
-        } else {
-            Ipv4Addr::LOCALHOST.into()
-        };
+        let lo = loopback(direct.client.ip);
         // Relays from the client pod to `app` in the server pod, and the address that enters
         // them; they stop when the returned guards are dropped.
         let relayed = |app: u16| {
