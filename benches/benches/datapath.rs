@@ -15,8 +15,8 @@
 //! "Plain relay" rows join the direct pods with a minimal user-space TCP relay in each
 //! (`benches::relay`: no TLS, no HTTP/2, no rules) and measure it against the direct path, rep
 //! by rep: the three TCP legs any in-pod L4 proxy adds, before any work of its own, and the
-//! relays' CPU per GiB on the single stream beside both ztunnels' (`--only floor` runs just
-//! those).
+//! relays' CPU per GiB on the single stream and per ping-pong round trip beside both ztunnels'
+//! (`--only floor` runs just those). CPU is user plus system time from `/proc`.
 //!
 //! Run: `./x bench` (or `cargo build --release --bins && cargo bench -p benches --bench
 //! datapath -- [--reps N] [--seconds S] [--only NAME] [--tunnel-only]`). Prints a table and
@@ -253,6 +253,8 @@ fn main() {
     let mut cpu_per_gib = Vec::new();
     // The same on the single stream through the plain relays (the floor, below).
     let mut relay_cpu_per_gib = Vec::new();
+    // CPU per 1 KiB round trip, from the latency figure (ztunnels) and the floor (relays).
+    let (mut cpu_per_rt, mut relay_cpu_per_rt) = (Vec::new(), Vec::new());
     for streams in [1usize, 4] {
         if !wanted("throughput") {
             break;
@@ -306,13 +308,28 @@ fn main() {
             break;
         }
         if !args.tunnel_only {
-            let l = sockperf(direct.client, direct.server, next_port(), 1024, window);
+            let l = sockperf(
+                direct.client,
+                direct.server,
+                next_port(),
+                1024,
+                window,
+                &no_cpu,
+            );
             d.push(l.p50);
             d99.push(l.p99);
         }
-        let l = sockperf(tunnel.client, tunnel.server, next_port(), 1024, window);
+        let l = sockperf(
+            tunnel.client,
+            tunnel.server,
+            next_port(),
+            1024,
+            window,
+            &cpu,
+        );
         t.push(l.p50);
         t99.push(l.p99);
+        cpu_per_rt.push(l.cpu_per_round_trip());
     }
     for v in [&mut d, &mut t, &mut d99, &mut t99] {
         v.sort_by(f64::total_cmp);
@@ -440,11 +457,14 @@ fn main() {
                     relay_cpu_per_gib.push(w.cpu / (w.units / (1u64 << 30) as f64));
                 }
             }
-            lat.push(sockperf(c, s, next_port(), 1024, window).p50);
+            lat.push(sockperf(c, s, next_port(), 1024, window, &no_cpu).p50);
             {
                 let app = next_port();
-                let (_relays, dst) = relayed(app);
-                rlat.push(sockperf_via(c, s, app, dst, 1024, window).p50);
+                let (relays, dst) = relayed(app);
+                let cpu = || relays.iter().map(Relay::cpu_seconds).sum::<f64>();
+                let l = sockperf_via(c, s, app, dst, 1024, window, &cpu);
+                rlat.push(l.p50);
+                relay_cpu_per_rt.push(l.cpu_per_round_trip());
             }
             conn.push(conn_rate(&direct, next_port()));
             let app = next_port();
@@ -516,6 +536,10 @@ fn main() {
     let cpu_gib = median(&cpu_per_gib);
     relay_cpu_per_gib.sort_by(f64::total_cmp);
     let relay_cpu_gib = median(&relay_cpu_per_gib);
+    cpu_per_rt.sort_by(f64::total_cmp);
+    let cpu_rt = median(&cpu_per_rt);
+    relay_cpu_per_rt.sort_by(f64::total_cmp);
+    let relay_cpu_rt = median(&relay_cpu_per_rt);
 
     println!();
     println!(
@@ -531,6 +555,8 @@ fn main() {
     for (name, value, bar) in [
         ("CPU-s per GiB, both ztunnels", cpu_gib, "<= 1.10"),
         ("CPU-s per GiB, plain relays", relay_cpu_gib, "-"),
+        ("CPU us/round trip, ztunnels", cpu_rt, "-"),
+        ("CPU us/round trip, relays", relay_cpu_rt, "-"),
     ] {
         if !value.is_nan() {
             println!(
@@ -551,6 +577,8 @@ fn main() {
         })).collect::<Vec<_>>(),
         "cpu_seconds_per_gib": cpu_gib,
         "relay_cpu_seconds_per_gib": relay_cpu_gib,
+        "cpu_us_per_round_trip": cpu_rt,
+        "relay_cpu_us_per_round_trip": relay_cpu_rt,
     });
     let out = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/bench");
     let _ = std::fs::create_dir_all(&out);

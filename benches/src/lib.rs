@@ -130,7 +130,6 @@ pub fn iperf3_via(
     .map(|s| s.to_string())
     .collect();
     // CPU is sampled from the end of the omitted first second to the end of the run.
-    let start = Instant::now();
     let sampler = std::thread::scope(|scope| {
         let handle = scope.spawn(|| {
             std::thread::sleep(Duration::from_secs(1));
@@ -141,7 +140,6 @@ pub fn iperf3_via(
         (handle.join().expect("sampler"), end, json)
     });
     let ((c0, _), (c1, _), json) = sampler;
-    let _ = start;
     let received = &json["end"]["sum_received"];
     let bytes = received["bytes"].as_f64().expect("iperf3 bytes");
     let seconds = received["seconds"].as_f64().expect("iperf3 seconds");
@@ -159,10 +157,28 @@ pub fn iperf3_via(
 pub struct Latency {
     pub p50: f64,
     pub p99: f64,
+    /// Round trips in the whole run, warm-up included.
+    pub round_trips: f64,
+    /// CPU seconds the processes under test used over the whole run.
+    pub cpu: f64,
 }
 
-pub fn sockperf(client: &Pod, server: &Pod, port: u16, size: usize, window: Duration) -> Latency {
-    sockperf_via(client, server, port, server.addr(port), size, window)
+impl Latency {
+    /// CPU microseconds per round trip.
+    pub fn cpu_per_round_trip(&self) -> f64 {
+        self.cpu / self.round_trips * 1e6
+    }
+}
+
+pub fn sockperf(
+    client: &Pod,
+    server: &Pod,
+    port: u16,
+    size: usize,
+    window: Duration,
+    cpu: CpuProbe<'_>,
+) -> Latency {
+    sockperf_via(client, server, port, server.addr(port), size, window, cpu)
 }
 
 /// [`sockperf`] with the client aimed at `dst` (a relay in front of `server`:`port`).
@@ -173,6 +189,7 @@ pub fn sockperf_via(
     dst: SocketAddr,
     size: usize,
     window: Duration,
+    cpu: CpuProbe<'_>,
 ) -> Latency {
     let ip = server.ip.to_string();
     let port = port.to_string();
@@ -189,6 +206,7 @@ pub fn sockperf_via(
     );
     std::thread::sleep(Duration::from_millis(300));
     let secs = window.as_secs_f64().ceil().max(1.0).to_string();
+    let cpu0 = cpu();
     let out = client
         .ns
         .open()
@@ -207,6 +225,7 @@ pub fn sockperf_via(
         ])
         .output()
         .expect("sockperf");
+    let cpu1 = cpu();
     let text =
         String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
     let pct = |p: &str| {
@@ -216,9 +235,18 @@ pub fn sockperf_via(
             .and_then(|v| v.trim().parse::<f64>().ok())
             .unwrap_or_else(|| panic!("sockperf printed no {p} percentile:\n{text}"))
     };
+    // "[Total Run] RunTime=…; Warm up time=…; SentMessages=N; ReceivedMessages=N"
+    let round_trips = text
+        .lines()
+        .find(|l| l.contains("[Total Run]"))
+        .and_then(|l| l.rsplit("ReceivedMessages=").next())
+        .and_then(|v| v.trim().parse::<f64>().ok())
+        .unwrap_or_else(|| panic!("sockperf printed no total run:\n{text}"));
     Latency {
         p50: pct("50.000"),
         p99: pct("99.000"),
+        round_trips,
+        cpu: cpu1 - cpu0,
     }
 }
 
