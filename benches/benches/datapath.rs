@@ -147,13 +147,23 @@ struct Pair<'a> {
 /// holds in TIME_WAIT).
 const HOLD_RELAY_APPS: [u16; 2] = [5201, 11111];
 
-/// The loopback address of `ip`'s family: where a pod's client-side relay listens.
-fn loopback(ip: IpAddr) -> IpAddr {
-    if ip.is_ipv6() {
+/// A plain relay in each pod, from the client pod's loopback to `app` in the server pod, and
+/// the address that enters them; they stop when the relays are dropped.
+fn relay_pair(client: &Pod, server: &Pod, app: u16) -> ([Relay; 2], SocketAddr) {
+    let lo: IpAddr = if client.ip.is_ipv6() {
         Ipv6Addr::LOCALHOST.into()
     } else {
         Ipv4Addr::LOCALHOST.into()
-    }
+    };
+    let server_side = relay(server, SocketAddr::new(server.ip, 0), server.addr(app));
+    let client_side = relay(client, SocketAddr::new(lo, 0), server_side.addr);
+    let entry = client_side.addr;
+    ([server_side, client_side], entry)
+}
+
+/// CPU seconds the relays' threads have used so far.
+fn relays_cpu(relays: &[Relay]) -> f64 {
+    relays.iter().map(Relay::cpu_seconds).sum()
 }
 
 fn main() {
@@ -192,15 +202,13 @@ fn main() {
         // proxy that only copies, under the same load.
         let mut relays = Vec::new();
         for app in HOLD_RELAY_APPS {
-            let server_side = relay(&b2, SocketAddr::new(b2.ip, 0), b2.addr(app));
-            let client_side = relay(&a2, SocketAddr::new(loopback(a2.ip), 0), server_side.addr);
+            let (pair, entry) = relay_pair(&a2, &b2, app);
             eprintln!(
-                "plain relays (threads of this process): a2 -> {} -> {} -> {}",
-                client_side.addr,
-                server_side.addr,
+                "plain relays (threads of this process): a2 -> {entry} -> {} -> {}",
+                pair[0].addr,
                 b2.addr(app)
             );
-            relays.extend([server_side, client_side]);
+            relays.extend(pair);
         }
         eprintln!(
             "holding the mesh for {hold:?} or until stdin closes (a1 -> b1 tunnelled, a2 -> b2 direct)"
@@ -428,20 +436,8 @@ fn main() {
     // so a connection crosses the same three TCP legs as a tunnelled one. Direct and relayed
     // alternate rep by rep.
     if wanted("floor") && !args.tunnel_only {
-        let lo = loopback(direct.client.ip);
-        // Relays from the client pod to `app` in the server pod, and the address that enters
-        // them; they stop when the returned guards are dropped.
-        let relayed = |app: u16| {
-            let server_side = relay(
-                direct.server,
-                SocketAddr::new(direct.server.ip, 0),
-                direct.server.addr(app),
-            );
-            let client_side = relay(direct.client, SocketAddr::new(lo, 0), server_side.addr);
-            let entry = client_side.addr;
-            ([server_side, client_side], entry)
-        };
         let (c, s) = (direct.client, direct.server);
+        let relayed = |app: u16| relay_pair(c, s, app);
         let (mut tp, mut rtp) = ([Vec::new(), Vec::new()], [Vec::new(), Vec::new()]);
         let (mut lat, mut rlat, mut conn, mut rconn) =
             (Vec::new(), Vec::new(), Vec::new(), Vec::new());
@@ -450,7 +446,7 @@ fn main() {
                 tp[i].push(iperf3(c, s, next_port(), streams, window, &no_cpu).per_second);
                 let app = next_port();
                 let (relays, dst) = relayed(app);
-                let cpu = || relays.iter().map(Relay::cpu_seconds).sum::<f64>();
+                let cpu = || relays_cpu(&relays);
                 let w = iperf3_via(c, s, app, dst, streams, window, &cpu);
                 rtp[i].push(w.per_second);
                 if streams == 1 {
@@ -461,7 +457,7 @@ fn main() {
             {
                 let app = next_port();
                 let (relays, dst) = relayed(app);
-                let cpu = || relays.iter().map(Relay::cpu_seconds).sum::<f64>();
+                let cpu = || relays_cpu(&relays);
                 let l = sockperf_via(c, s, app, dst, 1024, window, &cpu);
                 rlat.push(l.p50);
                 relay_cpu_per_rt.push(l.cpu_per_round_trip());

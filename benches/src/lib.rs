@@ -130,16 +130,15 @@ pub fn iperf3_via(
     .map(|s| s.to_string())
     .collect();
     // CPU is sampled from the end of the omitted first second to the end of the run.
-    let sampler = std::thread::scope(|scope| {
+    let (c0, c1, json) = std::thread::scope(|scope| {
         let handle = scope.spawn(|| {
             std::thread::sleep(Duration::from_secs(1));
-            (cpu(), Instant::now())
+            cpu()
         });
         let json = run_json(client, "iperf3", &args);
-        let end = (cpu(), Instant::now());
+        let end = cpu();
         (handle.join().expect("sampler"), end, json)
     });
-    let ((c0, _), (c1, _), json) = sampler;
     let received = &json["end"]["sum_received"];
     let bytes = received["bytes"].as_f64().expect("iperf3 bytes");
     let seconds = received["seconds"].as_f64().expect("iperf3 seconds");

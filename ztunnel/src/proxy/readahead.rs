@@ -33,8 +33,6 @@ pub struct ReadAhead<T> {
     end: usize,
     /// Set once the handshake is done.
     may_grow: bool,
-    /// The last read from the socket filled the buffer.
-    filled: bool,
 }
 
 impl<T> ReadAhead<T> {
@@ -45,7 +43,6 @@ impl<T> ReadAhead<T> {
             start: 0,
             end: 0,
             may_grow: false,
-            filled: false,
         }
     }
 
@@ -72,15 +69,15 @@ impl<T: AsyncRead + Unpin> AsyncRead for ReadAhead<T> {
             if out.remaining() >= this.buf.len() {
                 return Pin::new(&mut this.inner).poll_read(cx, out);
             }
-            // Empty here, so growing copies nothing.
-            if this.filled && this.may_grow && this.buf.len() < READ_AHEAD {
+            // Empty here, so growing copies nothing. `end` is still where the last read from
+            // the socket stopped: at the buffer's end if that read filled it.
+            if this.end == this.buf.len() && this.may_grow && this.buf.len() < READ_AHEAD {
                 this.buf = vec![0u8; READ_AHEAD].into_boxed_slice();
             }
             let mut fill = ReadBuf::new(&mut this.buf);
             ready!(Pin::new(&mut this.inner).poll_read(cx, &mut fill))?;
             this.start = 0;
             this.end = fill.filled().len();
-            this.filled = this.end == this.buf.len();
             if this.end == 0 {
                 return Poll::Ready(Ok(())); // EOF
             }
